@@ -1,0 +1,169 @@
+//! Wiring: settings in, a running service out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Readiness};
+use crate::connectors::{BuildError, ConnectorSet};
+use crate::kafka::consumer::{ConsumeError, EventConsumer};
+use crate::kafka::producer::{EventProducer, ProduceError};
+use crate::metrics::Metrics;
+use crate::pipeline::offsets::OffsetTracker;
+use crate::pipeline::process::Worker;
+use crate::pipeline::router::Router;
+use crate::pipeline::Pipeline;
+use crate::settings::{Problem, Settings, SettingsError};
+
+/// Why the service could not start. All of these are permanent: the process exits.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Connectors(#[from] BuildError),
+    #[error(transparent)]
+    Consumer(#[from] ConsumeError),
+    #[error(transparent)]
+    Producer(#[from] ProduceError),
+    #[error("cannot bind the admin server to {address}: {source}")]
+    AdminBind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Application {
+    pipeline: Pipeline,
+    producer: EventProducer,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    admin_listener: TcpListener,
+}
+
+impl Application {
+    /// Builds the service with the connectors its settings describe.
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let connectors = ConnectorSet::from_settings(&settings)?;
+        Self::build_with_connectors(settings, connectors).await
+    }
+
+    /// Builds the service with the given connectors (tests plug in doubles here).
+    pub async fn build_with_connectors(
+        settings: Settings,
+        connectors: ConnectorSet,
+    ) -> Result<Application, StartupError> {
+        let router = Router::new(&settings).map_err(invalid)?;
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Arc::new(Readiness::default());
+        let tracker = Arc::new(OffsetTracker::default());
+        let producer = EventProducer::new(&settings.kafka)?;
+        let consumer = EventConsumer::new(&settings.kafka, metrics.clone(), readiness.clone(), tracker.clone())?;
+        let admin_listener = admin::bind(settings.admin.listen)
+            .await
+            .map_err(|source| StartupError::AdminBind {
+                address: settings.admin.listen,
+                source,
+            })?;
+        let worker = Arc::new(Worker {
+            producer: producer.clone(),
+            router,
+            connectors,
+            metrics: metrics.clone(),
+            results_topic: settings.kafka.results_topic.clone(),
+            dead_letter_topic: settings.kafka.dead_letter_topic.clone(),
+            reply_topic_allow_list: settings.reply_topic_allow_list(),
+            max_event_bytes: settings.pipeline.max_event_bytes,
+        });
+        let pipeline = Pipeline {
+            consumer,
+            worker,
+            tracker,
+            metrics: metrics.clone(),
+            max_in_flight: settings.pipeline.max_in_flight,
+            max_buffered_events: settings.pipeline.max_buffered_events,
+            shutdown_grace: settings.pipeline.shutdown_grace,
+        };
+        Ok(Application {
+            pipeline,
+            producer,
+            metrics,
+            readiness,
+            admin_listener,
+        })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    pub fn readiness(&self) -> Arc<Readiness> {
+        self.readiness.clone()
+    }
+
+    /// Consumes until `shutdown` is cancelled, then drains, commits and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartupError> {
+        let Application {
+            pipeline,
+            producer,
+            metrics,
+            readiness,
+            admin_listener,
+        } = self;
+        // The admin server outlives the drain, so probes and scrapes keep working.
+        let admin_shutdown = CancellationToken::new();
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            metrics.clone(),
+            readiness.clone(),
+            admin_shutdown.clone(),
+        ));
+        let connection_check = tokio::spawn(wait_for_broker(producer, readiness.clone(), shutdown.clone()));
+        pipeline.consumer.subscribe()?;
+        pipeline.run(shutdown.clone()).await;
+        readiness.set_consumer_assigned(false);
+        connection_check.abort();
+        admin_shutdown.cancel();
+        if let Ok(Err(error)) = admin_task.await {
+            tracing::warn!(error = %error, "Admin server stopped with an error.");
+        }
+        tracing::info!("Stopped.");
+        Ok(())
+    }
+}
+
+fn invalid(problems: Vec<Problem>) -> StartupError {
+    StartupError::Settings(SettingsError::Invalid(problems))
+}
+
+/// Marks the producer side ready once a broker answers a metadata request.
+async fn wait_for_broker(producer: EventProducer, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+    loop {
+        let probe = producer.clone();
+        let answered = tokio::task::spawn_blocking(move || probe.check_connection(Duration::from_secs(5)))
+            .await
+            .map(|result| result.is_ok())
+            .unwrap_or(false);
+        if answered {
+            readiness.set_producer_connected(true);
+            tracing::info!("Connected to Kafka.");
+            return;
+        }
+        tracing::warn!("Kafka brokers not reachable yet; retrying.");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}

@@ -1,0 +1,553 @@
+//! The inbound contract: user lifecycle events as CloudEvents 1.0 over Kafka.
+//!
+//! Both content modes of the CloudEvents Kafka protocol binding are accepted:
+//! - structured: the value is the whole event as JSON
+//!   (`content-type: application/cloudevents+json`, or no content-type and no `ce_` headers);
+//! - binary: attributes in `ce_*` headers, the value is the `data` JSON.
+//!
+//! [`decode`] is the only place where bytes become a [`UserEvent`]; anything it rejects
+//! goes to the dead-letter topic with [`DecodeError::reason`] as the reason code.
+//! Unknown fields are ignored so producers can add claims without breaking us.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The only CloudEvents version we speak.
+pub const SPEC_VERSION: &str = "1.0";
+/// Header a blocking caller sets to correlate the reply.
+pub const CORRELATION_ID_HEADER: &str = "correlation_id";
+/// Header a blocking caller sets to name the reply topic.
+pub const REPLY_TO_HEADER: &str = "reply_to";
+const CONTENT_TYPE_HEADER: &str = "content-type";
+const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// Longest accepted tenant, user id or user name: these end up in keys, URLs and filters.
+const MAX_IDENTIFIER_LENGTH: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+pub enum EventType {
+    #[serde(rename = "user.created")]
+    UserCreated,
+    #[serde(rename = "user.self_signed_up")]
+    UserSelfSignedUp,
+    #[serde(rename = "user.jit_provisioned")]
+    UserJitProvisioned,
+    #[serde(rename = "user.updated")]
+    UserUpdated,
+    #[serde(rename = "user.deleted")]
+    UserDeleted,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 5] = [
+        EventType::UserCreated,
+        EventType::UserSelfSignedUp,
+        EventType::UserJitProvisioned,
+        EventType::UserUpdated,
+        EventType::UserDeleted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::UserCreated => "user.created",
+            EventType::UserSelfSignedUp => "user.self_signed_up",
+            EventType::UserJitProvisioned => "user.jit_provisioned",
+            EventType::UserUpdated => "user.updated",
+            EventType::UserDeleted => "user.deleted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|event_type| event_type.as_str() == text)
+    }
+}
+
+/// A validated user lifecycle event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserEvent {
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    pub data: UserEventData,
+}
+
+impl UserEvent {
+    /// The ordering key: events with the same key are applied strictly in order.
+    pub fn user_key(&self) -> String {
+        format!("{}/{}", self.data.tenant, self.data.user.id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserEventData {
+    /// Tenant domain, e.g. `carbon.super`.
+    pub tenant: String,
+    /// Application that caused the change; absent means the tenant's resident provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_provider: Option<String>,
+    /// The federated identity provider, for JIT-provisioned users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_provider: Option<String>,
+    pub user: User,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    /// Stable source id; sent to targets as `externalId` / `FederationIdentifier`.
+    pub id: String,
+    #[serde(rename = "userName")]
+    pub user_name: String,
+    #[serde(rename = "userStoreDomain", default, skip_serializing_if = "Option::is_none")]
+    pub user_store_domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emails: Vec<Email>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Other claims, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, serde_json::Value>,
+}
+
+impl User {
+    /// The primary email, else the first one.
+    pub fn primary_email(&self) -> Option<&str> {
+        self.emails
+            .iter()
+            .find(|email| email.primary == Some(true))
+            .or_else(|| self.emails.first())
+            .map(|email| email.value.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Name {
+    #[serde(rename = "givenName", default, skip_serializing_if = "Option::is_none")]
+    pub given_name: Option<String>,
+    #[serde(rename = "familyName", default, skip_serializing_if = "Option::is_none")]
+    pub family_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Email {
+    pub value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<bool>,
+}
+
+/// Where a blocking caller wants its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyRoute {
+    pub correlation_id: String,
+    pub reply_to: String,
+}
+
+/// Why an event was not accepted. Each variant has a fixed reason code, used as the
+/// dead-letter reason header and as a metric label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("event is {size} bytes, over the {limit}-byte limit")]
+    Oversized { size: usize, limit: usize },
+    #[error("event has no value")]
+    EmptyValue,
+    #[error("event is not valid UTF-8 (at byte {valid_up_to})")]
+    InvalidUtf8 { valid_up_to: usize },
+    #[error("event is not valid JSON: {message}")]
+    InvalidJson { message: String },
+    #[error("header `{name}` is not valid UTF-8")]
+    InvalidHeader { name: String },
+    #[error("CloudEvents attribute `{name}` is missing")]
+    MissingAttribute { name: String },
+    #[error("CloudEvents attribute `{name}` is invalid: {message}")]
+    InvalidAttribute { name: String, message: String },
+    #[error("unsupported CloudEvents specversion `{version}` (expected 1.0)")]
+    UnsupportedSpecVersion { version: String },
+    #[error("unknown event type `{event_type}`")]
+    UnknownEventType { event_type: String },
+    #[error("unsupported content type `{content_type}`")]
+    UnsupportedContentType { content_type: String },
+    #[error("required field `data.{path}` is missing")]
+    MissingField { path: String },
+    #[error("field `data.{path}` is invalid: {message}")]
+    InvalidField { path: String, message: String },
+}
+
+impl DecodeError {
+    /// Closed set of reason codes, safe as a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Oversized { .. } => "oversized",
+            DecodeError::EmptyValue => "empty_value",
+            DecodeError::InvalidUtf8 { .. } => "invalid_utf8",
+            DecodeError::InvalidJson { .. } => "invalid_json",
+            DecodeError::InvalidHeader { .. } => "invalid_header",
+            DecodeError::MissingAttribute { .. } => "missing_attribute",
+            DecodeError::InvalidAttribute { .. } => "invalid_attribute",
+            DecodeError::UnsupportedSpecVersion { .. } => "unsupported_specversion",
+            DecodeError::UnknownEventType { .. } => "unknown_event_type",
+            DecodeError::UnsupportedContentType { .. } => "unsupported_content_type",
+            DecodeError::MissingField { .. } => "missing_field",
+            DecodeError::InvalidField { .. } => "invalid_field",
+        }
+    }
+}
+
+/// Decodes one Kafka record (value plus headers) into a validated event.
+pub fn decode(
+    value: Option<&[u8]>,
+    headers: &[(String, Vec<u8>)],
+    max_event_bytes: usize,
+) -> Result<UserEvent, DecodeError> {
+    let value = value.unwrap_or_default();
+    if value.len() > max_event_bytes {
+        return Err(DecodeError::Oversized {
+            size: value.len(),
+            limit: max_event_bytes,
+        });
+    }
+    let content_type = header_text(headers, CONTENT_TYPE_HEADER)?;
+    let has_ce_headers = headers.iter().any(|(name, _)| name.starts_with("ce_"));
+    let structured = match &content_type {
+        Some(content_type) if content_type.starts_with("application/cloudevents-batch") => {
+            return Err(DecodeError::UnsupportedContentType {
+                content_type: content_type.clone(),
+            })
+        }
+        Some(content_type) => content_type.starts_with(STRUCTURED_CONTENT_TYPE),
+        None => !has_ce_headers,
+    };
+    if value.is_empty() {
+        return Err(DecodeError::EmptyValue);
+    }
+    let text = std::str::from_utf8(value).map_err(|error| DecodeError::InvalidUtf8 {
+        valid_up_to: error.valid_up_to(),
+    })?;
+    let document: serde_json::Value = serde_json::from_str(text).map_err(|error| DecodeError::InvalidJson {
+        message: error.to_string(),
+    })?;
+    if structured {
+        decode_structured(document)
+    } else {
+        decode_binary(document, headers, content_type)
+    }
+}
+
+/// The `correlation_id` and `reply_to` headers, when the caller is blocking.
+pub fn reply_route(headers: &[(String, Vec<u8>)]) -> Result<Option<ReplyRoute>, DecodeError> {
+    let correlation_id = header_text(headers, CORRELATION_ID_HEADER)?;
+    let reply_to = header_text(headers, REPLY_TO_HEADER)?;
+    Ok(match (correlation_id, reply_to) {
+        (Some(correlation_id), Some(reply_to)) if !correlation_id.is_empty() && !reply_to.is_empty() => {
+            Some(ReplyRoute {
+                correlation_id,
+                reply_to,
+            })
+        }
+        _ => None,
+    })
+}
+
+fn header_text(headers: &[(String, Vec<u8>)], name: &str) -> Result<Option<String>, DecodeError> {
+    headers
+        .iter()
+        .rev()
+        .find(|(header, _)| header.eq_ignore_ascii_case(name))
+        .map(|(header, bytes)| {
+            String::from_utf8(bytes.clone()).map_err(|_| DecodeError::InvalidHeader { name: header.clone() })
+        })
+        .transpose()
+}
+
+fn decode_structured(document: serde_json::Value) -> Result<UserEvent, DecodeError> {
+    let serde_json::Value::Object(mut object) = document else {
+        return Err(DecodeError::InvalidJson {
+            message: "a structured-mode event must be a JSON object".into(),
+        });
+    };
+    let mut attribute = |name: &str| -> Result<Option<String>, DecodeError> {
+        match object.remove(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(text)) => Ok(Some(text)),
+            Some(_) => Err(DecodeError::InvalidAttribute {
+                name: name.into(),
+                message: "must be a string".into(),
+            }),
+        }
+    };
+    let attributes = Attributes {
+        specversion: attribute("specversion")?,
+        id: attribute("id")?,
+        source: attribute("source")?,
+        event_type: attribute("type")?,
+        time: attribute("time")?,
+        subject: attribute("subject")?,
+        datacontenttype: attribute("datacontenttype")?,
+    };
+    if object.contains_key("data_base64") {
+        return Err(DecodeError::UnsupportedContentType {
+            content_type: "data_base64 (binary data)".into(),
+        });
+    }
+    let data = object
+        .remove("data")
+        .ok_or_else(|| DecodeError::MissingAttribute { name: "data".into() })?;
+    attributes.into_event(data, "")
+}
+
+fn decode_binary(
+    data: serde_json::Value,
+    headers: &[(String, Vec<u8>)],
+    content_type: Option<String>,
+) -> Result<UserEvent, DecodeError> {
+    if let Some(content_type) = &content_type {
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(DecodeError::UnsupportedContentType {
+                content_type: content_type.clone(),
+            });
+        }
+    }
+    let attributes = Attributes {
+        specversion: header_text(headers, "ce_specversion")?,
+        id: header_text(headers, "ce_id")?,
+        source: header_text(headers, "ce_source")?,
+        event_type: header_text(headers, "ce_type")?,
+        time: header_text(headers, "ce_time")?,
+        subject: header_text(headers, "ce_subject")?,
+        datacontenttype: content_type,
+    };
+    attributes.into_event(data, "ce_")
+}
+
+/// CloudEvents context attributes as found, before validation.
+struct Attributes {
+    specversion: Option<String>,
+    id: Option<String>,
+    source: Option<String>,
+    event_type: Option<String>,
+    time: Option<String>,
+    subject: Option<String>,
+    datacontenttype: Option<String>,
+}
+
+impl Attributes {
+    /// `prefix` is `ce_` in binary mode, so errors name the header the producer must set.
+    fn into_event(self, data: serde_json::Value, prefix: &str) -> Result<UserEvent, DecodeError> {
+        let required = |value: Option<String>, name: &str| {
+            value
+                .filter(|text| !text.is_empty())
+                .ok_or_else(|| DecodeError::MissingAttribute {
+                    name: format!("{prefix}{name}"),
+                })
+        };
+        let specversion = required(self.specversion, "specversion")?;
+        if specversion != SPEC_VERSION {
+            return Err(DecodeError::UnsupportedSpecVersion { version: specversion });
+        }
+        let id = required(self.id, "id")?;
+        let source = required(self.source, "source")?;
+        let type_text = required(self.event_type, "type")?;
+        let event_type = EventType::parse(&type_text).ok_or(DecodeError::UnknownEventType { event_type: type_text })?;
+        let time = self
+            .time
+            .map(|text| {
+                DateTime::parse_from_rfc3339(&text)
+                    .map(|time| time.with_timezone(&Utc))
+                    .map_err(|error| DecodeError::InvalidAttribute {
+                        name: format!("{prefix}time"),
+                        message: error.to_string(),
+                    })
+            })
+            .transpose()?;
+        let data = decode_data(data)?;
+        Ok(UserEvent {
+            specversion,
+            id,
+            source,
+            event_type,
+            time,
+            subject: self.subject,
+            datacontenttype: self.datacontenttype,
+            data,
+        })
+    }
+}
+
+fn decode_data(data: serde_json::Value) -> Result<UserEventData, DecodeError> {
+    // Required fields are checked by hand first so that a missing one is reported as
+    // missing, not as a type error from deep inside serde.
+    for path in ["tenant", "user", "user.id", "user.userName"] {
+        let found = path
+            .split('.')
+            .try_fold(&data, |node, segment| node.get(segment))
+            .is_some_and(|node| !node.is_null());
+        if !found {
+            return Err(DecodeError::MissingField { path: path.into() });
+        }
+    }
+    let data: UserEventData = serde_path_to_error::deserialize(data).map_err(|error| DecodeError::InvalidField {
+        path: error.path().to_string(),
+        message: error.into_inner().to_string(),
+    })?;
+    for (path, value) in [
+        ("tenant", &data.tenant),
+        ("user.id", &data.user.id),
+        ("user.userName", &data.user.user_name),
+    ] {
+        check_identifier(path, value)?;
+    }
+    for (path, value) in [
+        ("service_provider", &data.service_provider),
+        ("identity_provider", &data.identity_provider),
+        ("user.userStoreDomain", &data.user.user_store_domain),
+    ] {
+        if let Some(value) = value {
+            check_identifier(path, value)?;
+        }
+    }
+    Ok(data)
+}
+
+/// Identifiers travel into Kafka keys, URLs, filters and queries. Connectors escape
+/// them for each target; here we refuse what no target could take: empty values,
+/// control characters and absurd lengths.
+fn check_identifier(path: &str, value: &str) -> Result<(), DecodeError> {
+    let problem = if value.trim().is_empty() {
+        Some("must not be empty".to_string())
+    } else if value.len() > MAX_IDENTIFIER_LENGTH {
+        Some(format!("must be at most {MAX_IDENTIFIER_LENGTH} bytes"))
+    } else if value.chars().any(char::is_control) {
+        Some("must not contain control characters".to_string())
+    } else {
+        None
+    };
+    match problem {
+        Some(message) => Err(DecodeError::InvalidField {
+            path: path.into(),
+            message,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 64 * 1024;
+
+    fn structured() -> serde_json::Value {
+        serde_json::json!({
+            "specversion": "1.0",
+            "id": "evt-1",
+            "source": "/wso2is/carbon.super",
+            "type": "user.created",
+            "data": {"tenant": "carbon.super", "user": {"id": "u-1", "userName": "alice"}}
+        })
+    }
+
+    fn decode_json(document: &serde_json::Value) -> Result<UserEvent, DecodeError> {
+        decode(Some(document.to_string().as_bytes()), &[], LIMIT)
+    }
+
+    fn binary_headers() -> Vec<(String, Vec<u8>)> {
+        [
+            ("ce_specversion", "1.0"),
+            ("ce_id", "evt-2"),
+            ("ce_source", "/wso2is"),
+            ("ce_type", "user.deleted"),
+            ("content-type", "application/json"),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+        .collect()
+    }
+
+    #[test]
+    fn structured_event_decodes() {
+        let event = decode_json(&structured()).unwrap();
+        assert_eq!(event.event_type, EventType::UserCreated);
+        assert_eq!(event.user_key(), "carbon.super/u-1");
+        assert_eq!(event.data.service_provider, None);
+    }
+
+    #[test]
+    fn binary_event_decodes_from_headers() {
+        let data = serde_json::json!({"tenant": "t", "user": {"id": "u-2", "userName": "bob"}});
+        let event = decode(Some(data.to_string().as_bytes()), &binary_headers(), LIMIT).unwrap();
+        assert_eq!(event.id, "evt-2");
+        assert_eq!(event.event_type, EventType::UserDeleted);
+        assert_eq!(event.data.user.user_name, "bob");
+    }
+
+    #[test]
+    fn binary_event_without_id_header_names_the_header() {
+        let data = serde_json::json!({"tenant": "t", "user": {"id": "u", "userName": "b"}});
+        let headers: Vec<_> = binary_headers().into_iter().filter(|(name, _)| name != "ce_id").collect();
+        let error = decode(Some(data.to_string().as_bytes()), &headers, LIMIT).unwrap_err();
+        assert_eq!(error, DecodeError::MissingAttribute { name: "ce_id".into() });
+    }
+
+    #[test]
+    fn each_kind_of_bad_input_has_its_reason() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"{not json".to_vec(), "invalid_json"),
+            (vec![0x7b, 0xff, 0xfe, 0x7d], "invalid_utf8"),
+            (Vec::new(), "empty_value"),
+            (vec![b' '; LIMIT + 1], "oversized"),
+        ];
+        for (bytes, reason) in cases {
+            assert_eq!(decode(Some(&bytes), &[], LIMIT).unwrap_err().reason(), reason);
+        }
+        let mut wrong_version = structured();
+        wrong_version["specversion"] = "0.3".into();
+        assert_eq!(decode_json(&wrong_version).unwrap_err().reason(), "unsupported_specversion");
+        let mut unknown_type = structured();
+        unknown_type["type"] = "user.teleported".into();
+        assert_eq!(decode_json(&unknown_type).unwrap_err().reason(), "unknown_event_type");
+        let mut no_tenant = structured();
+        no_tenant["data"].as_object_mut().unwrap().remove("tenant");
+        assert_eq!(
+            decode_json(&no_tenant).unwrap_err(),
+            DecodeError::MissingField { path: "tenant".into() }
+        );
+        let mut wrong_type = structured();
+        wrong_type["data"]["user"]["active"] = "yes".into();
+        let error = decode_json(&wrong_type).unwrap_err();
+        assert_eq!(error.reason(), "invalid_field");
+        assert!(error.to_string().contains("user.active"), "{error}");
+        let mut control = structured();
+        control["data"]["user"]["id"] = "u\n1".into();
+        assert_eq!(decode_json(&control).unwrap_err().reason(), "invalid_field");
+    }
+
+    #[test]
+    fn reply_route_needs_both_headers() {
+        let both = vec![
+            ("correlation_id".to_string(), b"c-1".to_vec()),
+            ("reply_to".to_string(), b"replies".to_vec()),
+        ];
+        assert_eq!(
+            reply_route(&both).unwrap(),
+            Some(ReplyRoute {
+                correlation_id: "c-1".into(),
+                reply_to: "replies".into()
+            })
+        );
+        assert_eq!(reply_route(&both[..1]).unwrap(), None);
+    }
+}

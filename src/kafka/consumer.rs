@@ -1,0 +1,256 @@
+//! The event consumer: consumer-group membership, manual offset storage, pausing,
+//! rebalance hooks and lag statistics.
+//!
+//! Offsets follow librdkafka's at-least-once recipe: `enable.auto.offset.store=false`
+//! (we store an offset only once everything before it is finished) and
+//! `enable.auto.commit=true` (librdkafka commits what was stored every
+//! `commit_interval`, on revoke and on close).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+
+use crate::admin::Readiness;
+use crate::kafka::{apply_overrides, base_client_config, InboundRecord};
+use crate::metrics::Metrics;
+use crate::settings::KafkaSettings;
+
+/// A topic and partition.
+pub type TopicPartition = (String, i32);
+
+/// Told about partition ownership changes, synchronously, from inside the consumer's
+/// poll. The pipeline uses it to forget work for partitions it no longer owns.
+pub trait PartitionListener: Send + Sync + 'static {
+    fn assigned(&self, partitions: &[TopicPartition]);
+    fn revoked(&self, partitions: &[TopicPartition]);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("cannot create the Kafka consumer: {0}")]
+    Create(#[source] KafkaError),
+    #[error("cannot subscribe to {topics:?}: {source}")]
+    Subscribe {
+        topics: Vec<String>,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("consumer error: {0}")]
+    Receive(#[source] KafkaError),
+}
+
+impl ConsumeError {
+    /// Receive errors are transient (broker restarts, rebalances); librdkafka recovers.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ConsumeError::Create(_) | ConsumeError::Subscribe { .. } => false,
+            ConsumeError::Receive(_) => true,
+        }
+    }
+}
+
+/// librdkafka callbacks: rebalances, commits and statistics.
+pub struct ConsumerHooks {
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    listener: Arc<dyn PartitionListener>,
+    assignment: Mutex<BTreeSet<TopicPartition>>,
+}
+
+impl ClientContext for ConsumerHooks {
+    fn stats(&self, statistics: Statistics) {
+        for (topic_name, topic) in &statistics.topics {
+            for (partition_id, partition) in &topic.partitions {
+                // librdkafka reports the internal UA partition as -1, and -1 lag when unknown.
+                if *partition_id < 0 || partition.consumer_lag < 0 {
+                    continue;
+                }
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[topic_name.as_str(), partition_id.to_string().as_str()])
+                    .set(partition.consumer_lag);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ConsumerHooks {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked = topic_partitions(list);
+            tracing::info!(partitions = ?revoked, "Partitions revoked.");
+            self.listener.revoked(&revoked);
+            let mut assignment = self.assignment.lock().expect("assignment lock");
+            for partition in &revoked {
+                assignment.remove(partition);
+                let _ = self
+                    .metrics
+                    .consumer_lag
+                    .remove_label_values(&[partition.0.as_str(), partition.1.to_string().as_str()]);
+            }
+            self.metrics.assigned_partitions.set(assignment.len() as i64);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let assigned = topic_partitions(list);
+                tracing::info!(partitions = ?assigned, "Partitions assigned.");
+                self.listener.assigned(&assigned);
+                let mut assignment = self.assignment.lock().expect("assignment lock");
+                assignment.extend(assigned);
+                self.metrics.assigned_partitions.set(assignment.len() as i64);
+                // "Has its assignment" includes an empty one: more instances than partitions.
+                self.readiness.set_consumer_assigned(true);
+            }
+            Rebalance::Revoke(_) => {
+                let assignment = self.assignment.lock().expect("assignment lock");
+                if assignment.is_empty() {
+                    self.readiness.set_consumer_assigned(false);
+                }
+            }
+            Rebalance::Error(error) => {
+                tracing::warn!(error = %error, "Rebalance failed.");
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => self.metrics.offset_commits.with_label_values(&["ok"]).inc(),
+            // Nothing was stored since the last commit: not an error.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(error) => {
+                self.metrics.offset_commits.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %error, offsets = ?topic_partitions(offsets), "Offset commit failed; it is retried with the next commit.");
+            }
+        }
+    }
+}
+
+fn topic_partitions(list: &TopicPartitionList) -> Vec<TopicPartition> {
+    list.elements()
+        .iter()
+        .map(|element| (element.topic().to_string(), element.partition()))
+        .collect()
+}
+
+pub struct EventConsumer {
+    consumer: StreamConsumer<ConsumerHooks>,
+    topics: Vec<String>,
+}
+
+impl EventConsumer {
+    pub fn new(
+        settings: &KafkaSettings,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        listener: Arc<dyn PartitionListener>,
+    ) -> Result<EventConsumer, ConsumeError> {
+        let mut config = base_client_config(settings);
+        config
+            .set("group.id", &settings.group_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", settings.commit_interval.as_millis().to_string())
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.partition.eof", "false")
+            // Bound prefetch memory: the default (64 MiB) is most of our budget.
+            .set("queued.max.messages.kbytes", "16384")
+            .set("fetch.wait.max.ms", "100")
+            .set("statistics.interval.ms", "5000");
+        apply_overrides(&mut config, settings);
+        let hooks = ConsumerHooks {
+            metrics,
+            readiness,
+            listener,
+            assignment: Mutex::new(BTreeSet::new()),
+        };
+        let consumer = config.create_with_context(hooks).map_err(ConsumeError::Create)?;
+        Ok(EventConsumer {
+            consumer,
+            topics: settings.event_topics.clone(),
+        })
+    }
+
+    pub fn subscribe(&self) -> Result<(), ConsumeError> {
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        self.consumer.subscribe(&topics).map_err(|source| ConsumeError::Subscribe {
+            topics: self.topics.clone(),
+            source,
+        })
+    }
+
+    /// The next record. Also drives rebalance, commit and statistics callbacks, so it
+    /// must keep being polled even while every partition is paused.
+    pub async fn recv(&self) -> Result<InboundRecord, ConsumeError> {
+        self.consumer
+            .recv()
+            .await
+            .map(|message| InboundRecord::from_message(&message))
+            .map_err(ConsumeError::Receive)
+    }
+
+    /// Stores `next_offset` (the first offset *not* yet finished) for the next commit.
+    /// A partition revoked meanwhile answers `_STATE`: the new owner redoes the rest.
+    pub fn store_offset(&self, topic: &str, partition: i32, next_offset: i64) {
+        let mut list = TopicPartitionList::new();
+        if let Err(error) = list.add_partition_offset(topic, partition, Offset::Offset(next_offset)) {
+            tracing::warn!(topic, partition, error = %error, "Cannot build offset list.");
+            return;
+        }
+        match self.consumer.store_offsets(&list) {
+            Ok(()) => {}
+            Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
+                tracing::debug!(topic, partition, next_offset, "Offset not stored: partition no longer assigned.");
+            }
+            Err(error) => tracing::warn!(topic, partition, next_offset, error = %error, "Cannot store offset."),
+        }
+    }
+
+    /// Pauses every assigned partition: librdkafka stops fetching, recv keeps serving callbacks.
+    pub fn pause_all(&self) {
+        match self.consumer.assignment() {
+            Ok(assignment) => {
+                if let Err(error) = self.consumer.pause(&assignment) {
+                    tracing::warn!(error = %error, "Cannot pause partitions.");
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, "Cannot read assignment to pause."),
+        }
+    }
+
+    pub fn resume_all(&self) {
+        match self.consumer.assignment() {
+            Ok(assignment) => {
+                if let Err(error) = self.consumer.resume(&assignment) {
+                    tracing::warn!(error = %error, "Cannot resume partitions.");
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, "Cannot read assignment to resume."),
+        }
+    }
+
+    /// Commits every stored offset now, waiting for the coordinator's answer.
+    pub fn commit_stored(&self) {
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(error) => tracing::warn!(error = %error, "Final offset commit failed."),
+        }
+    }
+
+    /// Leaves the group, committing stored offsets on the way (auto-commit on close).
+    pub fn close(self) {
+        self.commit_stored();
+        self.consumer.unsubscribe();
+        // Dropping runs rd_kafka_consumer_close, which leaves the group.
+        drop(self.consumer);
+    }
+}

@@ -1,0 +1,111 @@
+//! The one producer for replies, results and dead letters.
+//!
+//! Idempotent with `acks=all`, so a retried produce cannot duplicate or reorder within
+//! a partition; `linger.ms=1` because a blocking caller awaits every reply.
+
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+
+use crate::kafka::{apply_overrides, base_client_config};
+use crate::settings::KafkaSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    #[error("cannot create the Kafka producer: {0}")]
+    Create(#[source] KafkaError),
+    #[error("producing to `{topic}` failed: {source}")]
+    Delivery {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+impl ProduceError {
+    /// Every delivery failure is worth retrying: librdkafka has already retried within
+    /// `message.timeout.ms`, so a failure means the broker is unreachable or refusing,
+    /// which an operator can fix. The input offset stays unstored meanwhile.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProduceError::Create(_) => false,
+            ProduceError::Delivery { .. } => true,
+        }
+    }
+}
+
+/// A record to produce. Borrowed, because the caller keeps the original bytes.
+pub struct OutboundRecord<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub headers: Vec<(&'a str, &'a [u8])>,
+}
+
+#[derive(Clone)]
+pub struct EventProducer {
+    producer: FutureProducer,
+    produce_timeout: Duration,
+}
+
+impl EventProducer {
+    pub fn new(settings: &KafkaSettings) -> Result<EventProducer, ProduceError> {
+        let mut config = base_client_config(settings);
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string());
+        apply_overrides(&mut config, settings);
+        let producer = config.create().map_err(ProduceError::Create)?;
+        Ok(EventProducer {
+            producer,
+            produce_timeout: settings.produce_timeout,
+        })
+    }
+
+    /// Produces one record and waits until the broker has it (`acks=all`).
+    pub async fn send(&self, record: OutboundRecord<'_>) -> Result<(), ProduceError> {
+        let headers = record
+            .headers
+            .iter()
+            .fold(OwnedHeaders::new_with_capacity(record.headers.len()), |headers, (key, value)| {
+                headers.insert(Header {
+                    key,
+                    value: Some(*value),
+                })
+            });
+        let mut future_record = FutureRecord::to(record.topic).payload(record.payload).headers(headers);
+        if let Some(key) = record.key {
+            future_record = future_record.key(key);
+        }
+        // The queue timeout turns a full local queue into back-pressure, not an error.
+        self.producer
+            .send(future_record, Timeout::After(self.produce_timeout))
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| ProduceError::Delivery {
+                topic: record.topic.to_string(),
+                source,
+            })
+    }
+
+    /// Checks that a broker answers, by fetching cluster metadata. Blocking; call it from
+    /// a blocking task.
+    pub fn check_connection(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.client().fetch_metadata(None, timeout).map(|_| ())
+    }
+
+    /// Waits for queued records. Dropping a producer purges its queue, so call this first.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+
+    pub fn in_flight_count(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+}

@@ -1,0 +1,234 @@
+//! Every metric the service exports, declared in one place.
+//!
+//! Names follow `provisioner_<name>_<unit>[_total]`. Label values come from closed
+//! sets (event types, outcomes, reason codes) or from configuration (connector names,
+//! topics), never from event content, so cardinality is bounded by construction.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets from 1 ms to 5 min: target calls are tens of ms, retries can take minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// Events read from Kafka, by CloudEvents type (`invalid` when undecodable).
+    pub events_consumed: IntCounterVec,
+    /// Events finished, by overall status.
+    pub events_completed: IntCounterVec,
+    /// Connector results, by connector and outcome.
+    pub connector_results: IntCounterVec,
+    /// Every call made to a target, retries included.
+    pub connector_attempts: IntCounterVec,
+    /// Calls that were retries, by connector and error kind.
+    pub connector_retries: IntCounterVec,
+    /// Duration of one call to a target.
+    pub connector_request_duration: HistogramVec,
+    /// From the event's arrival to its complete result being durable.
+    pub event_duration: HistogramVec,
+    /// From the event's arrival to its blocking reply being durable.
+    pub reply_duration: HistogramVec,
+    /// Events being worked on now.
+    pub events_in_flight: IntGauge,
+    /// Events held in memory (in flight plus queued behind the same user).
+    pub events_buffered: IntGauge,
+    /// 1 while fetching is paused for back-pressure.
+    pub consumer_paused: IntGauge,
+    /// Dead letters written, by reason code.
+    pub dead_letters: IntCounterVec,
+    /// Replies that could not be produced.
+    pub reply_publish_failures: IntCounter,
+    /// `reply_to` headers refused because the topic is not allow-listed.
+    pub replies_refused: IntCounter,
+    /// Failed produces (after librdkafka's own retries), by destination kind.
+    pub produce_failures: IntCounterVec,
+    /// Consumer lag per assigned partition, from librdkafka statistics.
+    pub consumer_lag: IntGaugeVec,
+    /// Offsets committed to the group coordinator, by outcome.
+    pub offset_commits: IntCounterVec,
+    /// Partitions assigned to this instance.
+    pub assigned_partitions: IntGauge,
+    /// Constant 1, labelled with the version.
+    pub build_info: GaugeVec,
+    /// Seconds since the Unix epoch when the process started.
+    pub start_time: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
+                .expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+
+        let metrics = Metrics {
+            events_consumed: counter_vec(
+                "provisioner_events_consumed_total",
+                "Events read from Kafka, by CloudEvents type (invalid when undecodable).",
+                &["type"],
+            ),
+            events_completed: counter_vec(
+                "provisioner_events_completed_total",
+                "Events whose complete result is durable, by status.",
+                &["status"],
+            ),
+            connector_results: counter_vec(
+                "provisioner_connector_results_total",
+                "Per-connector results, by outcome.",
+                &["connector", "outcome"],
+            ),
+            connector_attempts: counter_vec(
+                "provisioner_connector_attempts_total",
+                "Calls made to a target, retries included.",
+                &["connector"],
+            ),
+            connector_retries: counter_vec(
+                "provisioner_connector_retries_total",
+                "Retried calls, by the error kind that caused the retry.",
+                &["connector", "kind"],
+            ),
+            connector_request_duration: histogram_vec(
+                "provisioner_connector_request_duration_seconds",
+                "Duration of one call to a target.",
+                &["connector", "operation"],
+            ),
+            event_duration: histogram_vec(
+                "provisioner_event_duration_seconds",
+                "From an event's arrival to its complete result being durable.",
+                &["status"],
+            ),
+            reply_duration: histogram_vec(
+                "provisioner_reply_duration_seconds",
+                "From an event's arrival to its blocking reply being durable.",
+                &["status"],
+            ),
+            events_in_flight: gauge("provisioner_events_in_flight", "Events being worked on now."),
+            events_buffered: gauge(
+                "provisioner_events_buffered",
+                "Events held in memory: in flight plus queued behind the same user.",
+            ),
+            consumer_paused: gauge(
+                "provisioner_consumer_paused",
+                "1 while fetching is paused for back-pressure.",
+            ),
+            dead_letters: counter_vec(
+                "provisioner_dead_letters_total",
+                "Dead letters written, by reason code.",
+                &["reason"],
+            ),
+            reply_publish_failures: counter(
+                "provisioner_reply_publish_failures_total",
+                "Replies to blocking callers that could not be produced.",
+            ),
+            replies_refused: counter(
+                "provisioner_replies_refused_total",
+                "reply_to headers refused because the topic is not allow-listed.",
+            ),
+            produce_failures: counter_vec(
+                "provisioner_produce_failures_total",
+                "Produces that failed after librdkafka's own retries, by destination.",
+                &["destination"],
+            ),
+            consumer_lag: {
+                let metric = IntGaugeVec::new(
+                    Opts::new(
+                        "provisioner_consumer_lag",
+                        "Messages between the committed offset and the end of the partition.",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            offset_commits: counter_vec(
+                "provisioner_offset_commits_total",
+                "Offset commits to the group coordinator, by result.",
+                &["result"],
+            ),
+            assigned_partitions: gauge(
+                "provisioner_assigned_partitions",
+                "Partitions currently assigned to this instance.",
+            ),
+            build_info: {
+                let metric = GaugeVec::new(
+                    Opts::new("provisioner_build_info", "Constant 1, labelled with the version."),
+                    &["version"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            start_time: {
+                let metric = Gauge::new(
+                    "provisioner_start_time_seconds",
+                    "Seconds since the Unix epoch when the process started.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+        metrics.start_time.set(chrono::Utc::now().timestamp() as f64);
+        metrics
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buffer).expect("the text encoder writes UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_renders_with_its_prefix() {
+        let metrics = Metrics::new();
+        metrics.events_consumed.with_label_values(&["user.created"]).inc();
+        let text = metrics.render();
+        assert!(text.contains("provisioner_events_consumed_total{type=\"user.created\"} 1"));
+        assert!(text.contains("provisioner_build_info{version="));
+        for line in text.lines().filter(|line| line.starts_with("# TYPE")) {
+            assert!(line.starts_with("# TYPE provisioner_"), "unprefixed metric: {line}");
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The consume → schedule → process → store-offset loop.
+//!
+//! One task owns the consumer and the scheduling state; each event runs in its own
+//! worker task. Ordering and concurrency rules:
+//! - events with the same key (`tenant/user id`) run one at a time, in offset order,
+//!   retries included (a per-key queue);
+//! - different users run concurrently, up to `pipeline.max_in_flight`, and each
+//!   connector caps its own concurrent calls;
+//! - when `pipeline.max_buffered_events` events are held, every partition is paused
+//!   until the backlog drains to three quarters of that, so memory stays bounded;
+//! - an offset is stored only when it and every earlier offset of its partition are
+//!   finished with durable outputs ([`offsets::OffsetTracker`]).
+
+pub mod offsets;
+pub mod process;
+pub mod router;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{self, DecodeError, UserEvent};
+use crate::kafka::consumer::EventConsumer;
+use crate::kafka::InboundRecord;
+use crate::metrics::Metrics;
+use crate::pipeline::offsets::{OffsetTracker, Ticket};
+use crate::pipeline::process::Worker;
+
+/// One accepted record, waiting for or holding its key.
+struct Job {
+    record: Arc<InboundRecord>,
+    decoded: Result<UserEvent, DecodeError>,
+    ticket: Ticket,
+    ordering_key: String,
+}
+
+/// Per-key FIFO queues plus a ready queue bounded by the in-flight limit.
+#[derive(Default)]
+struct Scheduler {
+    /// A key is present while one of its events is ready or running; the queue holds
+    /// the events waiting behind it.
+    waiting_by_key: HashMap<String, VecDeque<Job>>,
+    ready: VecDeque<Job>,
+    running: usize,
+    buffered: usize,
+}
+
+impl Scheduler {
+    fn accept(&mut self, job: Job) {
+        self.buffered += 1;
+        match self.waiting_by_key.get_mut(&job.ordering_key) {
+            Some(queue) => queue.push_back(job),
+            None => {
+                self.waiting_by_key.insert(job.ordering_key.clone(), VecDeque::new());
+                self.ready.push_back(job);
+            }
+        }
+    }
+
+    /// The key's current event is done: its next event (if any) becomes ready.
+    fn release(&mut self, ordering_key: &str) {
+        self.buffered -= 1;
+        if let Some(queue) = self.waiting_by_key.get_mut(ordering_key) {
+            match queue.pop_front() {
+                Some(next) => self.ready.push_back(next),
+                None => {
+                    self.waiting_by_key.remove(ordering_key);
+                }
+            }
+        }
+    }
+}
+
+pub struct Pipeline {
+    pub consumer: EventConsumer,
+    pub worker: Arc<Worker>,
+    pub tracker: Arc<OffsetTracker>,
+    pub metrics: Arc<Metrics>,
+    pub max_in_flight: usize,
+    pub max_buffered_events: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// What a finished worker task hands back.
+struct Finished {
+    ticket: Ticket,
+    ordering_key: String,
+    durable: bool,
+}
+
+impl Pipeline {
+    /// Runs until `shutdown` is cancelled, then drains in-flight work for up to
+    /// `shutdown_grace`, commits what is finished and leaves the group.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Pipeline {
+            consumer,
+            worker,
+            tracker,
+            metrics,
+            max_in_flight,
+            max_buffered_events,
+            shutdown_grace,
+        } = self;
+        let resume_below = (max_buffered_events * 3 / 4).max(1);
+        let mut scheduler = Scheduler::default();
+        let mut workers: JoinSet<Finished> = JoinSet::new();
+        // Kept so that a panicking worker can still be accounted for.
+        let mut running: HashMap<tokio::task::Id, (Ticket, String, Arc<InboundRecord>)> = HashMap::new();
+        let mut paused = false;
+
+        loop {
+            dispatch(&mut scheduler, &mut workers, &mut running, &worker, &tracker, max_in_flight);
+            metrics.events_buffered.set(scheduler.buffered as i64);
+            metrics.events_in_flight.set(scheduler.running as i64);
+            if paused && scheduler.buffered <= resume_below {
+                consumer.resume_all();
+                paused = false;
+                metrics.consumer_paused.set(0);
+                tracing::info!(buffered = scheduler.buffered, "Back-pressure released; fetching resumed.");
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(joined) = workers.join_next_with_id() => {
+                    let finished = match joined {
+                        Ok((id, finished)) => {
+                            running.remove(&id);
+                            finished
+                        }
+                        Err(error) => {
+                            let (ticket, ordering_key, record) = running
+                                .remove(&error.id())
+                                .expect("every worker is registered");
+                            tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset, error = %error, "Worker panicked; the event will be redelivered after a restart.");
+                            Finished { ticket, ordering_key, durable: false }
+                        }
+                    };
+                    scheduler.running -= 1;
+                    scheduler.release(&finished.ordering_key);
+                    if finished.durable {
+                        if let Some(next_offset) = tracker.complete(&finished.ticket) {
+                            consumer.store_offset(&finished.ticket.topic, finished.ticket.partition, next_offset);
+                        }
+                    }
+                }
+                received = consumer.recv() => {
+                    let record = match received {
+                        Ok(record) => record,
+                        Err(error) => {
+                            tracing::warn!(error = %error, "Kafka consumer error; librdkafka retries.");
+                            continue;
+                        }
+                    };
+                    let Some(ticket) = tracker.track(&record.topic, record.partition, record.offset) else {
+                        continue;
+                    };
+                    // Decoded here, once: the ordering key comes from the event.
+                    let decoded = event::decode(record.value.as_deref(), &record.headers, worker.max_event_bytes);
+                    let ordering_key = ordering_key_for(&record, &decoded);
+                    scheduler.accept(Job { record: Arc::new(record), decoded, ticket, ordering_key });
+                    // Also re-pause while paused: a rebalance may have added unpaused partitions.
+                    if scheduler.buffered >= max_buffered_events {
+                        consumer.pause_all();
+                        if !paused {
+                            tracing::info!(buffered = scheduler.buffered, "Back-pressure: fetching paused.");
+                        }
+                        paused = true;
+                        metrics.consumer_paused.set(1);
+                    }
+                }
+            }
+        }
+
+        drain(&mut workers, &mut running, &tracker, &consumer, shutdown_grace).await;
+        metrics.events_in_flight.set(0);
+        flush_producer(&worker);
+        consumer.close();
+    }
+}
+
+/// Starts ready jobs while there is room. Jobs of partitions we no longer own are
+/// dropped: their new owner redoes them.
+fn dispatch(
+    scheduler: &mut Scheduler,
+    workers: &mut JoinSet<Finished>,
+    running: &mut HashMap<tokio::task::Id, (Ticket, String, Arc<InboundRecord>)>,
+    worker: &Arc<Worker>,
+    tracker: &OffsetTracker,
+    max_in_flight: usize,
+) {
+    while scheduler.running < max_in_flight {
+        let Some(job) = scheduler.ready.pop_front() else {
+            break;
+        };
+        if !tracker.is_current(&job.ticket) {
+            scheduler.release(&job.ordering_key);
+            continue;
+        }
+        scheduler.running += 1;
+        let Job {
+            record,
+            decoded,
+            ticket,
+            ordering_key,
+        } = job;
+        let task_worker = worker.clone();
+        let task_record = record.clone();
+        let task_ticket = ticket.clone();
+        let task_key = ordering_key.clone();
+        let handle = workers.spawn(async move {
+            let durable = process::process(task_worker, task_record, decoded).await;
+            Finished {
+                ticket: task_ticket,
+                ordering_key: task_key,
+                durable,
+            }
+        });
+        running.insert(handle.id(), (ticket, ordering_key, record));
+    }
+}
+
+/// Waits for running workers (not queued ones) up to the grace period.
+async fn drain(
+    workers: &mut JoinSet<Finished>,
+    running: &mut HashMap<tokio::task::Id, (Ticket, String, Arc<InboundRecord>)>,
+    tracker: &OffsetTracker,
+    consumer: &EventConsumer,
+    grace: Duration,
+) {
+    if workers.is_empty() {
+        return;
+    }
+    tracing::info!(in_flight = workers.len(), grace_ms = grace.as_millis() as u64, "Draining in-flight events.");
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        match tokio::time::timeout_at(deadline, workers.join_next_with_id()).await {
+            Ok(Some(Ok((id, finished)))) => {
+                running.remove(&id);
+                if finished.durable {
+                    if let Some(next_offset) = tracker.complete(&finished.ticket) {
+                        consumer.store_offset(&finished.ticket.topic, finished.ticket.partition, next_offset);
+                    }
+                }
+            }
+            Ok(Some(Err(error))) => {
+                running.remove(&error.id());
+            }
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(abandoned = workers.len(), "Shutdown grace ran out; unfinished events will be redelivered.");
+                workers.abort_all();
+                break;
+            }
+        }
+    }
+}
+
+fn flush_producer(worker: &Worker) {
+    if let Err(error) = worker.producer.flush(Duration::from_secs(10)) {
+        tracing::warn!(error = %error, in_flight = worker.producer.in_flight_count(), "Producer flush incomplete.");
+    }
+}
+
+/// Events about the same user must not overtake each other. The key is taken from the
+/// decoded event (`tenant/user id`), not the Kafka key, which producers may not set.
+/// Undecodable records get a unique key: there is nothing to order them against.
+fn ordering_key_for(record: &InboundRecord, decoded: &Result<UserEvent, DecodeError>) -> String {
+    match decoded {
+        Ok(event) => event.user_key(),
+        Err(_) => format!("\u{0}undecodable/{}/{}/{}", record.topic, record.partition, record.offset),
+    }
+}

@@ -1,0 +1,458 @@
+//! The work for one event: route it, apply every binding with retries, reply to a
+//! blocking caller once the blocking bindings are done, publish the complete result,
+//! and dead-letter what failed for good.
+//!
+//! **Invariant:** [`process`] reports an event `durable` only after its reply (if any),
+//! its result and its dead letter (if any) have been acknowledged by the broker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tracing::Instrument;
+
+use crate::connectors::{ConnectorHandle, ConnectorSet};
+use crate::event::{self, DecodeError, ReplyRoute, UserEvent};
+use crate::kafka::producer::{EventProducer, OutboundRecord};
+use crate::kafka::InboundRecord;
+use crate::metrics::Metrics;
+use crate::pipeline::router::{Decision, Router, Routing, Step};
+use crate::result::{ConnectorResult, ErrorKind, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status};
+use crate::retry::run_with_retries;
+
+/// Dead-letter headers, on top of the original record's own.
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-provisioner-reason";
+pub const DEAD_LETTER_ERROR_HEADER: &str = "x-provisioner-error";
+pub const DEAD_LETTER_TOPIC_HEADER: &str = "x-provisioner-source-topic";
+pub const DEAD_LETTER_PARTITION_HEADER: &str = "x-provisioner-source-partition";
+pub const DEAD_LETTER_OFFSET_HEADER: &str = "x-provisioner-source-offset";
+pub const DEAD_LETTER_TIME_HEADER: &str = "x-provisioner-failed-at";
+/// Reason code for events some binding failed on for good.
+pub const CONNECTOR_FAILED_REASON: &str = "connector_failed";
+
+/// Everything a worker needs, shared by all workers.
+pub struct Worker {
+    pub producer: EventProducer,
+    pub router: Router,
+    pub connectors: ConnectorSet,
+    pub metrics: Arc<Metrics>,
+    pub results_topic: String,
+    pub dead_letter_topic: String,
+    pub reply_topic_allow_list: Vec<String>,
+    pub max_event_bytes: usize,
+}
+
+/// Runs one event to completion. Returns whether its outputs are durable (false only
+/// when shutdown interrupted a produce: the event will be redelivered).
+pub async fn process(worker: Arc<Worker>, record: Arc<InboundRecord>, decoded: Result<UserEvent, DecodeError>) -> bool {
+    let span = tracing::info_span!(
+        "event",
+        topic = %record.topic,
+        partition = record.partition,
+        offset = record.offset,
+        event_id = tracing::field::Empty,
+        event_type = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        user_id = tracing::field::Empty,
+    );
+    async move {
+        match decoded {
+            Ok(event) => process_event(&worker, &record, event).await,
+            Err(error) => reject_undecodable(&worker, &record, error).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent) -> bool {
+    let span = tracing::Span::current();
+    span.record("event_id", event.id.as_str());
+    span.record("event_type", event.event_type.as_str());
+    span.record("tenant", event.data.tenant.as_str());
+    span.record("user_id", event.data.user.id.as_str());
+    worker
+        .metrics
+        .events_consumed
+        .with_label_values(&[event.event_type.as_str()])
+        .inc();
+    let reply_route = allowed_reply_route(worker, record);
+    let correlation_id = reply_route.as_ref().map(|route| route.correlation_id.clone());
+    let operation = Operation::for_event(event.event_type);
+    let received_at = Utc::now() - chrono::Duration::from_std(record.received_at.elapsed()).unwrap_or_default();
+
+    let (provider, steps) = match worker.router.route(&event) {
+        Routing::UnknownTenant => {
+            let reason = format!("tenant `{}` is not configured", event.data.tenant);
+            tracing::info!(reason = %reason, "Event skipped.");
+            let result = summary(&event, correlation_id, Vec::new(), ResultScope::Complete, Some(reason), received_at);
+            let mut durable = true;
+            if let Some(route) = &reply_route {
+                let reply = ProvisioningResult {
+                    scope: ResultScope::Blocking,
+                    ..result.clone()
+                };
+                durable &= publish_reply(worker, route, &reply).await;
+            }
+            durable &= publish_result(worker, &event, &result).await;
+            return durable;
+        }
+        Routing::Plan { provider, steps } => (provider, steps),
+    };
+    tracing::debug!(provider = %provider, bindings = steps.len(), "Event routed.");
+
+    let (blocking_steps, background_steps): (Vec<Step>, Vec<Step>) =
+        steps.into_iter().partition(|step| step.binding.blocking);
+    let blocking_work = async {
+        let results = futures::future::join_all(
+            blocking_steps
+                .iter()
+                .map(|step| apply_step(worker, step, operation, &event)),
+        )
+        .await;
+        let mut durable = true;
+        if let Some(route) = &reply_route {
+            let reason = results
+                .is_empty()
+                .then(|| "no blocking binding applies; non-blocking bindings continue".to_string());
+            let reply = summary(
+                &event,
+                correlation_id.clone(),
+                results.clone(),
+                ResultScope::Blocking,
+                reason,
+                received_at,
+            );
+            durable = publish_reply(worker, route, &reply).await;
+            if durable {
+                worker
+                    .metrics
+                    .reply_duration
+                    .with_label_values(&[reply.status.as_str()])
+                    .observe(record.received_at.elapsed().as_secs_f64());
+            }
+        }
+        (results, durable)
+    };
+    let background_work = futures::future::join_all(
+        background_steps
+            .iter()
+            .map(|step| apply_step(worker, step, operation, &event)),
+    );
+    let ((mut results, reply_durable), background_results) = tokio::join!(blocking_work, background_work);
+    results.extend(background_results);
+
+    let failed: Vec<&ConnectorResult> = results.iter().filter(|result| result.outcome == Outcome::Failed).collect();
+    let mut durable = reply_durable;
+    if !failed.is_empty() {
+        let message = failed
+            .iter()
+            .map(|result| {
+                let error = result.error.as_ref().map(|error| error.message.as_str()).unwrap_or("failed");
+                format!("{}: {error}", result.connector)
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        durable &= publish_dead_letter(worker, record, CONNECTOR_FAILED_REASON, &message).await;
+    }
+    let result = summary(&event, correlation_id, results, ResultScope::Complete, None, received_at);
+    durable &= publish_result(worker, &event, &result).await;
+    if durable {
+        worker
+            .metrics
+            .events_completed
+            .with_label_values(&[result.status.as_str()])
+            .inc();
+        worker
+            .metrics
+            .event_duration
+            .with_label_values(&[result.status.as_str()])
+            .observe(record.received_at.elapsed().as_secs_f64());
+    }
+    durable
+}
+
+/// Applies one binding, or records why it was skipped.
+async fn apply_step(worker: &Worker, step: &Step, operation: Operation, event: &UserEvent) -> ConnectorResult {
+    let started_at = Utc::now();
+    let connector = step.binding.connector.clone();
+    let blocking = step.binding.blocking;
+    let skipped = |error: Option<ResultError>| ConnectorResult {
+        connector: connector.clone(),
+        operation,
+        outcome: Outcome::Skipped,
+        blocking,
+        remote_id: None,
+        attempts: 0,
+        error,
+        started_at,
+        finished_at: Utc::now(),
+    };
+    let result = match &step.decision {
+        Decision::Skip { reason } => {
+            tracing::debug!(connector = %connector, reason = %reason, "Binding skipped.");
+            skipped(None)
+        }
+        Decision::RuleError { message } => {
+            tracing::warn!(connector = %connector, error = %message, "Rule failed; binding denied.");
+            skipped(Some(ResultError {
+                kind: ErrorKind::Rule,
+                message: message.clone(),
+                http_status: None,
+                retryable: false,
+            }))
+        }
+        Decision::Apply => match worker.connectors.get(&connector) {
+            Some(handle) => call_connector(worker, handle, operation, event, blocking).await,
+            None => ConnectorResult {
+                outcome: Outcome::Failed,
+                error: Some(ResultError {
+                    kind: ErrorKind::Internal,
+                    message: format!("connector `{connector}` is not running"),
+                    http_status: None,
+                    retryable: false,
+                }),
+                ..skipped(None)
+            },
+        },
+    };
+    worker
+        .metrics
+        .connector_results
+        .with_label_values(&[result.connector.as_str(), result.outcome.as_str()])
+        .inc();
+    result
+}
+
+async fn call_connector(
+    worker: &Worker,
+    handle: &ConnectorHandle,
+    operation: Operation,
+    event: &UserEvent,
+    blocking: bool,
+) -> ConnectorResult {
+    let started_at = Utc::now();
+    let metrics = &worker.metrics;
+    let name = handle.name.as_str();
+    let outcome = run_with_retries(
+        handle.retry,
+        || async {
+            // The permit is held per attempt, so a backoff sleep does not hold a slot.
+            let _permit = handle.concurrency.acquire().await.expect("connector semaphore is never closed");
+            metrics.connector_attempts.with_label_values(&[name]).inc();
+            let timer = metrics
+                .connector_request_duration
+                .with_label_values(&[name, operation.as_str()])
+                .start_timer();
+            let result = handle.connector.apply(operation, event).await;
+            timer.observe_duration();
+            result
+        },
+        |error, delay, attempt| {
+            metrics
+                .connector_retries
+                .with_label_values(&[name, error.kind().as_str()])
+                .inc();
+            tracing::warn!(connector = name, attempt, delay_ms = delay.as_millis() as u64, error = %error, "Retrying connector call.");
+        },
+    )
+    .await;
+    let (outcome_kind, remote_id, error) = match outcome.result {
+        Ok(applied) => {
+            tracing::info!(connector = name, outcome = applied.outcome.as_str(), attempts = outcome.attempts, "Connector applied.");
+            (applied.outcome, applied.remote_id, None)
+        }
+        Err(error) => {
+            let message = if outcome.exhausted {
+                format!("gave up after {} attempts: {error}", outcome.attempts)
+            } else {
+                error.to_string()
+            };
+            tracing::error!(connector = name, attempts = outcome.attempts, error = %message, "Connector failed.");
+            (
+                Outcome::Failed,
+                None,
+                Some(ResultError {
+                    kind: if outcome.exhausted { ErrorKind::Exhausted } else { error.kind() },
+                    message,
+                    http_status: error.http_status(),
+                    retryable: error.is_retryable(),
+                }),
+            )
+        }
+    };
+    ConnectorResult {
+        connector: handle.name.clone(),
+        operation,
+        outcome: outcome_kind,
+        blocking,
+        remote_id,
+        attempts: outcome.attempts,
+        error,
+        started_at,
+        finished_at: Utc::now(),
+    }
+}
+
+fn summary(
+    event: &UserEvent,
+    correlation_id: Option<String>,
+    results: Vec<ConnectorResult>,
+    scope: ResultScope,
+    reason: Option<String>,
+    received_at: chrono::DateTime<Utc>,
+) -> ProvisioningResult {
+    ProvisioningResult {
+        correlation_id,
+        event_id: event.id.clone(),
+        event_type: Some(event.event_type),
+        tenant: event.data.tenant.clone(),
+        user_id: event.data.user.id.clone(),
+        status: Status::from_results(&results),
+        scope,
+        reason,
+        results,
+        received_at,
+        completed_at: Utc::now(),
+    }
+}
+
+/// The caller's reply route, if it has one and it is allow-listed.
+fn allowed_reply_route(worker: &Worker, record: &InboundRecord) -> Option<ReplyRoute> {
+    match event::reply_route(&record.headers) {
+        Ok(Some(route)) if worker.reply_topic_allow_list.contains(&route.reply_to) => Some(route),
+        Ok(Some(route)) => {
+            worker.metrics.replies_refused.inc();
+            tracing::warn!(reply_to = %route.reply_to, "Refusing reply_to outside the allow-list; no reply is sent.");
+            None
+        }
+        Ok(None) => None,
+        Err(error) => {
+            worker.metrics.replies_refused.inc();
+            tracing::warn!(error = %error, "Unreadable reply headers; no reply is sent.");
+            None
+        }
+    }
+}
+
+/// An event we cannot read: dead-letter it, and tell a blocking caller why.
+async fn reject_undecodable(worker: &Worker, record: &InboundRecord, error: DecodeError) -> bool {
+    worker.metrics.events_consumed.with_label_values(&["invalid"]).inc();
+    tracing::warn!(reason = error.reason(), error = %error, "Undecodable event dead-lettered.");
+    let mut durable = publish_dead_letter(worker, record, error.reason(), &error.to_string()).await;
+    if let Some(route) = allowed_reply_route(worker, record) {
+        let now = Utc::now();
+        let reply = ProvisioningResult {
+            correlation_id: Some(route.correlation_id.clone()),
+            event_id: String::new(),
+            event_type: None,
+            tenant: String::new(),
+            user_id: String::new(),
+            status: Status::Failed,
+            scope: ResultScope::Blocking,
+            reason: Some(format!("invalid event ({}): {error}", error.reason())),
+            results: Vec::new(),
+            received_at: now,
+            completed_at: now,
+        };
+        durable &= publish_reply(worker, &route, &reply).await;
+    }
+    durable
+}
+
+async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &ProvisioningResult) -> bool {
+    let payload = serde_json::to_vec(reply).expect("results serialise");
+    let durable = produce_durably(
+        worker,
+        "reply",
+        OutboundRecord {
+            topic: &route.reply_to,
+            key: Some(route.correlation_id.as_bytes()),
+            payload: &payload,
+            headers: vec![
+                (event::CORRELATION_ID_HEADER, route.correlation_id.as_bytes()),
+                ("content-type", b"application/json"),
+            ],
+        },
+    )
+    .await;
+    if !durable {
+        worker.metrics.reply_publish_failures.inc();
+    }
+    durable
+}
+
+async fn publish_result(worker: &Worker, event: &UserEvent, result: &ProvisioningResult) -> bool {
+    let payload = serde_json::to_vec(result).expect("results serialise");
+    let key = event.user_key();
+    produce_durably(
+        worker,
+        "result",
+        OutboundRecord {
+            topic: &worker.results_topic,
+            key: Some(key.as_bytes()),
+            payload: &payload,
+            headers: vec![("content-type", b"application/json")],
+        },
+    )
+    .await
+}
+
+async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &str, message: &str) -> bool {
+    let partition = record.partition.to_string();
+    let offset = record.offset.to_string();
+    let failed_at = Utc::now().to_rfc3339();
+    let mut headers: Vec<(&str, &[u8])> = record
+        .headers
+        .iter()
+        .filter(|(name, _)| !name.starts_with("x-provisioner-"))
+        .map(|(name, value)| (name.as_str(), value.as_slice()))
+        .collect();
+    headers.extend([
+        (DEAD_LETTER_REASON_HEADER, reason.as_bytes()),
+        (DEAD_LETTER_ERROR_HEADER, message.as_bytes()),
+        (DEAD_LETTER_TOPIC_HEADER, record.topic.as_bytes()),
+        (DEAD_LETTER_PARTITION_HEADER, partition.as_bytes()),
+        (DEAD_LETTER_OFFSET_HEADER, offset.as_bytes()),
+        (DEAD_LETTER_TIME_HEADER, failed_at.as_bytes()),
+    ]);
+    let durable = produce_durably(
+        worker,
+        "dead_letter",
+        OutboundRecord {
+            topic: &worker.dead_letter_topic,
+            key: record.key.as_deref(),
+            payload: record.value.as_deref().unwrap_or_default(),
+            headers,
+        },
+    )
+    .await;
+    if durable {
+        worker.metrics.dead_letters.with_label_values(&[reason]).inc();
+    }
+    durable
+}
+
+/// Produces until the broker acknowledges, backing off between failures. It never gives
+/// up by itself: the input offset must not move past an event whose outputs are not
+/// durable. At shutdown the drain's grace period bounds it; an aborted event is redone.
+async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRecord<'_>) -> bool {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = OutboundRecord {
+            topic: record.topic,
+            key: record.key,
+            payload: record.payload,
+            headers: record.headers.clone(),
+        };
+        match worker.producer.send(attempt).await {
+            Ok(()) => return true,
+            Err(error) => {
+                worker.metrics.produce_failures.with_label_values(&[destination]).inc();
+                tracing::warn!(destination, topic = record.topic, error = %error, delay_ms = delay.as_millis() as u64, "Produce failed; retrying.");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,263 @@
+//! The outbound contract: what happened to one event, per connector.
+//!
+//! The same shape is written to a blocking caller's reply topic (scope `blocking`:
+//! only the blocking bindings, as soon as they have finished) and to the results topic
+//! (scope `complete`: every binding). `schemas/result.schema.json` describes it.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::event::EventType;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvisioningResult {
+    /// The caller's correlation id, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// Empty (and `event_type` absent) when the event could not be decoded.
+    pub event_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_type: Option<EventType>,
+    pub tenant: String,
+    pub user_id: String,
+    pub status: Status,
+    pub scope: ResultScope,
+    /// Why the event was skipped or failed as a whole (e.g. unknown tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub results: Vec<ConnectorResult>,
+    pub received_at: DateTime<Utc>,
+    pub completed_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Succeeded,
+    Failed,
+    Partial,
+    Skipped,
+}
+
+impl Status {
+    /// `skipped` when nothing applied, `failed` when everything that applied failed,
+    /// `partial` when some failed, `succeeded` otherwise.
+    pub fn from_results(results: &[ConnectorResult]) -> Status {
+        let applied: Vec<_> = results
+            .iter()
+            .filter(|result| result.outcome != Outcome::Skipped)
+            .collect();
+        let failed = applied.iter().filter(|result| result.outcome == Outcome::Failed).count();
+        if applied.is_empty() {
+            Status::Skipped
+        } else if failed == applied.len() {
+            Status::Failed
+        } else if failed > 0 {
+            Status::Partial
+        } else {
+            Status::Succeeded
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Partial => "partial",
+            Status::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultScope {
+    /// A reply to a blocking caller: the blocking bindings only.
+    Blocking,
+    /// Every binding, blocking or not.
+    Complete,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectorResult {
+    pub connector: String,
+    pub operation: Operation,
+    pub outcome: Outcome,
+    pub blocking: bool,
+    /// The target's id for the account (SCIM `id`, Google `id`, Salesforce `Id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_id: Option<String>,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ResultError>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Create,
+    Update,
+    Delete,
+}
+
+impl Operation {
+    pub fn for_event(event_type: EventType) -> Operation {
+        match event_type {
+            EventType::UserCreated | EventType::UserSelfSignedUp | EventType::UserJitProvisioned => Operation::Create,
+            EventType::UserUpdated => Operation::Update,
+            EventType::UserDeleted => Operation::Delete,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Create => "create",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Created,
+    /// The account already existed (409 on create) and was taken over and converged.
+    Adopted,
+    Updated,
+    Deleted,
+    Deactivated,
+    /// Nothing to delete: the target had no such account.
+    AlreadyAbsent,
+    /// The binding did not apply (rule false, JIT not enabled, …).
+    Skipped,
+    Failed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Created,
+        Outcome::Adopted,
+        Outcome::Updated,
+        Outcome::Deleted,
+        Outcome::Deactivated,
+        Outcome::AlreadyAbsent,
+        Outcome::Skipped,
+        Outcome::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Adopted => "adopted",
+            Outcome::Updated => "updated",
+            Outcome::Deleted => "deleted",
+            Outcome::Deactivated => "deactivated",
+            Outcome::AlreadyAbsent => "already_absent",
+            Outcome::Skipped => "skipped",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultError {
+    pub kind: ErrorKind,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    pub retryable: bool,
+}
+
+/// Closed set of failure classes, safe as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Could not connect, or the connection broke.
+    Transport,
+    /// No answer within the request timeout.
+    Timeout,
+    /// The target asked us to slow down (429, Google 403 rate reasons, Salesforce limits).
+    Throttled,
+    /// 5xx from the target.
+    Server,
+    /// The target refused the request as invalid (4xx).
+    Rejected,
+    /// Credentials were refused, or a token could not be obtained.
+    Auth,
+    /// The account exists and belongs to someone else.
+    Conflict,
+    /// The target answered with something we could not understand.
+    InvalidResponse,
+    /// The binding's rule could not be evaluated.
+    Rule,
+    /// Retries ran out of time or attempts.
+    Exhausted,
+    /// Our side could not do it (e.g. the result could not be produced).
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Transport => "transport",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Throttled => "throttled",
+            ErrorKind::Server => "server",
+            ErrorKind::Rejected => "rejected",
+            ErrorKind::Auth => "auth",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::InvalidResponse => "invalid_response",
+            ErrorKind::Rule => "rule",
+            ErrorKind::Exhausted => "exhausted",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(outcome: Outcome) -> ConnectorResult {
+        let now = Utc::now();
+        ConnectorResult {
+            connector: "c".into(),
+            operation: Operation::Create,
+            outcome,
+            blocking: false,
+            remote_id: None,
+            attempts: 1,
+            error: None,
+            started_at: now,
+            finished_at: now,
+        }
+    }
+
+    #[test]
+    fn status_summarises_outcomes() {
+        assert_eq!(Status::from_results(&[]), Status::Skipped);
+        assert_eq!(Status::from_results(&[result(Outcome::Skipped)]), Status::Skipped);
+        assert_eq!(
+            Status::from_results(&[result(Outcome::Created), result(Outcome::Skipped)]),
+            Status::Succeeded
+        );
+        assert_eq!(
+            Status::from_results(&[result(Outcome::Created), result(Outcome::Failed)]),
+            Status::Partial
+        );
+        assert_eq!(
+            Status::from_results(&[result(Outcome::Failed), result(Outcome::Skipped)]),
+            Status::Failed
+        );
+    }
+
+    #[test]
+    fn labels_match_serde_names() {
+        for outcome in Outcome::ALL {
+            assert_eq!(serde_json::to_value(outcome).unwrap(), outcome.as_str());
+        }
+    }
+}
