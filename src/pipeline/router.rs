@@ -68,7 +68,7 @@ impl Router {
                 .iter()
                 .enumerate()
                 .map(|(index, binding)| {
-                    let rule = binding.rule.as_ref().and_then(|source| match Program::compile(source) {
+                    let rule = binding.rule.as_ref().and_then(|source| match compile_rule(source) {
                         Ok(program) => Some(CompiledRule {
                             source: source.clone(),
                             program,
@@ -169,8 +169,29 @@ impl Router {
     }
 }
 
+/// The CEL parser (antlr4rust) panics on some malformed input instead of returning an
+/// error, so compilation runs under `catch_unwind` and the panic becomes a config error.
+fn compile_rule(source: &str) -> Result<Program, String> {
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let compiled = std::panic::catch_unwind(|| Program::compile(source));
+    std::panic::set_hook(previous_hook);
+    match compiled {
+        Ok(Ok(program)) => Ok(program),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("the expression is malformed".to_string()),
+    }
+}
+
 fn evaluate(rule: &CompiledRule, context: &Context<'_>) -> Decision {
-    match rule.program.execute(context) {
+    // Evaluation is guarded too: a rule must never take a worker down.
+    let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rule.program.execute(context)));
+    let Ok(executed) = executed else {
+        return Decision::RuleError {
+            message: format!("rule `{}` could not be evaluated", rule.source),
+        };
+    };
+    match executed {
         Ok(Value::Bool(true)) => Decision::Apply,
         Ok(Value::Bool(false)) => Decision::Skip {
             reason: format!("rule is false: {}", rule.source),
