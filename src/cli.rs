@@ -14,7 +14,11 @@ use crate::{shutdown, telemetry};
 pub const EXIT_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "provisioner", version, about = "Outbound user provisioning from Kafka lifecycle events")]
+#[command(
+    name = "provisioner",
+    version,
+    about = "Outbound user provisioning from Kafka lifecycle events"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -59,7 +59,9 @@ impl EventType {
     }
 
     pub fn parse(text: &str) -> Option<EventType> {
-        EventType::ALL.into_iter().find(|event_type| event_type.as_str() == text)
+        EventType::ALL
+            .into_iter()
+            .find(|event_type| event_type.as_str() == text)
     }
 }
 
@@ -497,7 +499,10 @@ mod tests {
     #[test]
     fn binary_event_without_id_header_names_the_header() {
         let data = serde_json::json!({"tenant": "t", "user": {"id": "u", "userName": "b"}});
-        let headers: Vec<_> = binary_headers().into_iter().filter(|(name, _)| name != "ce_id").collect();
+        let headers: Vec<_> = binary_headers()
+            .into_iter()
+            .filter(|(name, _)| name != "ce_id")
+            .collect();
         let error = decode(Some(data.to_string().as_bytes()), &headers, LIMIT).unwrap_err();
         assert_eq!(error, DecodeError::MissingAttribute { name: "ce_id".into() });
     }
@@ -515,7 +520,10 @@ mod tests {
         }
         let mut wrong_version = structured();
         wrong_version["specversion"] = "0.3".into();
-        assert_eq!(decode_json(&wrong_version).unwrap_err().reason(), "unsupported_specversion");
+        assert_eq!(
+            decode_json(&wrong_version).unwrap_err().reason(),
+            "unsupported_specversion"
+        );
         let mut unknown_type = structured();
         unknown_type["type"] = "user.teleported".into();
         assert_eq!(decode_json(&unknown_type).unwrap_err().reason(), "unknown_event_type");

@@ -47,7 +47,10 @@ impl Status {
             .iter()
             .filter(|result| result.outcome != Outcome::Skipped)
             .collect();
-        let failed = applied.iter().filter(|result| result.outcome == Outcome::Failed).count();
+        let failed = applied
+            .iter()
+            .filter(|result| result.outcome == Outcome::Failed)
+            .count();
         if applied.is_empty() {
             Status::Skipped
         } else if failed == applied.len() {

@@ -203,12 +203,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn attempts_run_out_and_say_so() {
-        let outcome: RetryOutcome<()> = run_with_retries(
-            policy(4),
-            || async { Err(ConnectorError::Timeout) },
-            |_, _, _| {},
-        )
-        .await;
+        let outcome: RetryOutcome<()> =
+            run_with_retries(policy(4), || async { Err(ConnectorError::Timeout) }, |_, _, _| {}).await;
         assert_eq!(outcome.attempts, 4);
         assert!(outcome.exhausted);
     }

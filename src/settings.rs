@@ -570,10 +570,7 @@ pub struct SalesforceSettings {
 #[serde(tag = "grant", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SalesforceAuth {
     /// Recommended: an External Client App with a run-as integration user.
-    ClientCredentials {
-        client_id: String,
-        client_secret: Secret,
-    },
+    ClientCredentials { client_id: String, client_secret: Secret },
     /// RS256 assertion signed with the app's certificate key.
     JwtBearer {
         client_id: String,
@@ -729,13 +726,22 @@ impl Settings {
         );
         if uses_sasl {
             if security.sasl_mechanism.is_none() {
-                problem("kafka.security.sasl_mechanism".into(), "is required with a SASL protocol".into());
+                problem(
+                    "kafka.security.sasl_mechanism".into(),
+                    "is required with a SASL protocol".into(),
+                );
             }
             if security.sasl_username.is_none() {
-                problem("kafka.security.sasl_username".into(), "is required with a SASL protocol".into());
+                problem(
+                    "kafka.security.sasl_username".into(),
+                    "is required with a SASL protocol".into(),
+                );
             }
             if security.sasl_password.is_none() {
-                problem("kafka.security.sasl_password".into(), "is required with a SASL protocol".into());
+                problem(
+                    "kafka.security.sasl_password".into(),
+                    "is required with a SASL protocol".into(),
+                );
             }
         }
         if security.ssl_certificate_file.is_some() != security.ssl_key_file.is_some() {
@@ -782,7 +788,10 @@ impl Settings {
                 }
                 ConnectorSettings::Google(google) => {
                     if google.domain.is_empty() || google.domain.contains('@') {
-                        problem(format!("{key}.domain"), "must be a bare domain such as example.com".into());
+                        problem(
+                            format!("{key}.domain"),
+                            "must be a bare domain such as example.com".into(),
+                        );
                     }
                     if !google.admin_email.contains('@') {
                         problem(format!("{key}.admin_email"), "must be an email address".into());
@@ -833,7 +842,10 @@ impl Settings {
                     seen.push(&binding.connector);
                     if let Some(rule) = &binding.rule {
                         if rule.trim().is_empty() {
-                            problem(format!("{provider_key}.bindings[{index}].rule"), "must not be empty".into());
+                            problem(
+                                format!("{provider_key}.bindings[{index}].rule"),
+                                "must not be empty".into(),
+                            );
                         }
                     }
                 }
@@ -859,14 +871,14 @@ fn check_delivery(key: &str, delivery: &DeliverySettings, problem: &mut impl FnM
         problem(format!("{key}.initial_backoff"), "must be greater than zero".into());
     }
     if delivery.initial_backoff > delivery.max_backoff {
-        problem(
-            format!("{key}.initial_backoff"),
-            "must not exceed max_backoff".into(),
-        );
+        problem(format!("{key}.initial_backoff"), "must not exceed max_backoff".into());
     }
     if let Some(rate) = delivery.rate_limit_per_second {
         if !(rate.is_finite() && rate > 0.0) {
-            problem(format!("{key}.rate_limit_per_second"), "must be a positive number".into());
+            problem(
+                format!("{key}.rate_limit_per_second"),
+                "must be a positive number".into(),
+            );
         }
     }
 }
@@ -921,7 +933,10 @@ fn defined_names<V>(map: &BTreeMap<String, V>) -> String {
     if map.is_empty() {
         "none".into()
     } else {
-        map.keys().map(|name| format!("`{name}`")).collect::<Vec<_>>().join(", ")
+        map.keys()
+            .map(|name| format!("`{name}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -938,7 +953,11 @@ fn resolve_secret_references(
         config::ValueKind::Table(table) => {
             let keys: Vec<String> = table.keys().cloned().collect();
             for key in keys {
-                let child_path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                let child_path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
                 let reference = SECRET_KEYS.iter().find_map(|secret| {
                     if key == format!("{secret}_env") {
                         Some((*secret, SecretReference::Environment))
@@ -950,7 +969,11 @@ fn resolve_secret_references(
                 });
                 match reference {
                     Some((secret, kind)) => {
-                        let target_path = if path.is_empty() { secret.to_string() } else { format!("{path}.{secret}") };
+                        let target_path = if path.is_empty() {
+                            secret.to_string()
+                        } else {
+                            format!("{path}.{secret}")
+                        };
                         if table.contains_key(secret) {
                             return Err(SettingsError::Secret {
                                 key: child_path,
@@ -963,21 +986,24 @@ fn resolve_secret_references(
                             message: "must be a string".into(),
                         })?;
                         let resolved = match kind {
-                            SecretReference::Environment => environment
-                                .get(&reference_text)
-                                .cloned()
-                                .ok_or_else(|| SettingsError::Secret {
-                                    key: child_path.clone(),
-                                    message: format!("environment variable `{reference_text}` is not set"),
-                                })?,
+                            SecretReference::Environment => {
+                                environment
+                                    .get(&reference_text)
+                                    .cloned()
+                                    .ok_or_else(|| SettingsError::Secret {
+                                        key: child_path.clone(),
+                                        message: format!("environment variable `{reference_text}` is not set"),
+                                    })?
+                            }
                             SecretReference::File => {
                                 let file = base_directory
                                     .map(|directory| directory.join(&reference_text))
                                     .unwrap_or_else(|| PathBuf::from(&reference_text));
-                                let contents = std::fs::read_to_string(&file).map_err(|error| SettingsError::Secret {
-                                    key: child_path.clone(),
-                                    message: format!("cannot read `{}`: {error}", file.display()),
-                                })?;
+                                let contents =
+                                    std::fs::read_to_string(&file).map_err(|error| SettingsError::Secret {
+                                        key: child_path.clone(),
+                                        message: format!("cannot read `{}`: {error}", file.display()),
+                                    })?;
                                 contents.trim_end_matches(['\r', '\n']).to_string()
                             }
                         };

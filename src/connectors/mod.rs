@@ -30,7 +30,11 @@ pub struct Applied {
 pub trait Connector: Send + Sync + 'static {
     /// Applies `operation` for the event's user. Called again on retryable errors, so it
     /// must converge rather than assume where a previous attempt stopped.
-    fn apply<'a>(&'a self, operation: Operation, event: &'a UserEvent) -> BoxFuture<'a, Result<Applied, ConnectorError>>;
+    fn apply<'a>(
+        &'a self,
+        operation: Operation,
+        event: &'a UserEvent,
+    ) -> BoxFuture<'a, Result<Applied, ConnectorError>>;
 }
 
 /// Why a connector call failed. Messages come from the target's error body and our own

@@ -157,7 +157,10 @@ impl EventConsumer {
         config
             .set("group.id", &settings.group_id)
             .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", settings.commit_interval.as_millis().to_string())
+            .set(
+                "auto.commit.interval.ms",
+                settings.commit_interval.as_millis().to_string(),
+            )
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
@@ -182,10 +185,12 @@ impl EventConsumer {
 
     pub fn subscribe(&self) -> Result<(), ConsumeError> {
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        self.consumer.subscribe(&topics).map_err(|source| ConsumeError::Subscribe {
-            topics: self.topics.clone(),
-            source,
-        })
+        self.consumer
+            .subscribe(&topics)
+            .map_err(|source| ConsumeError::Subscribe {
+                topics: self.topics.clone(),
+                source,
+            })
     }
 
     /// The next record. Also drives rebalance, commit and statistics callbacks, so it
@@ -209,7 +214,12 @@ impl EventConsumer {
         match self.consumer.store_offsets(&list) {
             Ok(()) => {}
             Err(KafkaError::StoreOffset(RDKafkaErrorCode::State)) => {
-                tracing::debug!(topic, partition, next_offset, "Offset not stored: partition no longer assigned.");
+                tracing::debug!(
+                    topic,
+                    partition,
+                    next_offset,
+                    "Offset not stored: partition no longer assigned."
+                );
             }
             Err(error) => tracing::warn!(topic, partition, next_offset, error = %error, "Cannot store offset."),
         }

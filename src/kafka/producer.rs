@@ -70,15 +70,15 @@ impl EventProducer {
 
     /// Produces one record and waits until the broker has it (`acks=all`).
     pub async fn send(&self, record: OutboundRecord<'_>) -> Result<(), ProduceError> {
-        let headers = record
-            .headers
-            .iter()
-            .fold(OwnedHeaders::new_with_capacity(record.headers.len()), |headers, (key, value)| {
+        let headers = record.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(record.headers.len()),
+            |headers, (key, value)| {
                 headers.insert(Header {
                     key,
                     value: Some(*value),
                 })
-            });
+            },
+        );
         let mut future_record = FutureRecord::to(record.topic).payload(record.payload).headers(headers);
         if let Some(key) = record.key {
             future_record = future_record.key(key);

@@ -112,14 +112,24 @@ impl Pipeline {
         let mut paused = false;
 
         loop {
-            dispatch(&mut scheduler, &mut workers, &mut running, &worker, &tracker, max_in_flight);
+            dispatch(
+                &mut scheduler,
+                &mut workers,
+                &mut running,
+                &worker,
+                &tracker,
+                max_in_flight,
+            );
             metrics.events_buffered.set(scheduler.buffered as i64);
             metrics.events_in_flight.set(scheduler.running as i64);
             if paused && scheduler.buffered <= resume_below {
                 consumer.resume_all();
                 paused = false;
                 metrics.consumer_paused.set(0);
-                tracing::info!(buffered = scheduler.buffered, "Back-pressure released; fetching resumed.");
+                tracing::info!(
+                    buffered = scheduler.buffered,
+                    "Back-pressure released; fetching resumed."
+                );
             }
             tokio::select! {
                 biased;
@@ -233,7 +243,11 @@ async fn drain(
     if workers.is_empty() {
         return;
     }
-    tracing::info!(in_flight = workers.len(), grace_ms = grace.as_millis() as u64, "Draining in-flight events.");
+    tracing::info!(
+        in_flight = workers.len(),
+        grace_ms = grace.as_millis() as u64,
+        "Draining in-flight events."
+    );
     let deadline = tokio::time::Instant::now() + grace;
     loop {
         match tokio::time::timeout_at(deadline, workers.join_next_with_id()).await {
@@ -250,7 +264,10 @@ async fn drain(
             }
             Ok(None) => break,
             Err(_) => {
-                tracing::warn!(abandoned = workers.len(), "Shutdown grace ran out; unfinished events will be redelivered.");
+                tracing::warn!(
+                    abandoned = workers.len(),
+                    "Shutdown grace ran out; unfinished events will be redelivered."
+                );
                 workers.abort_all();
                 break;
             }
@@ -270,6 +287,9 @@ fn flush_producer(worker: &Worker) {
 fn ordering_key_for(record: &InboundRecord, decoded: &Result<UserEvent, DecodeError>) -> String {
     match decoded {
         Ok(event) => event.user_key(),
-        Err(_) => format!("\u{0}undecodable/{}/{}/{}", record.topic, record.partition, record.offset),
+        Err(_) => format!(
+            "\u{0}undecodable/{}/{}/{}",
+            record.topic, record.partition, record.offset
+        ),
     }
 }

@@ -139,7 +139,9 @@ mod tests {
     #[test]
     fn watermark_waits_for_the_oldest_unfinished_event() {
         let tracker = tracker();
-        let tickets: Vec<Ticket> = (10..15).map(|offset| tracker.track("events", 0, offset).unwrap()).collect();
+        let tickets: Vec<Ticket> = (10..15)
+            .map(|offset| tracker.track("events", 0, offset).unwrap())
+            .collect();
         assert_eq!(tracker.complete(&tickets[1]), None, "offset 10 is still running");
         assert_eq!(tracker.complete(&tickets[2]), None);
         assert_eq!(tracker.complete(&tickets[0]), Some(13), "10, 11 and 12 are done");
@@ -176,7 +178,9 @@ mod tests {
         for _ in 0..200 {
             let tracker = tracker();
             let count = 50;
-            let mut tickets: Vec<Ticket> = (0..count).map(|offset| tracker.track("events", 0, offset).unwrap()).collect();
+            let mut tickets: Vec<Ticket> = (0..count)
+                .map(|offset| tracker.track("events", 0, offset).unwrap())
+                .collect();
             tickets.shuffle(&mut rng);
             let mut finished = vec![false; count as usize];
             let mut last_watermark = 0;
@@ -184,7 +188,10 @@ mod tests {
                 finished[ticket.offset as usize] = true;
                 if let Some(watermark) = tracker.complete(ticket) {
                     assert!(watermark > last_watermark, "watermark went backwards");
-                    assert!(finished[..watermark as usize].iter().all(|done| *done), "passed an unfinished event");
+                    assert!(
+                        finished[..watermark as usize].iter().all(|done| *done),
+                        "passed an unfinished event"
+                    );
                     last_watermark = watermark;
                 }
             }

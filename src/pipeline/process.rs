@@ -17,7 +17,9 @@ use crate::kafka::producer::{EventProducer, OutboundRecord};
 use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
 use crate::pipeline::router::{Decision, Router, Routing, Step};
-use crate::result::{ConnectorResult, ErrorKind, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status};
+use crate::result::{
+    ConnectorResult, ErrorKind, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status,
+};
 use crate::retry::run_with_retries;
 
 /// Dead-letter headers, on top of the original record's own.
@@ -85,7 +87,14 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
         Routing::UnknownTenant => {
             let reason = format!("tenant `{}` is not configured", event.data.tenant);
             tracing::info!(reason = %reason, "Event skipped.");
-            let result = summary(&event, correlation_id, Vec::new(), ResultScope::Complete, Some(reason), received_at);
+            let result = summary(
+                &event,
+                correlation_id,
+                Vec::new(),
+                ResultScope::Complete,
+                Some(reason),
+                received_at,
+            );
             let mut durable = true;
             if let Some(route) = &reply_route {
                 let reply = ProvisioningResult {
@@ -142,20 +151,34 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
     let ((mut results, reply_durable), background_results) = tokio::join!(blocking_work, background_work);
     results.extend(background_results);
 
-    let failed: Vec<&ConnectorResult> = results.iter().filter(|result| result.outcome == Outcome::Failed).collect();
+    let failed: Vec<&ConnectorResult> = results
+        .iter()
+        .filter(|result| result.outcome == Outcome::Failed)
+        .collect();
     let mut durable = reply_durable;
     if !failed.is_empty() {
         let message = failed
             .iter()
             .map(|result| {
-                let error = result.error.as_ref().map(|error| error.message.as_str()).unwrap_or("failed");
+                let error = result
+                    .error
+                    .as_ref()
+                    .map(|error| error.message.as_str())
+                    .unwrap_or("failed");
                 format!("{}: {error}", result.connector)
             })
             .collect::<Vec<_>>()
             .join("; ");
         durable &= publish_dead_letter(worker, record, CONNECTOR_FAILED_REASON, &message).await;
     }
-    let result = summary(&event, correlation_id, results, ResultScope::Complete, None, received_at);
+    let result = summary(
+        &event,
+        correlation_id,
+        results,
+        ResultScope::Complete,
+        None,
+        received_at,
+    );
     durable &= publish_result(worker, &event, &result).await;
     if durable {
         worker
@@ -259,7 +282,12 @@ async fn call_connector(
     .await;
     let (outcome_kind, remote_id, error) = match outcome.result {
         Ok(applied) => {
-            tracing::info!(connector = name, outcome = applied.outcome.as_str(), attempts = outcome.attempts, "Connector applied.");
+            tracing::info!(
+                connector = name,
+                outcome = applied.outcome.as_str(),
+                attempts = outcome.attempts,
+                "Connector applied."
+            );
             (applied.outcome, applied.remote_id, None)
         }
         Err(error) => {
@@ -273,7 +301,11 @@ async fn call_connector(
                 Outcome::Failed,
                 None,
                 Some(ResultError {
-                    kind: if outcome.exhausted { ErrorKind::Exhausted } else { error.kind() },
+                    kind: if outcome.exhausted {
+                        ErrorKind::Exhausted
+                    } else {
+                        error.kind()
+                    },
                     message,
                     http_status: error.http_status(),
                     retryable: error.is_retryable(),

@@ -54,9 +54,13 @@ pub struct Step {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Apply,
-    Skip { reason: String },
+    Skip {
+        reason: String,
+    },
     /// The rule could not be evaluated; the binding is denied.
-    RuleError { message: String },
+    RuleError {
+        message: String,
+    },
 }
 
 impl Router {
@@ -98,10 +102,7 @@ impl Router {
                 .service_providers
                 .iter()
                 .map(|(name, provider)| {
-                    let mut bindings = compile(
-                        format!("{tenant_key}.service_providers.{name}"),
-                        &provider.bindings,
-                    );
+                    let mut bindings = compile(format!("{tenant_key}.service_providers.{name}"), &provider.bindings);
                     if provider.inherit_resident {
                         for inherited in &resident {
                             if !bindings.iter().any(|binding| binding.connector == inherited.connector) {

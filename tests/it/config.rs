@@ -52,8 +52,12 @@ fn the_shipped_example_is_valid_and_printed_redacted() {
     assert!(stdout.contains("client_secret = \"[redacted]\""), "{stdout}");
     assert!(stdout.contains("service_account_key = \"[redacted]\""), "{stdout}");
     for secret_file in ["corp-directory-client-secret", "salesforce-client-secret"] {
-        let secret = std::fs::read_to_string(example_path().parent().unwrap().join("secrets").join(secret_file)).unwrap();
-        assert!(!stdout.contains(secret.trim()) && !stderr.contains(secret.trim()), "{secret_file} leaked");
+        let secret =
+            std::fs::read_to_string(example_path().parent().unwrap().join("secrets").join(secret_file)).unwrap();
+        assert!(
+            !stdout.contains(secret.trim()) && !stderr.contains(secret.trim()),
+            "{secret_file} leaked"
+        );
     }
     assert!(!stdout.contains("PRIVATE KEY"), "the Google key leaked");
 }
@@ -83,9 +87,15 @@ fn a_binding_to_a_missing_connector_names_both() {
     let config = MINIMAL.replace("connector = \"directory\"", "connector = \"payroll\"");
     let (code, _, stderr) = check_config(&write_config(directory.path(), &config), &[]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("tenants.acme.resident.bindings[0].connector"), "{stderr}");
+    assert!(
+        stderr.contains("tenants.acme.resident.bindings[0].connector"),
+        "{stderr}"
+    );
     assert!(stderr.contains("`payroll`"), "{stderr}");
-    assert!(stderr.contains("`directory`"), "should list the defined connectors: {stderr}");
+    assert!(
+        stderr.contains("`directory`"),
+        "should list the defined connectors: {stderr}"
+    );
 }
 
 #[test]
@@ -121,9 +131,15 @@ fn environment_overrides_win_over_the_file() {
     let directory = tempfile::tempdir().unwrap();
     let path = write_config(directory.path(), MINIMAL);
     let environment = BTreeMap::from([
-        ("PROVISIONER__KAFKA__BOOTSTRAP_SERVERS".to_string(), "127.0.0.1:19092".to_string()),
+        (
+            "PROVISIONER__KAFKA__BOOTSTRAP_SERVERS".to_string(),
+            "127.0.0.1:19092".to_string(),
+        ),
         ("PROVISIONER__PIPELINE__MAX_IN_FLIGHT".to_string(), "7".to_string()),
-        ("PROVISIONER__KAFKA__EVENT_TOPICS".to_string(), "a.events,b.events".to_string()),
+        (
+            "PROVISIONER__KAFKA__EVENT_TOPICS".to_string(),
+            "a.events,b.events".to_string(),
+        ),
         ("UNRELATED".to_string(), "ignored".to_string()),
     ]);
     let settings = Settings::load_with_environment(&path, &environment).unwrap();
@@ -172,7 +188,8 @@ fn secrets_resolve_from_environment_and_files_and_never_print() {
 #[test]
 fn a_missing_secret_reference_names_key_and_variable() {
     let directory = tempfile::tempdir().unwrap();
-    let config = format!("{MINIMAL}\n[connectors.directory.auth]\nmode = \"bearer\"\ntoken_env = \"NOT_SET_ANYWHERE\"\n");
+    let config =
+        format!("{MINIMAL}\n[connectors.directory.auth]\nmode = \"bearer\"\ntoken_env = \"NOT_SET_ANYWHERE\"\n");
     let error = Settings::load_with_environment(&write_config(directory.path(), &config), &BTreeMap::new())
         .unwrap_err()
         .to_string();
@@ -183,22 +200,29 @@ fn a_missing_secret_reference_names_key_and_variable() {
 #[test]
 fn a_secret_given_twice_is_refused() {
     let directory = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{MINIMAL}\n[connectors.directory.auth]\nmode = \"bearer\"\ntoken = \"a\"\ntoken_env = \"B\"\n"
-    );
-    let error = Settings::load_with_environment(&write_config(directory.path(), &config), &BTreeMap::from([("B".into(), "b".into())]))
-        .unwrap_err();
+    let config =
+        format!("{MINIMAL}\n[connectors.directory.auth]\nmode = \"bearer\"\ntoken = \"a\"\ntoken_env = \"B\"\n");
+    let error = Settings::load_with_environment(
+        &write_config(directory.path(), &config),
+        &BTreeMap::from([("B".into(), "b".into())]),
+    )
+    .unwrap_err();
     assert!(matches!(error, SettingsError::Secret { .. }), "{error}");
 }
 
 #[test]
 fn several_problems_are_reported_together() {
     let directory = tempfile::tempdir().unwrap();
-    let config = MINIMAL.replace("connector = \"directory\"", "connector = \"payroll\"").replace(
-        "bootstrap_servers = \"127.0.0.1:9092\"",
-        "bootstrap_servers = \"127.0.0.1:9092\"\nresults_topic = \"bad topic!\"",
-    );
+    let config = MINIMAL
+        .replace("connector = \"directory\"", "connector = \"payroll\"")
+        .replace(
+            "bootstrap_servers = \"127.0.0.1:9092\"",
+            "bootstrap_servers = \"127.0.0.1:9092\"\nresults_topic = \"bad topic!\"",
+        );
     let (code, _, stderr) = check_config(&write_config(directory.path(), &config), &[]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("kafka.results_topic") && stderr.contains("payroll"), "{stderr}");
+    assert!(
+        stderr.contains("kafka.results_topic") && stderr.contains("payroll"),
+        "{stderr}"
+    );
 }

@@ -109,8 +109,8 @@ fn result_fixtures_match_the_schema_and_round_trip() {
         let document = read_json(&path);
         let errors = schema_errors(&validator, &document);
         assert!(errors.is_empty(), "{}: schema says {errors:?}", path.display());
-        let parsed: ProvisioningResult = serde_json::from_value(document.clone())
-            .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        let parsed: ProvisioningResult =
+            serde_json::from_value(document.clone()).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
         assert_eq!(serde_json::to_value(&parsed).unwrap(), document, "{}", path.display());
     }
 }
