@@ -84,11 +84,18 @@ pub struct Pipeline {
     pub shutdown_grace: Duration,
 }
 
-/// What a finished worker task hands back.
+/// What a finished worker task hands back: its outputs are durable.
 struct Finished {
     ticket: Ticket,
     ordering_key: String,
-    durable: bool,
+}
+
+/// A started job, kept so that a panicking worker can still be accounted for.
+#[derive(Clone)]
+struct RunningJob {
+    ticket: Ticket,
+    ordering_key: String,
+    record: Arc<InboundRecord>,
 }
 
 impl Pipeline {
@@ -107,8 +114,7 @@ impl Pipeline {
         let resume_below = (max_buffered_events * 3 / 4).max(1);
         let mut scheduler = Scheduler::default();
         let mut workers: JoinSet<Finished> = JoinSet::new();
-        // Kept so that a panicking worker can still be accounted for.
-        let mut running: HashMap<tokio::task::Id, (Ticket, String, Arc<InboundRecord>)> = HashMap::new();
+        let mut running: HashMap<tokio::task::Id, RunningJob> = HashMap::new();
         let mut paused = false;
 
         loop {
@@ -141,19 +147,24 @@ impl Pipeline {
                             finished
                         }
                         Err(error) => {
-                            let (ticket, ordering_key, record) = running
-                                .remove(&error.id())
-                                .expect("every worker is registered");
-                            tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset, error = %error, "Worker panicked; the event will be redelivered after a restart.");
-                            Finished { ticket, ordering_key, durable: false }
+                            // A bug, not bad input: dead-letter the event so the partition
+                            // moves on, keeping its key held until that is durable.
+                            let job = running.remove(&error.id()).expect("every worker is registered");
+                            tracing::error!(topic = %job.record.topic, partition = job.record.partition, offset = job.record.offset, error = %error, "Worker panicked; dead-lettering the event.");
+                            let task_worker = worker.clone();
+                            let task_job = job.clone();
+                            let handle = workers.spawn(async move {
+                                process::dead_letter_after_panic(&task_worker, &task_job.record).await;
+                                Finished { ticket: task_job.ticket, ordering_key: task_job.ordering_key }
+                            });
+                            running.insert(handle.id(), job);
+                            continue;
                         }
                     };
                     scheduler.running -= 1;
                     scheduler.release(&finished.ordering_key);
-                    if finished.durable {
-                        if let Some(next_offset) = tracker.complete(&finished.ticket) {
-                            consumer.store_offset(&finished.ticket.topic, finished.ticket.partition, next_offset);
-                        }
+                    if let Some(next_offset) = tracker.complete(&finished.ticket) {
+                        consumer.store_offset(&finished.ticket.topic, finished.ticket.partition, next_offset);
                     }
                 }
                 received = consumer.recv() => {
@@ -196,7 +207,7 @@ impl Pipeline {
 fn dispatch(
     scheduler: &mut Scheduler,
     workers: &mut JoinSet<Finished>,
-    running: &mut HashMap<tokio::task::Id, (Ticket, String, Arc<InboundRecord>)>,
+    running: &mut HashMap<tokio::task::Id, RunningJob>,
     worker: &Arc<Worker>,
     tracker: &OffsetTracker,
     max_in_flight: usize,
@@ -221,21 +232,27 @@ fn dispatch(
         let task_ticket = ticket.clone();
         let task_key = ordering_key.clone();
         let handle = workers.spawn(async move {
-            let durable = process::process(task_worker, task_record, decoded).await;
+            process::process(task_worker, task_record, decoded).await;
             Finished {
                 ticket: task_ticket,
                 ordering_key: task_key,
-                durable,
             }
         });
-        running.insert(handle.id(), (ticket, ordering_key, record));
+        running.insert(
+            handle.id(),
+            RunningJob {
+                ticket,
+                ordering_key,
+                record,
+            },
+        );
     }
 }
 
 /// Waits for running workers (not queued ones) up to the grace period.
 async fn drain(
     workers: &mut JoinSet<Finished>,
-    running: &mut HashMap<tokio::task::Id, (Ticket, String, Arc<InboundRecord>)>,
+    running: &mut HashMap<tokio::task::Id, RunningJob>,
     tracker: &OffsetTracker,
     consumer: &EventConsumer,
     grace: Duration,
@@ -253,10 +270,8 @@ async fn drain(
         match tokio::time::timeout_at(deadline, workers.join_next_with_id()).await {
             Ok(Some(Ok((id, finished)))) => {
                 running.remove(&id);
-                if finished.durable {
-                    if let Some(next_offset) = tracker.complete(&finished.ticket) {
-                        consumer.store_offset(&finished.ticket.topic, finished.ticket.partition, next_offset);
-                    }
+                if let Some(next_offset) = tracker.complete(&finished.ticket) {
+                    consumer.store_offset(&finished.ticket.topic, finished.ticket.partition, next_offset);
                 }
             }
             Ok(Some(Err(error))) => {

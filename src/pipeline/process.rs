@@ -2,8 +2,9 @@
 //! blocking caller once the blocking bindings are done, publish the complete result,
 //! and dead-letter what failed for good.
 //!
-//! **Invariant:** [`process`] reports an event `durable` only after its reply (if any),
-//! its result and its dead letter (if any) have been acknowledged by the broker.
+//! **Invariant:** [`process`] returns only after the event's reply (if any), its result
+//! and its dead letter (if any) have been acknowledged by the broker. The pipeline stores
+//! the input offset only after that.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,8 @@ pub const DEAD_LETTER_OFFSET_HEADER: &str = "x-provisioner-source-offset";
 pub const DEAD_LETTER_TIME_HEADER: &str = "x-provisioner-failed-at";
 /// Reason code for events some binding failed on for good.
 pub const CONNECTOR_FAILED_REASON: &str = "connector_failed";
+/// Reason code for events whose processing panicked.
+pub const INTERNAL_ERROR_REASON: &str = "internal_error";
 
 /// Everything a worker needs, shared by all workers.
 pub struct Worker {
@@ -44,9 +47,8 @@ pub struct Worker {
     pub max_event_bytes: usize,
 }
 
-/// Runs one event to completion. Returns whether its outputs are durable (false only
-/// when shutdown interrupted a produce: the event will be redelivered).
-pub async fn process(worker: Arc<Worker>, record: Arc<InboundRecord>, decoded: Result<UserEvent, DecodeError>) -> bool {
+/// Runs one event to completion: when it returns, every output is durable.
+pub async fn process(worker: Arc<Worker>, record: Arc<InboundRecord>, decoded: Result<UserEvent, DecodeError>) {
     let span = tracing::info_span!(
         "event",
         topic = %record.topic,
@@ -67,7 +69,7 @@ pub async fn process(worker: Arc<Worker>, record: Arc<InboundRecord>, decoded: R
     .await
 }
 
-async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent) -> bool {
+async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent) {
     let span = tracing::Span::current();
     span.record("event_id", event.id.as_str());
     span.record("event_type", event.event_type.as_str());
@@ -95,16 +97,15 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
                 Some(reason),
                 received_at,
             );
-            let mut durable = true;
             if let Some(route) = &reply_route {
                 let reply = ProvisioningResult {
                     scope: ResultScope::Blocking,
                     ..result.clone()
                 };
-                durable &= publish_reply(worker, route, &reply).await;
+                publish_reply(worker, route, &reply).await;
             }
-            durable &= publish_result(worker, &event, &result).await;
-            return durable;
+            publish_result(worker, &event, &result).await;
+            return;
         }
         Routing::Plan { provider, steps } => (provider, steps),
     };
@@ -119,7 +120,6 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
                 .map(|step| apply_step(worker, step, operation, &event)),
         )
         .await;
-        let mut durable = true;
         if let Some(route) = &reply_route {
             let reason = results
                 .is_empty()
@@ -132,30 +132,27 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
                 reason,
                 received_at,
             );
-            durable = publish_reply(worker, route, &reply).await;
-            if durable {
-                worker
-                    .metrics
-                    .reply_duration
-                    .with_label_values(&[reply.status.as_str()])
-                    .observe(record.received_at.elapsed().as_secs_f64());
-            }
+            publish_reply(worker, route, &reply).await;
+            worker
+                .metrics
+                .reply_duration
+                .with_label_values(&[reply.status.as_str()])
+                .observe(record.received_at.elapsed().as_secs_f64());
         }
-        (results, durable)
+        results
     };
     let background_work = futures::future::join_all(
         background_steps
             .iter()
             .map(|step| apply_step(worker, step, operation, &event)),
     );
-    let ((mut results, reply_durable), background_results) = tokio::join!(blocking_work, background_work);
+    let (mut results, background_results) = tokio::join!(blocking_work, background_work);
     results.extend(background_results);
 
     let failed: Vec<&ConnectorResult> = results
         .iter()
         .filter(|result| result.outcome == Outcome::Failed)
         .collect();
-    let mut durable = reply_durable;
     if !failed.is_empty() {
         let message = failed
             .iter()
@@ -169,7 +166,7 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
             })
             .collect::<Vec<_>>()
             .join("; ");
-        durable &= publish_dead_letter(worker, record, CONNECTOR_FAILED_REASON, &message).await;
+        publish_dead_letter(worker, record, CONNECTOR_FAILED_REASON, &message).await;
     }
     let result = summary(
         &event,
@@ -179,20 +176,17 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
         None,
         received_at,
     );
-    durable &= publish_result(worker, &event, &result).await;
-    if durable {
-        worker
-            .metrics
-            .events_completed
-            .with_label_values(&[result.status.as_str()])
-            .inc();
-        worker
-            .metrics
-            .event_duration
-            .with_label_values(&[result.status.as_str()])
-            .observe(record.received_at.elapsed().as_secs_f64());
-    }
-    durable
+    publish_result(worker, &event, &result).await;
+    worker
+        .metrics
+        .events_completed
+        .with_label_values(&[result.status.as_str()])
+        .inc();
+    worker
+        .metrics
+        .event_duration
+        .with_label_values(&[result.status.as_str()])
+        .observe(record.received_at.elapsed().as_secs_f64());
 }
 
 /// Applies one binding, or records why it was skipped.
@@ -367,11 +361,23 @@ fn allowed_reply_route(worker: &Worker, record: &InboundRecord) -> Option<ReplyR
     }
 }
 
+/// The worker for this event panicked (a bug): dead-letter the event so the partition
+/// moves on; an operator can replay it after the fix.
+pub async fn dead_letter_after_panic(worker: &Worker, record: &InboundRecord) {
+    publish_dead_letter(
+        worker,
+        record,
+        INTERNAL_ERROR_REASON,
+        "processing panicked; see the service log",
+    )
+    .await;
+}
+
 /// An event we cannot read: dead-letter it, and tell a blocking caller why.
-async fn reject_undecodable(worker: &Worker, record: &InboundRecord, error: DecodeError) -> bool {
+async fn reject_undecodable(worker: &Worker, record: &InboundRecord, error: DecodeError) {
     worker.metrics.events_consumed.with_label_values(&["invalid"]).inc();
     tracing::warn!(reason = error.reason(), error = %error, "Undecodable event dead-lettered.");
-    let mut durable = publish_dead_letter(worker, record, error.reason(), &error.to_string()).await;
+    publish_dead_letter(worker, record, error.reason(), &error.to_string()).await;
     if let Some(route) = allowed_reply_route(worker, record) {
         let now = Utc::now();
         let reply = ProvisioningResult {
@@ -387,14 +393,13 @@ async fn reject_undecodable(worker: &Worker, record: &InboundRecord, error: Deco
             received_at: now,
             completed_at: now,
         };
-        durable &= publish_reply(worker, &route, &reply).await;
+        publish_reply(worker, &route, &reply).await;
     }
-    durable
 }
 
-async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &ProvisioningResult) -> bool {
+async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &ProvisioningResult) {
     let payload = serde_json::to_vec(reply).expect("results serialise");
-    let durable = produce_durably(
+    produce_durably(
         worker,
         "reply",
         OutboundRecord {
@@ -408,13 +413,9 @@ async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &Provisioning
         },
     )
     .await;
-    if !durable {
-        worker.metrics.reply_publish_failures.inc();
-    }
-    durable
 }
 
-async fn publish_result(worker: &Worker, event: &UserEvent, result: &ProvisioningResult) -> bool {
+async fn publish_result(worker: &Worker, event: &UserEvent, result: &ProvisioningResult) {
     let payload = serde_json::to_vec(result).expect("results serialise");
     let key = event.user_key();
     produce_durably(
@@ -430,7 +431,7 @@ async fn publish_result(worker: &Worker, event: &UserEvent, result: &Provisionin
     .await
 }
 
-async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &str, message: &str) -> bool {
+async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &str, message: &str) {
     let partition = record.partition.to_string();
     let offset = record.offset.to_string();
     let failed_at = Utc::now().to_rfc3339();
@@ -448,7 +449,7 @@ async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &s
         (DEAD_LETTER_OFFSET_HEADER, offset.as_bytes()),
         (DEAD_LETTER_TIME_HEADER, failed_at.as_bytes()),
     ]);
-    let durable = produce_durably(
+    produce_durably(
         worker,
         "dead_letter",
         OutboundRecord {
@@ -459,16 +460,13 @@ async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &s
         },
     )
     .await;
-    if durable {
-        worker.metrics.dead_letters.with_label_values(&[reason]).inc();
-    }
-    durable
+    worker.metrics.dead_letters.with_label_values(&[reason]).inc();
 }
 
 /// Produces until the broker acknowledges, backing off between failures. It never gives
 /// up by itself: the input offset must not move past an event whose outputs are not
 /// durable. At shutdown the drain's grace period bounds it; an aborted event is redone.
-async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRecord<'_>) -> bool {
+async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRecord<'_>) {
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = OutboundRecord {
@@ -478,9 +476,12 @@ async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRec
             headers: record.headers.clone(),
         };
         match worker.producer.send(attempt).await {
-            Ok(()) => return true,
+            Ok(()) => return,
             Err(error) => {
                 worker.metrics.produce_failures.with_label_values(&[destination]).inc();
+                if destination == "reply" {
+                    worker.metrics.reply_publish_failures.inc();
+                }
                 tracing::warn!(destination, topic = record.topic, error = %error, delay_ms = delay.as_millis() as u64, "Produce failed; retrying.");
             }
         }

@@ -6,4 +6,6 @@
 mod config;
 mod contract;
 mod kafka_roundtrip;
+mod pipeline;
+mod service;
 mod support;

@@ -1,6 +1,8 @@
 //! Test harness: a real Kafka broker (tansu) on 127.0.0.1, topic helpers, and polling.
 
+pub mod app;
 pub mod broker;
+pub mod doubles;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,185 @@
+//! A target double: a small in-memory directory behind the `Connector` trait that
+//! records every call, how many run at once, and can be slowed, gated or made to fail.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use provisioner::connectors::{Applied, Connector, ConnectorError};
+use provisioner::event::UserEvent;
+use provisioner::result::{Operation, Outcome};
+use rand::Rng;
+use tokio::sync::Semaphore;
+
+/// One successful call, with global sequence numbers for its start and end.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub user_key: String,
+    pub event_id: String,
+    pub operation: Operation,
+    pub outcome: Outcome,
+    pub started: u64,
+    pub finished: u64,
+}
+
+#[derive(Default)]
+pub struct RecordingConnector {
+    /// Uniform random latency in [min, max].
+    latency: Mutex<(Duration, Duration)>,
+    /// When set, every call waits for a permit first (the test releases them).
+    gate: Mutex<Option<Arc<Semaphore>>>,
+    /// Scripted errors, consumed one per call, per user key.
+    scripted_errors: Mutex<HashMap<String, VecDeque<ConnectorError>>>,
+    accounts: Mutex<HashMap<String, String>>,
+    calls: Mutex<Vec<Call>>,
+    attempts: AtomicUsize,
+    sequence: AtomicU64,
+    current: AtomicUsize,
+    most_at_once: AtomicUsize,
+}
+
+impl RecordingConnector {
+    pub fn new() -> Arc<RecordingConnector> {
+        Arc::new(RecordingConnector::default())
+    }
+
+    pub fn with_latency(self: Arc<Self>, min: Duration, max: Duration) -> Arc<Self> {
+        *self.latency.lock().unwrap() = (min, max);
+        self
+    }
+
+    /// Calls block until the returned semaphore gets permits.
+    pub fn gated(self: &Arc<Self>) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        *self.gate.lock().unwrap() = Some(gate.clone());
+        gate
+    }
+
+    pub fn fail_next(&self, user_key: &str, errors: Vec<ConnectorError>) {
+        self.scripted_errors
+            .lock()
+            .unwrap()
+            .entry(user_key.to_string())
+            .or_default()
+            .extend(errors);
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub fn attempts(&self) -> usize {
+        self.attempts.load(Ordering::SeqCst)
+    }
+
+    pub fn most_at_once(&self) -> usize {
+        self.most_at_once.load(Ordering::SeqCst)
+    }
+
+    pub fn has_account(&self, user_key: &str) -> bool {
+        self.accounts.lock().unwrap().contains_key(user_key)
+    }
+
+    async fn call(&self, operation: Operation, event: &UserEvent) -> Result<Applied, ConnectorError> {
+        let gate = self.gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            gate.acquire().await.expect("gate open").forget();
+        }
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        let now = self.current.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        let started = self.sequence.fetch_add(1, Ordering::SeqCst);
+        let (min, max) = *self.latency.lock().unwrap();
+        if !max.is_zero() {
+            let millis = rand::rng().random_range(min.as_millis() as u64..=max.as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(millis)).await;
+        }
+        let user_key = event.user_key();
+        let scripted = self
+            .scripted_errors
+            .lock()
+            .unwrap()
+            .get_mut(&user_key)
+            .and_then(VecDeque::pop_front);
+        let result = match scripted {
+            Some(error) => Err(error),
+            None => {
+                let mut accounts = self.accounts.lock().unwrap();
+                let outcome = match operation {
+                    Operation::Create if accounts.contains_key(&user_key) => Outcome::Adopted,
+                    Operation::Create => Outcome::Created,
+                    Operation::Update => Outcome::Updated,
+                    Operation::Delete if accounts.remove(&user_key).is_some() => Outcome::Deleted,
+                    Operation::Delete => Outcome::AlreadyAbsent,
+                };
+                let remote_id = format!("remote-{}", event.data.user.id);
+                if operation != Operation::Delete {
+                    accounts.insert(user_key.clone(), remote_id.clone());
+                }
+                Ok(Applied {
+                    outcome,
+                    remote_id: Some(remote_id),
+                })
+            }
+        };
+        self.current.fetch_sub(1, Ordering::SeqCst);
+        if let Ok(applied) = &result {
+            self.calls.lock().unwrap().push(Call {
+                user_key,
+                event_id: event.id.clone(),
+                operation,
+                outcome: applied.outcome,
+                started,
+                finished: self.sequence.fetch_add(1, Ordering::SeqCst),
+            });
+        }
+        result
+    }
+}
+
+impl Connector for RecordingConnector {
+    fn apply<'a>(
+        &'a self,
+        operation: Operation,
+        event: &'a UserEvent,
+    ) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(self.call(operation, event))
+    }
+}
+
+/// A structured-mode event for `tenant`/`user_id` with the given type and extras.
+pub fn event_json(
+    event_id: &str,
+    event_type: &str,
+    tenant: &str,
+    user_id: &str,
+    extra_data: serde_json::Value,
+) -> Vec<u8> {
+    let mut data = serde_json::json!({
+        "tenant": tenant,
+        "user": {"id": user_id, "userName": format!("user-{user_id}"), "emails": [{"value": format!("{user_id}@example.com"), "primary": true}]}
+    });
+    if let serde_json::Value::Object(extra) = extra_data {
+        for (key, value) in extra {
+            if key == "user" {
+                if let serde_json::Value::Object(user_extra) = value {
+                    for (user_key, user_value) in user_extra {
+                        data["user"][user_key] = user_value;
+                    }
+                }
+            } else {
+                data[key] = value;
+            }
+        }
+    }
+    serde_json::to_vec(&serde_json::json!({
+        "specversion": "1.0",
+        "id": event_id,
+        "source": "/tests",
+        "type": event_type,
+        "data": data,
+    }))
+    .unwrap()
+}
