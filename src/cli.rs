@@ -2,16 +2,22 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::app::Application;
+use crate::client::{Client, ClientError};
+use crate::kafka::dead_letters::{self, ReplaySelection};
 use crate::pipeline::router::Router;
+use crate::result::Status;
 use crate::settings::{Settings, SettingsError, TelemetrySettings};
 use crate::{shutdown, telemetry};
 
-/// Exit code for bad configuration or usage; runtime failures exit 1.
+/// Exit code for bad configuration, usage or input; runtime failures exit 1.
 pub const EXIT_CONFIG: u8 = 2;
+/// Exit code of `send` when no reply came in time or Kafka could not be reached.
+pub const EXIT_UNAVAILABLE: u8 = 3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,9 +43,26 @@ pub enum Command {
         #[arg(long, env = "PROVISIONER_CONFIG")]
         config: PathBuf,
     },
-    /// Publish an event as a blocking caller and wait for the reply (reserved).
-    #[command(hide = true)]
-    Send,
+    /// Publish an event (a structured CloudEvent JSON file); with --wait, act as a
+    /// blocking caller and print the reply. Exit code: 0 succeeded, 1 failed, partial or
+    /// skipped, 2 bad input or configuration, 3 no reply in time or Kafka unreachable.
+    Send {
+        #[arg(long, env = "PROVISIONER_CONFIG")]
+        config: PathBuf,
+        /// Wait for the reply on the configured reply topic.
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait for the reply.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// The event file.
+        event: PathBuf,
+    },
+    /// Dead-letter topic tools.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Run everything in-process on an embedded broker (reserved).
     #[command(hide = true)]
     Demo,
@@ -51,12 +74,62 @@ pub enum Command {
     Emulate,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Re-publish chosen dead letters to the topic they came from.
+    Replay {
+        #[arg(long, env = "PROVISIONER_CONFIG")]
+        config: PathBuf,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Only dead letters with this reason code (e.g. connector_failed).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only these CloudEvents ids (repeatable).
+        #[arg(long = "event-id")]
+        event_ids: Vec<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Count what would be replayed, publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
 /// Runs a parsed command line; `main` is only this.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Run { config } => run_service(config),
         Command::CheckConfig { config } => check_config(config),
-        Command::Send | Command::Demo | Command::Bench | Command::Emulate => {
+        Command::Send {
+            config,
+            wait,
+            timeout,
+            event,
+        } => send(config, wait, timeout, event),
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    config,
+                    all,
+                    reason,
+                    event_ids,
+                    limit,
+                    dry_run,
+                },
+        } => replay_dead_letters(
+            config,
+            ReplaySelection {
+                all,
+                reason,
+                event_ids,
+                limit,
+            },
+            dry_run,
+        ),
+        Command::Demo | Command::Bench | Command::Emulate => {
             eprintln!("provisioner: this command is reserved and not available in this build");
             ExitCode::from(EXIT_CONFIG)
         }
@@ -95,12 +168,8 @@ fn run_service(path: PathBuf) -> ExitCode {
         }
     };
     telemetry::init(&settings.telemetry);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("provisioner: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         let shutdown = shutdown::on_signal();
@@ -121,4 +190,106 @@ fn run_service(path: PathBuf) -> ExitCode {
             }
         }
     })
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => Some(runtime),
+        Err(error) => {
+            eprintln!("provisioner: cannot start the async runtime: {error}");
+            None
+        }
+    }
+}
+
+fn load_or_report(path: &std::path::Path) -> Result<Settings, ExitCode> {
+    load_settings(path).map_err(|error| {
+        eprintln!("provisioner: {}: {error}", path.display());
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn send(config: PathBuf, wait: bool, timeout: Duration, event_path: PathBuf) -> ExitCode {
+    let settings = match load_or_report(&config) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    telemetry::init(&TelemetrySettings {
+        level: "warn".into(),
+        ..settings.telemetry.clone()
+    });
+    let event_json = match std::fs::read(&event_path) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            eprintln!("provisioner: cannot read {}: {error}", event_path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async move {
+        let client = match Client::connect(&settings.kafka).await {
+            Ok(client) => client,
+            Err(error) => {
+                eprintln!("provisioner: {error}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        };
+        if !wait {
+            return match client.send(&event_json).await {
+                Ok(event_id) => {
+                    println!("published {event_id}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => send_error(error),
+            };
+        }
+        match client.send_and_wait(&event_json, timeout).await {
+            Ok(reply) => {
+                println!("{}", serde_json::to_string_pretty(&reply).expect("results serialise"));
+                if reply.status == Status::Succeeded {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(error) => send_error(error),
+        }
+    })
+}
+
+fn send_error(error: ClientError) -> ExitCode {
+    eprintln!("provisioner: {error}");
+    match error {
+        ClientError::InvalidEvent(_) => ExitCode::from(EXIT_CONFIG),
+        ClientError::Kafka(_) | ClientError::Timeout { .. } | ClientError::ReaderStopped => {
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+fn replay_dead_letters(config: PathBuf, selection: ReplaySelection, dry_run: bool) -> ExitCode {
+    let settings = match load_or_report(&config) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(dead_letters::replay(&settings.kafka, &selection, dry_run)) {
+        Ok(report) => {
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!("scanned {} dead letters, {verb} {}", report.scanned, report.replayed);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("provisioner: {error}");
+            if error.is_retryable() {
+                ExitCode::from(EXIT_UNAVAILABLE)
+            } else {
+                ExitCode::from(EXIT_CONFIG)
+            }
+        }
+    }
 }

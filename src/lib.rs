@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod client;
 pub mod connectors;
 pub mod event;
 pub mod kafka;

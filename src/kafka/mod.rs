@@ -5,6 +5,7 @@
 //! earlier event in the partition is finished and its results are durable.
 
 pub mod consumer;
+pub mod dead_letters;
 pub mod producer;
 
 use std::time::Instant;

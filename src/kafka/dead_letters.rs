@@ -1,0 +1,186 @@
+//! `provisioner dlq replay`: re-publishing chosen dead letters to the event topic.
+//!
+//! The dead-letter topic is read from its start to the end it had when the command
+//! began (so a replay that fails again cannot loop), without a consumer group. A chosen
+//! record goes back with its original key, value and headers (the `x-provisioner-*`
+//! diagnosis headers removed) to the topic it came from.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::base_client_config;
+use crate::pipeline::process::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_TOPIC_HEADER};
+use crate::settings::KafkaSettings;
+
+/// Which dead letters to replay. Empty criteria select nothing: `all` must be explicit.
+#[derive(Debug, Clone, Default)]
+pub struct ReplaySelection {
+    pub all: bool,
+    /// Only dead letters with this reason code (e.g. `connector_failed`).
+    pub reason: Option<String>,
+    /// Only dead letters of these CloudEvents ids.
+    pub event_ids: Vec<String>,
+    /// Stop after this many.
+    pub limit: Option<usize>,
+}
+
+impl ReplaySelection {
+    fn is_empty(&self) -> bool {
+        !self.all && self.reason.is_none() && self.event_ids.is_empty()
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub scanned: usize,
+    pub replayed: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("choose what to replay: --all, --reason or --event-id")]
+    NothingSelected,
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+}
+
+impl ReplayError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReplayError::NothingSelected => false,
+            ReplayError::Kafka(_) => true,
+        }
+    }
+}
+
+/// Replays the selected dead letters; with `dry_run`, only counts them.
+pub async fn replay(
+    settings: &KafkaSettings,
+    selection: &ReplaySelection,
+    dry_run: bool,
+) -> Result<ReplayReport, ReplayError> {
+    if selection.is_empty() {
+        return Err(ReplayError::NothingSelected);
+    }
+    let topic = settings.dead_letter_topic.clone();
+    let consumer: BaseConsumer = base_client_config(settings)
+        .set("group.id", format!("provisioner-dlq-replay-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for partition in metadata
+        .topics()
+        .iter()
+        .filter(|found| found.name() == topic)
+        .flat_map(|found| found.partitions().iter().map(|partition| partition.id()))
+    {
+        let (low, high) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
+        if high > low {
+            assignment.add_partition_offset(&topic, partition, Offset::Offset(low))?;
+            ends.push((partition, high));
+        }
+    }
+    consumer.assign(&assignment)?;
+    let producer: FutureProducer = base_client_config(settings)
+        .set("enable.idempotence", "true")
+        .create()?;
+
+    let mut report = ReplayReport::default();
+    let mut open_partitions = ends.clone();
+    while !open_partitions.is_empty() {
+        let Some(polled) = consumer.poll(Duration::from_secs(10)) else {
+            break;
+        };
+        let message = polled?;
+        if let Some(index) = open_partitions
+            .iter()
+            .position(|(partition, end)| *partition == message.partition() && message.offset() + 1 >= *end)
+        {
+            open_partitions.remove(index);
+        }
+        if ends
+            .iter()
+            .any(|(partition, end)| *partition == message.partition() && message.offset() >= *end)
+        {
+            continue;
+        }
+        report.scanned += 1;
+        let headers: Vec<(String, Vec<u8>)> = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| (header.key.to_string(), header.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !selected(selection, &headers, message.payload()) {
+            continue;
+        }
+        if selection.limit.is_some_and(|limit| report.replayed >= limit) {
+            break;
+        }
+        report.replayed += 1;
+        if dry_run {
+            continue;
+        }
+        let source_topic = header(&headers, DEAD_LETTER_TOPIC_HEADER)
+            .filter(|source| settings.event_topics.contains(source))
+            .unwrap_or_else(|| settings.event_topics[0].clone());
+        let original_headers = headers
+            .iter()
+            .filter(|(name, _)| !name.starts_with("x-provisioner-"))
+            .fold(OwnedHeaders::new(), |owned, (name, value)| {
+                owned.insert(Header {
+                    key: name,
+                    value: Some(value),
+                })
+            });
+        let mut record = FutureRecord::to(&source_topic)
+            .payload(message.payload().unwrap_or_default())
+            .headers(original_headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map_err(|(error, _)| ReplayError::Kafka(error))?;
+    }
+    Ok(report)
+}
+
+fn header(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .rev()
+        .find(|(header, _)| header == name)
+        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+}
+
+fn selected(selection: &ReplaySelection, headers: &[(String, Vec<u8>)], payload: Option<&[u8]>) -> bool {
+    if let Some(reason) = &selection.reason {
+        if header(headers, DEAD_LETTER_REASON_HEADER).as_deref() != Some(reason.as_str()) {
+            return false;
+        }
+    }
+    if !selection.event_ids.is_empty() {
+        let event_id = header(headers, "ce_id").or_else(|| {
+            payload
+                .and_then(|payload| serde_json::from_slice::<serde_json::Value>(payload).ok())
+                .and_then(|document| document.get("id").and_then(|id| id.as_str()).map(str::to_string))
+        });
+        if !event_id.is_some_and(|event_id| selection.event_ids.contains(&event_id)) {
+            return false;
+        }
+    }
+    true
+}
