@@ -69,9 +69,81 @@ pub enum Command {
     /// Measure throughput and latency (reserved).
     #[command(hide = true)]
     Bench,
-    /// Run a target emulator (reserved).
-    #[command(hide = true)]
-    Emulate,
+    /// Run a target emulator on a local address (for demos, benchmarks, tests).
+    Emulate {
+        #[command(subcommand)]
+        target: EmulateTarget,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EmulateTarget {
+    /// An in-memory SCIM 2.0 server at http://LISTEN/scim/v2.
+    Scim {
+        #[command(flatten)]
+        common: EmulatorArgs,
+        /// Require this static bearer token.
+        #[arg(long)]
+        bearer_token: Option<String>,
+        /// Issue client-credentials tokens at /oauth2/token to this client id...
+        #[arg(long, requires = "oauth_client_secret")]
+        oauth_client_id: Option<String>,
+        /// ...with this secret.
+        #[arg(long)]
+        oauth_client_secret: Option<String>,
+        /// Lifetime of issued tokens.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        token_lifetime: Duration,
+        /// Do not advertise or accept PATCH.
+        #[arg(long)]
+        no_patch: bool,
+        /// Do not advertise or check ETags.
+        #[arg(long)]
+        no_etag: bool,
+    },
+}
+
+/// Options every emulator takes.
+#[derive(Debug, clap::Args)]
+pub struct EmulatorArgs {
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Latency added to every request.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+    /// Extra random latency, uniform in [0, jitter].
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub jitter: Duration,
+    /// Fraction of requests answered 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_429: f64,
+    /// The Retry-After those 429s carry, in seconds.
+    #[arg(long, default_value_t = 1)]
+    pub retry_after: u64,
+    /// Fraction of requests answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_500: f64,
+    /// Fraction of requests never answered.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_hang: f64,
+    /// Fraction of connections cut mid-response.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_reset: f64,
+}
+
+impl EmulatorArgs {
+    fn faults(&self) -> crate::emulators::Faults {
+        crate::emulators::Faults {
+            latency: self.latency,
+            jitter: self.jitter,
+            rate_429: self.rate_429,
+            retry_after_seconds: self.retry_after,
+            rate_500: self.rate_500,
+            rate_hang: self.rate_hang,
+            rate_reset: self.rate_reset,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,7 +201,8 @@ pub fn run(cli: Cli) -> ExitCode {
             },
             dry_run,
         ),
-        Command::Demo | Command::Bench | Command::Emulate => {
+        Command::Emulate { target } => emulate(target),
+        Command::Demo | Command::Bench => {
             eprintln!("provisioner: this command is reserved and not available in this build");
             ExitCode::from(EXIT_CONFIG)
         }
@@ -292,4 +365,54 @@ fn replay_dead_letters(config: PathBuf, selection: ReplaySelection, dry_run: boo
             }
         }
     }
+}
+
+fn emulate(target: EmulateTarget) -> ExitCode {
+    telemetry::init(&TelemetrySettings {
+        format: crate::settings::LogFormat::Pretty,
+        level: "info".into(),
+    });
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async move {
+        let shutdown = shutdown::on_signal();
+        match target {
+            EmulateTarget::Scim {
+                common,
+                bearer_token,
+                oauth_client_id,
+                oauth_client_secret,
+                token_lifetime,
+                no_patch,
+                no_etag,
+            } => {
+                let settings = crate::emulators::scim::ScimEmulatorSettings {
+                    faults: common.faults(),
+                    bearer_token,
+                    oauth_client: oauth_client_id
+                        .zip(oauth_client_secret)
+                        .map(|(id, secret)| (id, secret, token_lifetime)),
+                    patch: !no_patch,
+                    etag: !no_etag,
+                };
+                match crate::emulators::scim::start(common.listen, settings, shutdown.clone()).await {
+                    Ok(emulator) => {
+                        println!("SCIM emulator at {}", emulator.base_url());
+                        println!("  token endpoint {}", emulator.token_url());
+                        println!(
+                            "  faults: POST http://{}/_emulator/faults, stats: GET http://{}/_emulator/stats",
+                            emulator.address, emulator.address
+                        );
+                        shutdown.cancelled().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        eprintln!("provisioner: cannot listen on {}: {error}", common.listen);
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+    })
 }

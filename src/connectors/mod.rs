@@ -7,6 +7,10 @@
 //! **Invariant:** connector calls are idempotent. Create on an existing account adopts
 //! it; delete of a missing account is `already_absent`. Redelivery is therefore harmless.
 
+pub mod http;
+pub mod oauth;
+pub mod scim;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,11 +183,10 @@ impl ConnectorSet {
 
 fn build_connector(name: &str, settings: &ConnectorSettings) -> Result<Arc<dyn Connector>, BuildError> {
     match settings {
-        ConnectorSettings::Scim2(_) | ConnectorSettings::Google(_) | ConnectorSettings::Salesforce(_) => {
-            Err(BuildError::Unsupported {
-                name: name.to_string(),
-                kind: settings.kind(),
-            })
-        }
+        ConnectorSettings::Scim2(scim) => scim::build(name, scim),
+        ConnectorSettings::Google(_) | ConnectorSettings::Salesforce(_) => Err(BuildError::Unsupported {
+            name: name.to_string(),
+            kind: settings.kind(),
+        }),
     }
 }

@@ -8,5 +8,6 @@ mod config;
 mod contract;
 mod kafka_roundtrip;
 mod pipeline;
+mod scim;
 mod service;
 mod support;

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod broker;
 pub mod doubles;
+pub mod scim2_server;
 
 use std::time::{Duration, Instant};
 

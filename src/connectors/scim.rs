@@ -1,0 +1,750 @@
+//! SCIM 2.0 (RFC 7643/7644) Users.
+//!
+//! Every operation converges instead of assuming: create adopts an existing account on
+//! a uniqueness conflict, update of a user the target has never seen creates it, delete
+//! of a missing user is `already_absent`. Updates PATCH only the mapped attributes when
+//! the server advertises PATCH; otherwise they read the resource, overlay the mapped
+//! attributes and PUT it back, so attributes we do not manage are never wiped.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use rand::distr::{Distribution, Uniform};
+use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE, ETAG, IF_MATCH};
+use reqwest::{RequestBuilder, StatusCode};
+use serde_json::{json, Map, Value};
+use tokio::sync::OnceCell;
+use url::Url;
+
+use crate::connectors::http::{build_client, error_body, status_error, transport_error};
+use crate::connectors::oauth::{request_token, Token, TokenCache};
+use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
+use crate::event::{User, UserEvent};
+use crate::result::{Operation, Outcome};
+use crate::secret::Secret;
+use crate::settings::{PasswordProvisioning, Scim2Settings, ScimAuth, ScimDeprovision, UserStoreDomainHandling};
+
+const SCIM_JSON: &str = "application/scim+json";
+const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
+const PATCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
+
+/// What the server advertises in `/ServiceProviderConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub patch: bool,
+    pub filter: bool,
+    pub etag: bool,
+}
+
+impl Capabilities {
+    /// Assumed when the server has no readable `/ServiceProviderConfig`: no PATCH (PUT
+    /// is always allowed), filtering (lookups need it), no ETags.
+    const FALLBACK: Capabilities = Capabilities {
+        patch: false,
+        filter: true,
+        etag: false,
+    };
+}
+
+/// A user as found on the target.
+struct RemoteUser {
+    id: String,
+    version: Option<String>,
+    resource: Value,
+}
+
+pub struct ScimConnector {
+    name: String,
+    http: reqwest::Client,
+    users_url: Url,
+    service_provider_config_url: Url,
+    settings: Scim2Settings,
+    capabilities: OnceCell<Capabilities>,
+    tokens: TokenCache,
+}
+
+impl ScimConnector {
+    pub fn new(name: &str, settings: &Scim2Settings) -> Result<ScimConnector, BuildError> {
+        let invalid = |message: String| BuildError::Invalid {
+            name: name.to_string(),
+            message,
+        };
+        let users_url = match (&settings.users_url, &settings.base_url) {
+            (Some(users_url), _) => users_url.clone(),
+            (None, Some(base_url)) => join_path(base_url, "Users"),
+            (None, None) => return Err(invalid("set base_url or users_url".into())),
+        };
+        let service_provider_config_url = match &settings.base_url {
+            Some(base_url) => join_path(base_url, "ServiceProviderConfig"),
+            None => {
+                let mut base = users_url.clone();
+                base.path_segments_mut()
+                    .map_err(|_| invalid("users_url cannot be a base URL".into()))?
+                    .pop();
+                join_path(&base, "ServiceProviderConfig")
+            }
+        };
+        Ok(ScimConnector {
+            name: name.to_string(),
+            http: build_client(name, &settings.http)?,
+            users_url,
+            service_provider_config_url,
+            settings: settings.clone(),
+            capabilities: OnceCell::new(),
+            tokens: TokenCache::default(),
+        })
+    }
+
+    async fn apply_operation(&self, operation: Operation, event: &UserEvent) -> Result<Applied, ConnectorError> {
+        let user = &event.data.user;
+        match operation {
+            Operation::Create => self.create(user).await,
+            Operation::Update => match self.find(user).await? {
+                Some(remote) => self.converge(remote, user).await.map(|id| Applied {
+                    outcome: Outcome::Updated,
+                    remote_id: Some(id),
+                }),
+                // WSO2 turns an update of a never-provisioned user into a create; so do we.
+                None => self.create(user).await,
+            },
+            Operation::Delete => self.delete(user).await,
+        }
+    }
+
+    async fn create(&self, user: &User) -> Result<Applied, ConnectorError> {
+        let mut resource = self.resource(&self.desired_attributes(user));
+        if let Some(password) = self.password() {
+            resource["password"] = Value::String(password.expose().to_string());
+        }
+        let url = self.users_url.clone();
+        let response = self
+            .send(
+                |http| http.post(url.clone()).json(&resource),
+                &[StatusCode::CREATED, StatusCode::OK],
+            )
+            .await;
+        match response {
+            Ok(body) => {
+                let id = resource_id(&body)?;
+                Ok(Applied {
+                    outcome: Outcome::Created,
+                    remote_id: Some(id),
+                })
+            }
+            Err(error) if is_uniqueness_conflict(&error) => {
+                // Someone (a previous attempt, an admin, another system) created it
+                // first: find it and take it over.
+                let Some(remote) = self.find(user).await? else {
+                    return Err(ConnectorError::Conflict {
+                        status: error.http_status(),
+                        message: format!(
+                            "the target reports the user exists ({error}) but neither externalId nor userName finds it"
+                        ),
+                    });
+                };
+                let id = self.converge(remote, user).await?;
+                Ok(Applied {
+                    outcome: Outcome::Adopted,
+                    remote_id: Some(id),
+                })
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn delete(&self, user: &User) -> Result<Applied, ConnectorError> {
+        let Some(remote) = self.find(user).await? else {
+            return Ok(Applied {
+                outcome: Outcome::AlreadyAbsent,
+                remote_id: None,
+            });
+        };
+        match self.settings.deprovision {
+            ScimDeprovision::Delete => {
+                let url = self.user_url(&remote.id);
+                let version = self.if_match(&remote).await?;
+                let result = self
+                    .send(
+                        |http| with_if_match(http.delete(url.clone()), version.as_deref()),
+                        &[StatusCode::NO_CONTENT, StatusCode::OK],
+                    )
+                    .await;
+                match result {
+                    Ok(_) => Ok(Applied {
+                        outcome: Outcome::Deleted,
+                        remote_id: Some(remote.id),
+                    }),
+                    Err(ConnectorError::Rejected { status: 404, .. }) => Ok(Applied {
+                        outcome: Outcome::AlreadyAbsent,
+                        remote_id: Some(remote.id),
+                    }),
+                    Err(error) => Err(error),
+                }
+            }
+            ScimDeprovision::Deactivate => {
+                let id = self
+                    .write_attributes(remote, &[("active".to_string(), Value::Bool(false))])
+                    .await?;
+                Ok(Applied {
+                    outcome: Outcome::Deactivated,
+                    remote_id: Some(id),
+                })
+            }
+        }
+    }
+
+    /// Brings an existing remote user in line with the event. Returns its id.
+    async fn converge(&self, remote: RemoteUser, user: &User) -> Result<String, ConnectorError> {
+        self.write_attributes(remote, &self.desired_attributes(user)).await
+    }
+
+    /// Replaces `attributes` on the remote user: PATCH when advertised, else
+    /// read-modify-PUT. A stale ETag (412) re-reads once and tries again.
+    async fn write_attributes(
+        &self,
+        remote: RemoteUser,
+        attributes: &[(String, Value)],
+    ) -> Result<String, ConnectorError> {
+        let capabilities = self.capabilities().await?;
+        let mut remote = remote;
+        for attempt in 0..2 {
+            let url = self.user_url(&remote.id);
+            let version = if capabilities.etag {
+                remote.version.clone()
+            } else {
+                None
+            };
+            let result = if capabilities.patch {
+                let operations: Vec<Value> = attributes
+                    .iter()
+                    .map(|(path, value)| json!({"op": "replace", "path": path, "value": value}))
+                    .collect();
+                let body = json!({"schemas": [PATCH_SCHEMA], "Operations": operations});
+                self.send(
+                    |http| with_if_match(http.patch(url.clone()).json(&body), version.as_deref()),
+                    &[StatusCode::OK, StatusCode::NO_CONTENT],
+                )
+                .await
+            } else {
+                let mut resource = remote.resource.clone();
+                overlay(&mut resource, attributes);
+                if let Value::Object(object) = &mut resource {
+                    object.remove("meta");
+                }
+                self.send(
+                    |http| with_if_match(http.put(url.clone()).json(&resource), version.as_deref()),
+                    &[StatusCode::OK, StatusCode::NO_CONTENT],
+                )
+                .await
+            };
+            match result {
+                Ok(_) => return Ok(remote.id),
+                Err(ConnectorError::Rejected { status: 412, .. }) if attempt == 0 => {
+                    let id = remote.id.clone();
+                    remote = self.get(&id).await?.ok_or_else(|| ConnectorError::Conflict {
+                        status: Some(404),
+                        message: format!("user {id} disappeared while being updated"),
+                    })?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    async fn if_match(&self, remote: &RemoteUser) -> Result<Option<String>, ConnectorError> {
+        Ok(if self.capabilities().await?.etag {
+            remote.version.clone()
+        } else {
+            None
+        })
+    }
+
+    /// Looks the user up by `externalId`, then by `userName`.
+    async fn find(&self, user: &User) -> Result<Option<RemoteUser>, ConnectorError> {
+        if !self.capabilities().await?.filter {
+            return Err(ConnectorError::Rejected {
+                status: 501,
+                message: "the target does not support filtering, so users cannot be looked up".into(),
+            });
+        }
+        for (attribute, value) in [("externalId", user.id.clone()), ("userName", self.user_name(user))] {
+            let filter = format!("{attribute} eq {}", filter_literal(&value));
+            let url = self.users_url.clone();
+            let body = self
+                .send(
+                    |http| http.get(url.clone()).query(&[("filter", filter.as_str())]),
+                    &[StatusCode::OK],
+                )
+                .await?;
+            if let Some(resource) = body
+                .get("Resources")
+                .and_then(Value::as_array)
+                .and_then(|found| found.first())
+            {
+                let id = resource_id(resource)?;
+                let version = resource
+                    .pointer("/meta/version")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                return Ok(Some(RemoteUser {
+                    id,
+                    version,
+                    resource: resource.clone(),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<RemoteUser>, ConnectorError> {
+        let url = self.user_url(id);
+        match self.send_raw(|http| http.get(url.clone()), &[StatusCode::OK]).await {
+            Ok((body, etag)) => Ok(Some(RemoteUser {
+                id: id.to_string(),
+                version: body
+                    .pointer("/meta/version")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .or(etag),
+                resource: body,
+            })),
+            Err(ConnectorError::Rejected { status: 404, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn capabilities(&self) -> Result<Capabilities, ConnectorError> {
+        self.capabilities
+            .get_or_try_init(|| async {
+                let url = self.service_provider_config_url.clone();
+                match self.send(|http| http.get(url.clone()), &[StatusCode::OK]).await {
+                    Ok(config) => {
+                        let supported = |feature: &str| {
+                            config
+                                .pointer(&format!("/{feature}/supported"))
+                                .and_then(Value::as_bool)
+                                .unwrap_or(false)
+                        };
+                        let capabilities = Capabilities {
+                            patch: supported("patch"),
+                            filter: supported("filter"),
+                            etag: supported("etag"),
+                        };
+                        tracing::info!(connector = %self.name, ?capabilities, "Read SCIM ServiceProviderConfig.");
+                        Ok(capabilities)
+                    }
+                    Err(error) if !error.is_retryable() => {
+                        tracing::warn!(connector = %self.name, error = %error, "No readable ServiceProviderConfig; assuming PUT updates and filter lookups.");
+                        Ok(Capabilities::FALLBACK)
+                    }
+                    Err(error) => Err(error),
+                }
+            })
+            .await
+            .copied()
+    }
+
+    /// Sends a request built by `build` (called again for a retry after a token
+    /// renewal) and returns the JSON body of an expected status.
+    async fn send(
+        &self,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+        expected: &[StatusCode],
+    ) -> Result<Value, ConnectorError> {
+        self.send_raw(build, expected).await.map(|(body, _)| body)
+    }
+
+    async fn send_raw(
+        &self,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+        expected: &[StatusCode],
+    ) -> Result<(Value, Option<String>), ConnectorError> {
+        let mut renewed = false;
+        loop {
+            let token = self.token().await?;
+            let mut request = build(&self.http)
+                .header(ACCEPT, SCIM_JSON)
+                .header(CONTENT_TYPE, SCIM_JSON);
+            request = self.authorize(request, token.as_ref());
+            let response = request.send().await.map_err(transport_error)?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !renewed {
+                if let Some(token) = &token {
+                    // The token may have been revoked or expired early: renew once.
+                    self.tokens.invalidate(token).await;
+                    renewed = true;
+                    continue;
+                }
+            }
+            if expected.contains(&status) {
+                let etag = response
+                    .headers()
+                    .get(ETAG)
+                    .and_then(|value| value.to_str().ok())
+                    .map(str::to_string);
+                let bytes = response.bytes().await.map_err(transport_error)?;
+                let body = if bytes.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&bytes).map_err(|error| ConnectorError::InvalidResponse {
+                        status: Some(status.as_u16()),
+                        message: format!("not JSON: {error}"),
+                    })?
+                };
+                return Ok((body, etag));
+            }
+            let headers = response.headers().clone();
+            let body = error_body(response).await;
+            return Err(status_error(status, &headers, scim_error_message(status, &body)));
+        }
+    }
+
+    async fn token(&self) -> Result<Option<Token>, ConnectorError> {
+        let ScimAuth::Oauth2 {
+            token_url,
+            client_id,
+            client_secret,
+            scope,
+        } = &self.settings.auth
+        else {
+            return Ok(None);
+        };
+        let token = self
+            .tokens
+            .get(|| async {
+                let mut form = vec![("grant_type", "client_credentials")];
+                if let Some(scope) = scope {
+                    form.push(("scope", scope.as_str()));
+                }
+                request_token(&self.http, token_url.as_str(), &form, Some((client_id, client_secret))).await
+            })
+            .await?;
+        Ok(Some(token))
+    }
+
+    fn authorize(&self, request: RequestBuilder, token: Option<&Token>) -> RequestBuilder {
+        match (&self.settings.auth, token) {
+            (_, Some(token)) => request.bearer_auth(token.access_token.expose()),
+            (ScimAuth::None, None) | (ScimAuth::Oauth2 { .. }, None) => request,
+            (ScimAuth::Basic { username, password }, None) => request.basic_auth(username, Some(password.expose())),
+            (ScimAuth::Bearer { token }, None) => request.bearer_auth(token.expose()),
+            (ScimAuth::ApiKey { header, api_key }, None) => match HeaderValue::from_str(api_key.expose()) {
+                Ok(mut value) => {
+                    value.set_sensitive(true);
+                    request.header(header.as_str(), value)
+                }
+                Err(_) => request,
+            },
+        }
+    }
+
+    fn user_url(&self, id: &str) -> Url {
+        let mut url = self.users_url.clone();
+        // Pushed as one segment, so an id with `/` or `?` cannot change the path.
+        url.path_segments_mut().expect("users URL is hierarchical").push(id);
+        url
+    }
+
+    fn user_name(&self, user: &User) -> String {
+        let (domain_in_name, bare_name) = match user.user_name.split_once('/') {
+            Some((domain, name)) => (Some(domain), name),
+            None => (None, user.user_name.as_str()),
+        };
+        match self.settings.user_store_domain {
+            UserStoreDomainHandling::Strip => bare_name.to_string(),
+            UserStoreDomainHandling::Keep => match domain_in_name.or(user.user_store_domain.as_deref()) {
+                Some(domain) if !domain.eq_ignore_ascii_case("PRIMARY") => format!("{domain}/{bare_name}"),
+                _ => bare_name.to_string(),
+            },
+        }
+    }
+
+    fn password(&self) -> Option<Secret> {
+        match self.settings.password {
+            PasswordProvisioning::None => None,
+            PasswordProvisioning::Default => self.settings.default_password.clone(),
+            PasswordProvisioning::Random => Some(random_password()),
+        }
+    }
+
+    /// The attributes we own on the target, as (SCIM path, value).
+    fn desired_attributes(&self, user: &User) -> Vec<(String, Value)> {
+        let mut attributes = vec![
+            ("userName".to_string(), Value::String(self.user_name(user))),
+            ("externalId".to_string(), Value::String(user.id.clone())),
+            ("active".to_string(), Value::Bool(user.active.unwrap_or(true))),
+        ];
+        if let Some(name) = &user.name {
+            if let Some(given_name) = &name.given_name {
+                attributes.push(("name.givenName".into(), Value::String(given_name.clone())));
+            }
+            if let Some(family_name) = &name.family_name {
+                attributes.push(("name.familyName".into(), Value::String(family_name.clone())));
+            }
+            let display_name = [name.given_name.as_deref(), name.family_name.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ");
+            if !display_name.is_empty() {
+                attributes.push(("displayName".into(), Value::String(display_name)));
+            }
+        }
+        if !user.emails.is_empty() {
+            let emails: Vec<Value> = user
+                .emails
+                .iter()
+                .enumerate()
+                .map(|(index, email)| {
+                    json!({
+                        "value": email.value,
+                        "type": "work",
+                        "primary": email.primary.unwrap_or(index == 0 && !user.emails.iter().any(|e| e.primary == Some(true))),
+                    })
+                })
+                .collect();
+            attributes.push(("emails".into(), Value::Array(emails)));
+        }
+        if !self.settings.attributes.is_empty() {
+            let source = serde_json::to_value(user).unwrap_or(Value::Null);
+            for (target, source_path) in &self.settings.attributes {
+                let found = source_path
+                    .split('.')
+                    .try_fold(&source, |node, segment| node.get(segment));
+                if let Some(value) = found.filter(|value| !value.is_null()) {
+                    attributes.retain(|(path, _)| path != target);
+                    attributes.push((target.clone(), value.clone()));
+                }
+            }
+        }
+        attributes
+    }
+
+    /// A full User resource holding `attributes`.
+    fn resource(&self, attributes: &[(String, Value)]) -> Value {
+        let mut resource = json!({"schemas": [USER_SCHEMA]});
+        overlay(&mut resource, attributes);
+        resource
+    }
+}
+
+impl Connector for ScimConnector {
+    fn apply<'a>(
+        &'a self,
+        operation: Operation,
+        event: &'a UserEvent,
+    ) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(self.apply_operation(operation, event))
+    }
+}
+
+/// Writes each (path, value) into a resource: `a.b` nests, `urn:…:Attr` goes into the
+/// extension object (and its schema is listed).
+pub fn overlay(resource: &mut Value, attributes: &[(String, Value)]) {
+    let Value::Object(root) = resource else {
+        return;
+    };
+    for (path, value) in attributes {
+        match path.rsplit_once(':') {
+            Some((schema, attribute)) if path.starts_with("urn:") => {
+                if let Some(Value::Array(schemas)) = root.get_mut("schemas") {
+                    if !schemas.iter().any(|listed| listed == schema) {
+                        schemas.push(Value::String(schema.to_string()));
+                    }
+                }
+                let extension = root
+                    .entry(schema.to_string())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(extension) = extension {
+                    insert_path(extension, attribute, value);
+                }
+            }
+            _ => insert_path(root, path, value),
+        }
+    }
+}
+
+fn insert_path(object: &mut Map<String, Value>, path: &str, value: &Value) {
+    match path.split_once('.') {
+        None => {
+            object.insert(path.to_string(), value.clone());
+        }
+        Some((head, rest)) => {
+            let child = object
+                .entry(head.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !child.is_object() {
+                *child = Value::Object(Map::new());
+            }
+            if let Value::Object(child) = child {
+                insert_path(child, rest, value);
+            }
+        }
+    }
+}
+
+fn join_path(base: &Url, segment: &str) -> Url {
+    let mut url = base.clone();
+    if let Ok(mut segments) = url.path_segments_mut() {
+        segments.pop_if_empty().push(segment);
+    }
+    url
+}
+
+fn with_if_match(request: RequestBuilder, version: Option<&str>) -> RequestBuilder {
+    match version {
+        Some(version) => request.header(IF_MATCH, version),
+        None => request,
+    }
+}
+
+/// A SCIM filter string literal: JSON string syntax (RFC 7644 §3.4.2.2), so quotes and
+/// backslashes in user values are escaped, never interpreted.
+pub fn filter_literal(value: &str) -> String {
+    Value::String(value.to_string()).to_string()
+}
+
+fn resource_id(resource: &Value) -> Result<String, ConnectorError> {
+    resource
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| ConnectorError::InvalidResponse {
+            status: None,
+            message: "the SCIM resource has no id".into(),
+        })
+}
+
+/// Parses the SCIM Error schema (`status`, `scimType`, `detail`) into a message.
+fn scim_error_message(status: StatusCode, body: &str) -> String {
+    match serde_json::from_str::<Value>(body) {
+        Ok(error) => {
+            let scim_type = error.get("scimType").and_then(Value::as_str);
+            let detail = error.get("detail").and_then(Value::as_str).unwrap_or("no detail given");
+            match scim_type {
+                Some(scim_type) => format!("scimType {scim_type}: {detail}"),
+                None => detail.to_string(),
+            }
+        }
+        Err(_) if body.is_empty() => format!("HTTP {}", status.as_u16()),
+        Err(_) => body.to_string(),
+    }
+}
+
+/// 409, or a 400 whose SCIM error says uniqueness (some servers get the status wrong).
+fn is_uniqueness_conflict(error: &ConnectorError) -> bool {
+    match error {
+        ConnectorError::Rejected { status: 409, .. } => true,
+        ConnectorError::Rejected { status: 400, message } => {
+            let message = message.to_ascii_lowercase();
+            message.contains("scimtype uniqueness") || message.contains("already exists")
+        }
+        _ => false,
+    }
+}
+
+/// 24 characters from letters, digits and symbols (~145 bits), fresh per user, with
+/// every class present for servers that enforce composition rules.
+fn random_password() -> Secret {
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789!#$%&*+-=?@^_";
+    let pick = Uniform::new(0, ALPHABET.len()).expect("non-empty alphabet");
+    let mut rng = rand::rng();
+    loop {
+        let password: String = (0..24).map(|_| ALPHABET[pick.sample(&mut rng)] as char).collect();
+        let has_every_class = password.chars().any(|c| c.is_ascii_uppercase())
+            && password.chars().any(|c| c.is_ascii_lowercase())
+            && password.chars().any(|c| c.is_ascii_digit())
+            && password.chars().any(|c| !c.is_ascii_alphanumeric());
+        if has_every_class {
+            return Secret::new(password);
+        }
+    }
+}
+
+/// For the registry: build behind an `Arc<dyn Connector>`.
+pub fn build(name: &str, settings: &Scim2Settings) -> Result<Arc<dyn Connector>, BuildError> {
+    Ok(Arc::new(ScimConnector::new(name, settings)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_literals_escape_quotes_and_backslashes() {
+        assert_eq!(filter_literal("alice"), "\"alice\"");
+        assert_eq!(
+            filter_literal("a\" or userName pr or \"b"),
+            "\"a\\\" or userName pr or \\\"b\""
+        );
+        assert_eq!(filter_literal("back\\slash"), "\"back\\\\slash\"");
+    }
+
+    #[test]
+    fn overlay_nests_paths_and_extension_attributes() {
+        let mut resource = json!({"schemas": [USER_SCHEMA], "id": "1", "nickName": "kept"});
+        overlay(
+            &mut resource,
+            &[
+                ("name.givenName".into(), json!("Alice")),
+                (
+                    "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department".into(),
+                    json!("Sales"),
+                ),
+            ],
+        );
+        assert_eq!(resource["name"]["givenName"], "Alice");
+        assert_eq!(resource["nickName"], "kept");
+        assert_eq!(
+            resource["urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"]["department"],
+            "Sales"
+        );
+        assert_eq!(resource["schemas"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn random_passwords_are_strong_and_fresh() {
+        let first = random_password();
+        let second = random_password();
+        assert_ne!(first.expose(), second.expose());
+        let password = first.expose();
+        assert_eq!(password.len(), 24);
+        assert!(password.chars().any(|c| c.is_ascii_uppercase()));
+        assert!(password.chars().any(|c| c.is_ascii_lowercase()));
+        assert!(password.chars().any(|c| c.is_ascii_digit()));
+        assert!(password.chars().any(|c| !c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn uniqueness_is_recognised_in_409_and_in_400() {
+        assert!(is_uniqueness_conflict(&ConnectorError::Rejected {
+            status: 409,
+            message: String::new()
+        }));
+        assert!(is_uniqueness_conflict(&ConnectorError::Rejected {
+            status: 400,
+            message: "scimType uniqueness: userName taken".into()
+        }));
+        assert!(!is_uniqueness_conflict(&ConnectorError::Rejected {
+            status: 400,
+            message: "scimType invalidValue: bad".into()
+        }));
+    }
+
+    #[test]
+    fn user_ids_with_separators_stay_one_path_segment() {
+        let settings: Scim2Settings =
+            serde_json::from_value(json!({"base_url": "http://127.0.0.1:1/scim/v2/"})).unwrap();
+        let connector = ScimConnector::new("t", &settings).unwrap();
+        assert_eq!(connector.users_url.as_str(), "http://127.0.0.1:1/scim/v2/Users");
+        assert_eq!(
+            connector.user_url("../../Groups/x?y").as_str(),
+            "http://127.0.0.1:1/scim/v2/Users/..%2F..%2FGroups%2Fx%3Fy"
+        );
+        assert_eq!(
+            connector.service_provider_config_url.as_str(),
+            "http://127.0.0.1:1/scim/v2/ServiceProviderConfig"
+        );
+    }
+}

@@ -1,0 +1,529 @@
+//! An in-memory SCIM 2.0 server: Users with `eq` filters, PATCH, PUT, ETags,
+//! uniqueness on `userName` and `externalId`, optional bearer or OAuth 2.0
+//! client-credentials protection, and the shared latency and fault injection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::emulators::{get_stats, inject_faults, set_faults, Control, Faults};
+
+const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
+const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
+const LIST_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
+
+#[derive(Debug, Clone)]
+pub struct ScimEmulatorSettings {
+    pub faults: Faults,
+    /// Accept only this static bearer token.
+    pub bearer_token: Option<String>,
+    /// Issue tokens at `/oauth2/token` to this client (id, secret), valid this long.
+    pub oauth_client: Option<(String, String, Duration)>,
+    pub patch: bool,
+    pub etag: bool,
+}
+
+impl Default for ScimEmulatorSettings {
+    fn default() -> Self {
+        ScimEmulatorSettings {
+            faults: Faults::default(),
+            bearer_token: None,
+            oauth_client: None,
+            patch: true,
+            etag: true,
+        }
+    }
+}
+
+struct StoredUser {
+    resource: Value,
+    version: u64,
+}
+
+#[derive(Default)]
+struct Directory {
+    users: HashMap<String, StoredUser>,
+}
+
+#[derive(Clone)]
+struct ScimState {
+    settings: Arc<ScimEmulatorSettings>,
+    directory: Arc<Mutex<Directory>>,
+    issued_tokens: Arc<Mutex<HashMap<String, Instant>>>,
+    tokens_issued: Arc<AtomicU64>,
+    next_id: Arc<AtomicU64>,
+    base_url: String,
+}
+
+/// A running emulator.
+pub struct ScimEmulator {
+    pub address: SocketAddr,
+    pub control: Control,
+    state: ScimState,
+}
+
+impl ScimEmulator {
+    /// The SCIM base URL, e.g. `http://127.0.0.1:PORT/scim/v2`.
+    pub fn base_url(&self) -> String {
+        self.state.base_url.clone()
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://{}/oauth2/token", self.address)
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.state.directory.lock().expect("directory lock").users.len()
+    }
+
+    /// Every stored user, as SCIM resources.
+    pub fn users(&self) -> Vec<Value> {
+        let directory = self.state.directory.lock().expect("directory lock");
+        directory.users.values().map(|user| user.resource.clone()).collect()
+    }
+
+    pub fn user_by_external_id(&self, external_id: &str) -> Option<Value> {
+        self.users()
+            .into_iter()
+            .find(|user| user.get("externalId").and_then(Value::as_str) == Some(external_id))
+    }
+
+    pub fn tokens_issued(&self) -> u64 {
+        self.state.tokens_issued.load(Ordering::Relaxed)
+    }
+
+    /// Forgets every issued token, as if they had expired.
+    pub fn expire_tokens(&self) {
+        self.state.issued_tokens.lock().expect("tokens lock").clear();
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *self.control.faults.lock().expect("faults lock") = faults;
+    }
+}
+
+/// Binds `address` and serves until `shutdown` is cancelled.
+pub async fn start(
+    address: SocketAddr,
+    settings: ScimEmulatorSettings,
+    shutdown: CancellationToken,
+) -> std::io::Result<ScimEmulator> {
+    let listener = TcpListener::bind(address).await?;
+    let address = listener.local_addr()?;
+    let control = Control::new(settings.faults.clone());
+    let state = ScimState {
+        settings: Arc::new(settings),
+        directory: Arc::default(),
+        issued_tokens: Arc::default(),
+        tokens_issued: Arc::default(),
+        next_id: Arc::new(AtomicU64::new(1)),
+        base_url: format!("http://{address}/scim/v2"),
+    };
+    let scim = Router::new()
+        .route("/ServiceProviderConfig", get(service_provider_config))
+        .route("/Users", get(list_users).post(create_user))
+        .route(
+            "/Users/{id}",
+            get(get_user).put(replace_user).patch(patch_user).delete(delete_user),
+        )
+        .layer(middleware::from_fn_with_state(state.clone(), require_auth))
+        .layer(middleware::from_fn_with_state(control.clone(), inject_faults))
+        .with_state(state.clone());
+    let router = Router::new()
+        .nest("/scim/v2", scim)
+        .route("/oauth2/token", post(issue_token).with_state(state.clone()))
+        .route("/_emulator/stats", get(get_stats).with_state(control.clone()))
+        .route("/_emulator/faults", post(set_faults).with_state(control.clone()));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok(ScimEmulator {
+        address,
+        control,
+        state,
+    })
+}
+
+fn scim_error(status: StatusCode, scim_type: Option<&str>, detail: &str) -> Response {
+    let mut body = json!({"schemas": [ERROR_SCHEMA], "status": status.as_u16().to_string(), "detail": detail});
+    if let Some(scim_type) = scim_type {
+        body["scimType"] = json!(scim_type);
+    }
+    (status, [(header::CONTENT_TYPE, "application/scim+json")], Json(body)).into_response()
+}
+
+async fn require_auth(State(state): State<ScimState>, request: Request, next: Next) -> Response {
+    let protected = state.settings.bearer_token.is_some() || state.settings.oauth_client.is_some();
+    if !protected || request.uri().path().ends_with("/ServiceProviderConfig") {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let valid = presented.is_some_and(|token| {
+        state.settings.bearer_token.as_deref() == Some(token.as_str())
+            || state
+                .issued_tokens
+                .lock()
+                .expect("tokens lock")
+                .get(&token)
+                .is_some_and(|expires| Instant::now() < *expires)
+    });
+    if valid {
+        next.run(request).await
+    } else {
+        scim_error(
+            StatusCode::UNAUTHORIZED,
+            None,
+            "missing, invalid or expired bearer token",
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenRequest {
+    grant_type: String,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+async fn issue_token(State(state): State<ScimState>, headers: HeaderMap, Form(form): Form<TokenRequest>) -> Response {
+    let Some((client_id, client_secret, lifetime)) = state.settings.oauth_client.clone() else {
+        return (StatusCode::NOT_FOUND, "no OAuth client configured").into_response();
+    };
+    let (presented_id, presented_secret) = basic_credentials(&headers).unwrap_or((
+        form.client_id.unwrap_or_default(),
+        form.client_secret.unwrap_or_default(),
+    ));
+    if form.grant_type != "client_credentials" {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "unsupported_grant_type"})),
+        )
+            .into_response();
+    }
+    if presented_id != client_id || presented_secret != client_secret {
+        return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid_client"}))).into_response();
+    }
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    state
+        .issued_tokens
+        .lock()
+        .expect("tokens lock")
+        .insert(token.clone(), Instant::now() + lifetime);
+    state.tokens_issued.fetch_add(1, Ordering::Relaxed);
+    Json(json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs()})).into_response()
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_string(), secret.to_string()))
+}
+
+async fn service_provider_config(State(state): State<ScimState>) -> Json<Value> {
+    Json(json!({
+        "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
+        "patch": {"supported": state.settings.patch},
+        "bulk": {"supported": false, "maxOperations": 0, "maxPayloadSize": 0},
+        "filter": {"supported": true, "maxResults": 200},
+        "changePassword": {"supported": false},
+        "sort": {"supported": false},
+        "etag": {"supported": state.settings.etag},
+        "authenticationSchemes": [],
+    }))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    filter: Option<String>,
+}
+
+async fn list_users(State(state): State<ScimState>, Query(query): Query<ListQuery>) -> Response {
+    let condition = match query.filter.as_deref().map(parse_eq_filter) {
+        None => None,
+        Some(Ok(condition)) => Some(condition),
+        Some(Err(message)) => return scim_error(StatusCode::BAD_REQUEST, Some("invalidFilter"), &message),
+    };
+    let directory = state.directory.lock().expect("directory lock");
+    let found: Vec<Value> = directory
+        .users
+        .values()
+        .filter(|user| match &condition {
+            None => true,
+            Some((attribute, value)) => attribute_equals(&user.resource, attribute, value),
+        })
+        .map(|user| user.resource.clone())
+        .collect();
+    Json(json!({
+        "schemas": [LIST_SCHEMA],
+        "totalResults": found.len(),
+        "startIndex": 1,
+        "itemsPerPage": found.len(),
+        "Resources": found,
+    }))
+    .into_response()
+}
+
+/// `attribute eq "value"`, the value a JSON string literal.
+fn parse_eq_filter(filter: &str) -> Result<(String, String), String> {
+    let (attribute, rest) = filter
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| format!("unsupported filter: {filter}"))?;
+    let literal = rest
+        .trim_start()
+        .strip_prefix("eq ")
+        .or_else(|| rest.trim_start().strip_prefix("Eq "))
+        .ok_or_else(|| "only `eq` is supported".to_string())?;
+    let value: String = serde_json::from_str(literal.trim()).map_err(|_| format!("bad string literal: {literal}"))?;
+    Ok((attribute.to_string(), value))
+}
+
+fn attribute_equals(resource: &Value, attribute: &str, expected: &str) -> bool {
+    let found = resource.get(attribute).and_then(Value::as_str);
+    match attribute {
+        // userName is case-insensitive (RFC 7643 §4.1.1).
+        "userName" => found.is_some_and(|value| value.eq_ignore_ascii_case(expected)),
+        _ => found == Some(expected),
+    }
+}
+
+fn conflict(directory: &Directory, resource: &Value, except_id: Option<&str>) -> Option<String> {
+    for user in directory.users.values() {
+        if except_id == user.resource.get("id").and_then(Value::as_str) {
+            continue;
+        }
+        for attribute in ["userName", "externalId"] {
+            if let Some(value) = resource.get(attribute).and_then(Value::as_str) {
+                if attribute_equals(&user.resource, attribute, value) {
+                    return Some(format!("{attribute} `{value}` is already taken"));
+                }
+            }
+        }
+    }
+    None
+}
+
+fn with_meta(state: &ScimState, id: &str, mut resource: Value, version: u64, created: Option<Value>) -> Value {
+    let now = chrono::Utc::now().to_rfc3339();
+    resource["id"] = json!(id);
+    resource.as_object_mut().map(|object| object.remove("password"));
+    let created = created.unwrap_or_else(|| json!(now));
+    resource["meta"] = json!({
+        "resourceType": "User",
+        "created": created,
+        "lastModified": now,
+        "location": format!("{}/Users/{id}", state.base_url),
+        "version": format!("W/\"{version}\""),
+    });
+    if resource.get("schemas").is_none() {
+        resource["schemas"] = json!([USER_SCHEMA]);
+    }
+    resource
+}
+
+fn resource_response(status: StatusCode, resource: &Value) -> Response {
+    let version = resource
+        .pointer("/meta/version")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let location = resource
+        .pointer("/meta/location")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/scim+json".to_string()),
+            (header::ETAG, version),
+            (header::LOCATION, location),
+        ],
+        Json(resource.clone()),
+    )
+        .into_response()
+}
+
+async fn create_user(State(state): State<ScimState>, Json(resource): Json<Value>) -> Response {
+    if resource
+        .get("userName")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+    {
+        return scim_error(StatusCode::BAD_REQUEST, Some("invalidValue"), "userName is required");
+    }
+    let mut directory = state.directory.lock().expect("directory lock");
+    if let Some(message) = conflict(&directory, &resource, None) {
+        return scim_error(StatusCode::CONFLICT, Some("uniqueness"), &message);
+    }
+    let id = format!("{:08x}-emu", state.next_id.fetch_add(1, Ordering::Relaxed));
+    let stored = with_meta(&state, &id, resource, 1, None);
+    directory.users.insert(
+        id,
+        StoredUser {
+            resource: stored.clone(),
+            version: 1,
+        },
+    );
+    resource_response(StatusCode::CREATED, &stored)
+}
+
+async fn get_user(State(state): State<ScimState>, Path(id): Path<String>) -> Response {
+    let directory = state.directory.lock().expect("directory lock");
+    match directory.users.get(&id) {
+        Some(user) => resource_response(StatusCode::OK, &user.resource),
+        None => scim_error(StatusCode::NOT_FOUND, None, &format!("no user {id}")),
+    }
+}
+
+/// Checks `If-Match` against the stored version (when ETags are on and one was sent).
+fn precondition(state: &ScimState, headers: &HeaderMap, user: &StoredUser) -> Result<(), Response> {
+    let Some(expected) = headers.get(header::IF_MATCH).and_then(|value| value.to_str().ok()) else {
+        return Ok(());
+    };
+    if !state.settings.etag || expected == "*" || expected == format!("W/\"{}\"", user.version) {
+        Ok(())
+    } else {
+        Err(scim_error(
+            StatusCode::PRECONDITION_FAILED,
+            None,
+            "the resource changed since it was read",
+        ))
+    }
+}
+
+async fn replace_user(
+    State(state): State<ScimState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(resource): Json<Value>,
+) -> Response {
+    let mut directory = state.directory.lock().expect("directory lock");
+    let Some(user) = directory.users.get(&id) else {
+        return scim_error(StatusCode::NOT_FOUND, None, &format!("no user {id}"));
+    };
+    if let Err(response) = precondition(&state, &headers, user) {
+        return response;
+    }
+    if let Some(message) = conflict(&directory, &resource, Some(&id)) {
+        return scim_error(StatusCode::CONFLICT, Some("uniqueness"), &message);
+    }
+    let user = directory.users.get_mut(&id).expect("checked above");
+    let created = user.resource.pointer("/meta/created").cloned();
+    user.version += 1;
+    user.resource = with_meta(&state, &id, resource, user.version, created);
+    resource_response(StatusCode::OK, &user.resource)
+}
+
+async fn patch_user(
+    State(state): State<ScimState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(patch): Json<Value>,
+) -> Response {
+    if !state.settings.patch {
+        return scim_error(StatusCode::NOT_IMPLEMENTED, None, "PATCH is not supported");
+    }
+    let mut directory = state.directory.lock().expect("directory lock");
+    let Some(user) = directory.users.get(&id) else {
+        return scim_error(StatusCode::NOT_FOUND, None, &format!("no user {id}"));
+    };
+    if let Err(response) = precondition(&state, &headers, user) {
+        return response;
+    }
+    let mut resource = user.resource.clone();
+    let Some(operations) = patch.get("Operations").and_then(Value::as_array) else {
+        return scim_error(StatusCode::BAD_REQUEST, Some("invalidSyntax"), "no Operations");
+    };
+    for operation in operations {
+        let op = operation
+            .get("op")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let path = operation.get("path").and_then(Value::as_str);
+        let value = operation.get("value").cloned().unwrap_or(Value::Null);
+        match (op.as_str(), path) {
+            ("replace" | "add", Some(path)) => {
+                crate::connectors::scim::overlay(&mut resource, &[(path.to_string(), value)]);
+            }
+            ("replace" | "add", None) => {
+                if let Value::Object(values) = value {
+                    let pairs: Vec<(String, Value)> = values.into_iter().collect();
+                    crate::connectors::scim::overlay(&mut resource, &pairs);
+                }
+            }
+            ("remove", Some(path)) => {
+                if let Value::Object(object) = &mut resource {
+                    object.remove(path);
+                }
+            }
+            _ => {
+                return scim_error(
+                    StatusCode::BAD_REQUEST,
+                    Some("invalidSyntax"),
+                    &format!("unsupported operation {operation}"),
+                )
+            }
+        }
+    }
+    if let Some(message) = conflict(&directory, &resource, Some(&id)) {
+        return scim_error(StatusCode::CONFLICT, Some("uniqueness"), &message);
+    }
+    let user = directory.users.get_mut(&id).expect("checked above");
+    let created = user.resource.pointer("/meta/created").cloned();
+    user.version += 1;
+    user.resource = with_meta(&state, &id, resource, user.version, created);
+    resource_response(StatusCode::OK, &user.resource)
+}
+
+async fn delete_user(State(state): State<ScimState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let mut directory = state.directory.lock().expect("directory lock");
+    let Some(user) = directory.users.get(&id) else {
+        return scim_error(StatusCode::NOT_FOUND, None, &format!("no user {id}"));
+    };
+    if let Err(response) = precondition(&state, &headers, user) {
+        return response;
+    }
+    directory.users.remove(&id);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eq_filters_parse_json_string_literals() {
+        assert_eq!(
+            parse_eq_filter(r#"userName eq "a\"b""#).unwrap(),
+            ("userName".to_string(), "a\"b".to_string())
+        );
+        assert!(parse_eq_filter("userName co \"x\"").is_err());
+        assert!(parse_eq_filter("userName eq x").is_err());
+    }
+}

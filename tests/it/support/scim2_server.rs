@@ -1,0 +1,104 @@
+//! A real SCIM 2.0 server (`scim2-server` from PyPI) on 127.0.0.1, one per test.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Scim2Server {
+    pub base_url: String,
+    process: Child,
+}
+
+impl Drop for Scim2Server {
+    fn drop(&mut self) {
+        // Closing stdin makes the wrapper shell stop the server.
+        drop(self.process.stdin.take());
+        let _ = self.process.wait();
+    }
+}
+
+fn binary() -> PathBuf {
+    if let Ok(path) = std::env::var("SCIM2_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("PROVISIONER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/provisioner"));
+    let cached = cache.join("venv-scim2-server-0.8.3/bin/scim2-server");
+    assert!(
+        cached.exists(),
+        "no scim2-server: run scripts/test (it installs it into {}) or set SCIM2_SERVER_BIN",
+        cached.display()
+    );
+    cached
+}
+
+impl Scim2Server {
+    pub async fn start() -> Scim2Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$@" </dev/null & child=$!; cat >/dev/null; kill $child 2>/dev/null; wait $child"#)
+            .arg("sh")
+            .arg(binary())
+            .args(["--hostname", "127.0.0.1", "--port", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("scim2-server starts");
+        let base_url = format!("http://127.0.0.1:{port}");
+        let server = Scim2Server { base_url, process };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let config_url = format!("{}/ServiceProviderConfig", server.base_url);
+        loop {
+            if let Ok(response) = reqwest::get(&config_url).await {
+                if response.status().is_success() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "scim2-server did not answer within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server
+    }
+
+    /// Every user the server holds.
+    pub async fn users(&self) -> Vec<serde_json::Value> {
+        let list: serde_json::Value = reqwest::get(format!("{}/Users", self.base_url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["Resources"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn user_by_external_id(&self, external_id: &str) -> Option<serde_json::Value> {
+        self.users()
+            .await
+            .into_iter()
+            .find(|user| user["externalId"] == external_id)
+    }
+
+    /// Creates a user directly, as another system would have.
+    pub async fn create_directly(&self, resource: serde_json::Value) -> serde_json::Value {
+        let response = reqwest::Client::new()
+            .post(format!("{}/Users", self.base_url))
+            .header("content-type", "application/scim+json")
+            .json(&resource)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 201);
+        response.json().await.unwrap()
+    }
+}
