@@ -400,20 +400,20 @@ async fn get_user(State(state): State<ScimState>, Path(id): Path<String>) -> Res
     }
 }
 
-/// Checks `If-Match` against the stored version (when ETags are on and one was sent).
-fn precondition(state: &ScimState, headers: &HeaderMap, user: &StoredUser) -> Result<(), Response> {
+/// Whether `If-Match` (when ETags are on and one was sent) matches the stored version.
+fn precondition_holds(state: &ScimState, headers: &HeaderMap, user: &StoredUser) -> bool {
     let Some(expected) = headers.get(header::IF_MATCH).and_then(|value| value.to_str().ok()) else {
-        return Ok(());
+        return true;
     };
-    if !state.settings.etag || expected == "*" || expected == format!("W/\"{}\"", user.version) {
-        Ok(())
-    } else {
-        Err(scim_error(
-            StatusCode::PRECONDITION_FAILED,
-            None,
-            "the resource changed since it was read",
-        ))
-    }
+    !state.settings.etag || expected == "*" || expected == format!("W/\"{}\"", user.version)
+}
+
+fn stale_version() -> Response {
+    scim_error(
+        StatusCode::PRECONDITION_FAILED,
+        None,
+        "the resource changed since it was read",
+    )
 }
 
 async fn replace_user(
@@ -426,8 +426,8 @@ async fn replace_user(
     let Some(user) = directory.users.get(&id) else {
         return scim_error(StatusCode::NOT_FOUND, None, &format!("no user {id}"));
     };
-    if let Err(response) = precondition(&state, &headers, user) {
-        return response;
+    if !precondition_holds(&state, &headers, user) {
+        return stale_version();
     }
     if let Some(message) = conflict(&directory, &resource, Some(&id)) {
         return scim_error(StatusCode::CONFLICT, Some("uniqueness"), &message);
@@ -452,8 +452,8 @@ async fn patch_user(
     let Some(user) = directory.users.get(&id) else {
         return scim_error(StatusCode::NOT_FOUND, None, &format!("no user {id}"));
     };
-    if let Err(response) = precondition(&state, &headers, user) {
-        return response;
+    if !precondition_holds(&state, &headers, user) {
+        return stale_version();
     }
     let mut resource = user.resource.clone();
     let Some(operations) = patch.get("Operations").and_then(Value::as_array) else {
@@ -506,8 +506,8 @@ async fn delete_user(State(state): State<ScimState>, Path(id): Path<String>, hea
     let Some(user) = directory.users.get(&id) else {
         return scim_error(StatusCode::NOT_FOUND, None, &format!("no user {id}"));
     };
-    if let Err(response) = precondition(&state, &headers, user) {
-        return response;
+    if !precondition_holds(&state, &headers, user) {
+        return stale_version();
     }
     directory.users.remove(&id);
     StatusCode::NO_CONTENT.into_response()
