@@ -63,9 +63,19 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
-    /// Run everything in-process on an embedded broker (reserved).
-    #[command(hide = true)]
-    Demo,
+    /// See it work: an embedded Kafka broker, target emulators, the service, and a
+    /// realistic mix of events, ending with a summary.
+    Demo {
+        /// Users in the generated workload.
+        #[arg(long, default_value_t = 40)]
+        users: usize,
+        /// Leave everything up after the summary, to publish your own events.
+        #[arg(long)]
+        keep_running: bool,
+        /// Where to serve /metrics (a free port is used if this one is taken).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_listen: std::net::SocketAddr,
+    },
     /// Measure throughput and latency (reserved).
     #[command(hide = true)]
     Bench,
@@ -202,7 +212,16 @@ pub fn run(cli: Cli) -> ExitCode {
             dry_run,
         ),
         Command::Emulate { target } => emulate(target),
-        Command::Demo | Command::Bench => {
+        Command::Demo {
+            users,
+            keep_running,
+            metrics_listen,
+        } => demo(crate::demo::DemoOptions {
+            users,
+            keep_running,
+            admin_listen: metrics_listen,
+        }),
+        Command::Bench => {
             eprintln!("provisioner: this command is reserved and not available in this build");
             ExitCode::from(EXIT_CONFIG)
         }
@@ -415,4 +434,22 @@ fn emulate(target: EmulateTarget) -> ExitCode {
             }
         }
     })
+}
+
+fn demo(options: crate::demo::DemoOptions) -> ExitCode {
+    // Quiet by default: the demo prints its own progress and summary.
+    telemetry::init(&TelemetrySettings {
+        format: crate::settings::LogFormat::Pretty,
+        level: "error".into(),
+    });
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(crate::demo::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("provisioner demo: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -93,6 +93,12 @@ impl Client {
     /// Validates and publishes `event_json` (a structured CloudEvent) as a blocking
     /// caller, and waits up to `timeout` for the reply.
     pub async fn send_and_wait(&self, event_json: &[u8], timeout: Duration) -> Result<ProvisioningResult, ClientError> {
+        self.publish_for_reply(event_json).await?.wait(timeout).await
+    }
+
+    /// Publishes as a blocking caller and returns once the broker has the event; the
+    /// reply is awaited separately, so a caller can keep publishing in order meanwhile.
+    pub async fn publish_for_reply(&self, event_json: &[u8]) -> Result<PendingReply, ClientError> {
         let event = event::decode(Some(event_json), &[], self.max_event_bytes)?;
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (sender, receiver) = oneshot::channel();
@@ -100,22 +106,15 @@ impl Client {
             .lock()
             .expect("waiters lock")
             .insert(correlation_id.clone(), sender);
-        let published = self.publish(&event, event_json, Some(&correlation_id)).await;
-        if let Err(error) = published {
+        if let Err(error) = self.publish(&event, event_json, Some(&correlation_id)).await {
             self.waiters.lock().expect("waiters lock").remove(&correlation_id);
             return Err(error);
         }
-        match tokio::time::timeout(timeout, receiver).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(ClientError::ReaderStopped),
-            Err(_) => {
-                self.waiters.lock().expect("waiters lock").remove(&correlation_id);
-                Err(ClientError::Timeout {
-                    correlation_id,
-                    waited: timeout,
-                })
-            }
-        }
+        Ok(PendingReply {
+            correlation_id,
+            receiver,
+            waiters: self.waiters.clone(),
+        })
     }
 
     /// Validates and publishes `event_json` without waiting. Returns the event id.
@@ -158,6 +157,30 @@ impl Client {
             .await
             .map(|_| ())
             .map_err(|(error, _)| ClientError::Kafka(error))
+    }
+}
+
+/// A published blocking event whose reply has not been awaited yet.
+pub struct PendingReply {
+    pub correlation_id: String,
+    receiver: oneshot::Receiver<ProvisioningResult>,
+    waiters: Waiters,
+}
+
+impl PendingReply {
+    /// Waits up to `timeout` for the reply.
+    pub async fn wait(self, timeout: Duration) -> Result<ProvisioningResult, ClientError> {
+        match tokio::time::timeout(timeout, self.receiver).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(ClientError::ReaderStopped),
+            Err(_) => {
+                self.waiters.lock().expect("waiters lock").remove(&self.correlation_id);
+                Err(ClientError::Timeout {
+                    correlation_id: self.correlation_id,
+                    waited: timeout,
+                })
+            }
+        }
     }
 }
 

@@ -21,6 +21,7 @@ pub mod app;
 pub mod cli;
 pub mod client;
 pub mod connectors;
+pub mod demo;
 pub mod emulators;
 pub mod event;
 pub mod kafka;

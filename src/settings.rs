@@ -148,7 +148,7 @@ pub struct KafkaSettings {
     pub properties: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSecurity {
     #[serde(default)]
@@ -1135,6 +1135,23 @@ fn default_locale() -> String {
 }
 fn default_email_encoding() -> String {
     "UTF-8".into()
+}
+
+impl Default for KafkaSecurity {
+    fn default() -> Self {
+        Self {
+            protocol: SecurityProtocol::default(),
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_file: None,
+            ssl_certificate_file: None,
+            ssl_key_file: None,
+            ssl_key_password: None,
+            // Verification is on unless switched off explicitly.
+            ssl_verify_hostname: true,
+        }
+    }
 }
 
 impl Default for PipelineSettings {

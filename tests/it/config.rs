@@ -226,3 +226,25 @@ fn several_problems_are_reported_together() {
         "{stderr}"
     );
 }
+
+#[test]
+fn tls_verification_is_on_unless_switched_off() {
+    let settings = Settings::from_toml_str(MINIMAL).unwrap();
+    assert!(
+        settings.kafka.security.ssl_verify_hostname,
+        "Kafka host-name verification off by default"
+    );
+    let ConnectorSettings::Scim2(scim) = &settings.connectors["directory"] else {
+        panic!("scim2 expected")
+    };
+    assert!(
+        !scim.http.insecure_skip_verify,
+        "connector TLS verification off by default"
+    );
+    let with_section = MINIMAL.replace(
+        "bootstrap_servers = \"127.0.0.1:9092\"",
+        "bootstrap_servers = \"127.0.0.1:9092\"\n[kafka.security]\nprotocol = \"ssl\"",
+    );
+    let settings = Settings::from_toml_str(&with_section).unwrap();
+    assert!(settings.kafka.security.ssl_verify_hostname);
+}

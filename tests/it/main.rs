@@ -6,6 +6,7 @@
 mod blocking;
 mod config;
 mod contract;
+mod demo;
 mod kafka_roundtrip;
 mod pipeline;
 mod scim;

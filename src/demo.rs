@@ -1,0 +1,518 @@
+//! `provisioner demo`: the whole service on one machine with nothing installed.
+//!
+//! An in-process Kafka broker (librdkafka's mock cluster), the target emulators, the
+//! real service with an example configuration, and a realistic mix of lifecycle
+//! events, some sent by a blocking caller. It ends with a summary and exits 0 only when
+//! every event got its result.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Application;
+use crate::client::Client;
+use crate::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
+use crate::emulators::Faults;
+use crate::result::{Outcome, ProvisioningResult};
+use crate::settings::Settings;
+
+const EVENT_TOPIC: &str = "identity.user-events";
+const RESULTS_TOPIC: &str = "provisioner.results";
+const REPLY_TOPIC: &str = "provisioner.replies";
+const DEAD_LETTER_TOPIC: &str = "provisioner.dead-letters";
+const TENANT: &str = "carbon.super";
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Users in the generated workload (each gets several events).
+    pub users: usize,
+    /// Leave everything running after the summary, until Ctrl-C.
+    pub keep_running: bool,
+    /// Where to serve `/metrics`; port 0 picks a free one.
+    pub admin_listen: SocketAddr,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            users: 40,
+            keep_running: false,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("embedded Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("cannot start an emulator: {0}")]
+    Emulator(#[from] std::io::Error),
+    #[error(transparent)]
+    Startup(#[from] crate::app::StartupError),
+    #[error("blocking caller: {0}")]
+    Client(#[from] crate::client::ClientError),
+    #[error("the service did not become ready within 60 s")]
+    NotReady,
+    #[error("only {received} of {expected} results arrived within {waited:?}")]
+    Incomplete {
+        received: usize,
+        expected: usize,
+        waited: Duration,
+    },
+}
+
+/// The demo configuration, pointed at the embedded broker and emulators.
+fn demo_settings(bootstrap: &str, directory_url: &str, lab_url: &str, admin: SocketAddr) -> Settings {
+    Settings::from_toml_str(&format!(
+        r#"
+        [kafka]
+        bootstrap_servers = "{bootstrap}"
+        group_id = "provisioner-demo"
+        event_topics = ["{EVENT_TOPIC}"]
+        results_topic = "{RESULTS_TOPIC}"
+        reply_topic = "{REPLY_TOPIC}"
+        dead_letter_topic = "{DEAD_LETTER_TOPIC}"
+        commit_interval = "200ms"
+
+        [admin]
+        listen = "{admin}"
+
+        [pipeline]
+        max_in_flight = 64
+
+        # The corporate directory every user goes to; sign-up flows wait for it.
+        [connectors.corp_directory]
+        type = "scim2"
+        base_url = "{directory_url}"
+        [connectors.corp_directory.delivery]
+        max_in_flight = 16
+        initial_backoff = "50ms"
+        max_backoff = "2s"
+
+        # An engineering lab directory, only for engineers (a rule), off the critical path.
+        [connectors.lab_directory]
+        type = "scim2"
+        base_url = "{lab_url}"
+        deprovision = "deactivate"
+        [connectors.lab_directory.delivery]
+        max_in_flight = 8
+        initial_backoff = "50ms"
+        max_backoff = "2s"
+
+        [[tenants."{TENANT}".resident.bindings]]
+        connector = "corp_directory"
+        blocking = true
+        jit_outbound = true
+
+        [tenants."{TENANT}".service_providers.engineering_portal]
+        inherit_resident = true
+        [[tenants."{TENANT}".service_providers.engineering_portal.bindings]]
+        connector = "lab_directory"
+        blocking = false
+        jit_outbound = true
+        rule = "'engineering' in groups"
+
+        [tenants."{TENANT}".service_providers.partner_portal]
+        [[tenants."{TENANT}".service_providers.partner_portal.bindings]]
+        connector = "corp_directory"
+        blocking = true
+        jit_outbound = true
+        "#
+    ))
+    .expect("the demo configuration is valid")
+}
+
+/// One generated event: its id, whether a blocking caller sends it, and its JSON.
+struct DemoEvent {
+    key: String,
+    blocking: bool,
+    json: Vec<u8>,
+}
+
+fn workload(users: usize) -> Vec<DemoEvent> {
+    let mut events = Vec::new();
+    let mut push = |event_type: &str, user: usize, blocking: bool, extra: serde_json::Value| {
+        let user_id = format!("7d0c{user:04}-demo");
+        let id = format!("{}-{user}-{}", event_type.trim_start_matches("user."), events.len());
+        let mut data = json!({
+            "tenant": TENANT,
+            "user": {
+                "id": user_id,
+                "userName": format!("user{user:03}"),
+                "userStoreDomain": "PRIMARY",
+                "name": {"givenName": format!("Given{user}"), "familyName": format!("Family{user}")},
+                "emails": [{"value": format!("user{user:03}@example.com"), "primary": true}],
+                "groups": if user % 3 == 0 { json!(["engineering"]) } else { json!(["sales"]) },
+            }
+        });
+        if let serde_json::Value::Object(extra) = extra {
+            for (key, value) in extra {
+                data[key] = value;
+            }
+        }
+        let event = json!({
+            "specversion": "1.0", "id": id, "source": "/wso2is/carbon.super", "type": event_type,
+            "time": chrono::Utc::now().to_rfc3339(), "data": data,
+        });
+        events.push(DemoEvent {
+            key: format!("{TENANT}/{user_id}"),
+            blocking,
+            json: serde_json::to_vec(&event).expect("JSON"),
+        });
+    };
+    for user in 0..users {
+        match user % 4 {
+            // Created by an admin or over the API, through one of the apps.
+            0 | 1 => push(
+                "user.created",
+                user,
+                false,
+                json!({"service_provider": "engineering_portal"}),
+            ),
+            // Self sign-up: the sign-up flow waits for the reply.
+            2 => push("user.self_signed_up", user, true, json!({})),
+            // Federated login with just-in-time provisioning.
+            _ => push(
+                "user.jit_provisioned",
+                user,
+                false,
+                json!({"service_provider": "engineering_portal", "identity_provider": "PartnerAzureAD"}),
+            ),
+        }
+    }
+    for user in (0..users).step_by(2) {
+        push(
+            "user.updated",
+            user,
+            false,
+            json!({"service_provider": "engineering_portal"}),
+        );
+    }
+    for user in (0..users).step_by(5) {
+        push(
+            "user.deleted",
+            user,
+            false,
+            json!({"service_provider": "engineering_portal"}),
+        );
+    }
+    events
+}
+
+/// Runs the demo and prints its summary.
+pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
+    let started = Instant::now();
+    println!(
+        "provisioner demo: an embedded Kafka broker, two SCIM targets, the service, and {} users.\n",
+        options.users
+    );
+
+    let cluster = MockCluster::new(1)?;
+    let bootstrap = cluster.bootstrap_servers();
+    cluster.create_topic(EVENT_TOPIC, 4, 1)?;
+    for topic in [RESULTS_TOPIC, REPLY_TOPIC, DEAD_LETTER_TOPIC] {
+        cluster.create_topic(topic, 1, 1)?;
+    }
+    let shutdown = CancellationToken::new();
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    // Realistic targets: some latency, an occasional 429 or 500, so retries show.
+    let directory = scim_emulator::start(
+        loopback,
+        ScimEmulatorSettings {
+            faults: Faults {
+                latency: Duration::from_millis(15),
+                jitter: Duration::from_millis(20),
+                rate_429: 0.03,
+                retry_after_seconds: 1,
+                rate_500: 0.03,
+                ..Faults::default()
+            },
+            ..ScimEmulatorSettings::default()
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let lab = scim_emulator::start(
+        loopback,
+        ScimEmulatorSettings {
+            faults: Faults {
+                latency: Duration::from_millis(40),
+                jitter: Duration::from_millis(40),
+                ..Faults::default()
+            },
+            patch: false,
+            ..ScimEmulatorSettings::default()
+        },
+        shutdown.clone(),
+    )
+    .await?;
+
+    let admin = match std::net::TcpListener::bind(options.admin_listen) {
+        Ok(listener) => listener.local_addr()?,
+        Err(_) => loopback,
+    };
+    let settings = demo_settings(&bootstrap, &directory.base_url(), &lab.base_url(), admin);
+    let application = Application::build(settings.clone()).await?;
+    let metrics = application.metrics();
+    let readiness = application.readiness();
+    let admin_address = application.admin_address();
+    let service_shutdown = CancellationToken::new();
+    let service = tokio::spawn(application.run_until_stopped(service_shutdown.clone()));
+    // Joining the consumer group takes a few seconds; publish once the service is ready,
+    // so the round trip below measures provisioning, not start-up.
+    let ready_deadline = Instant::now() + Duration::from_secs(60);
+    while !readiness.is_ready() {
+        if Instant::now() > ready_deadline {
+            return Err(DemoError::NotReady);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "  service ready after {:.1} s (consumer group joined, producer connected)",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Watch the results topic from the start.
+    let results_reader: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "provisioner-demo-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(RESULTS_TOPIC, 0, Offset::Beginning)?;
+    results_reader.assign(&assignment)?;
+
+    let events = workload(options.users);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("linger.ms", "5")
+        .create()?;
+    let client = Client::connect(&settings.kafka).await?;
+    let mut blocking_round_trip = None;
+    let mut blocking_waits = Vec::new();
+    for event in &events {
+        if event.blocking {
+            if blocking_round_trip.is_none() {
+                let sent_at = Instant::now();
+                let reply = client.send_and_wait(&event.json, Duration::from_secs(30)).await?;
+                blocking_round_trip = Some((event.json.clone(), reply, sent_at.elapsed()));
+            } else {
+                // Published now, in order; the reply is awaited at the end.
+                blocking_waits.push(
+                    client
+                        .publish_for_reply(&event.json)
+                        .await?
+                        .wait(Duration::from_secs(60)),
+                );
+            }
+        } else {
+            producer
+                .send(
+                    FutureRecord::to(EVENT_TOPIC)
+                        .key(&event.key)
+                        .payload(&event.json)
+                        .headers(rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                            key: "content-type",
+                            value: Some("application/cloudevents+json"),
+                        })),
+                    Timeout::After(Duration::from_secs(10)),
+                )
+                .await
+                .map_err(|(error, _)| error)?;
+        }
+    }
+    // One malformed event, to show the dead-letter path.
+    producer
+        .send(
+            FutureRecord::to(EVENT_TOPIC)
+                .key("garbage")
+                .payload("{\"specversion\": \"1.0\", oops"),
+            Timeout::After(Duration::from_secs(10)),
+        )
+        .await
+        .map_err(|(error, _)| error)?;
+    let blocking_replies = futures::future::join_all(blocking_waits).await;
+    let blocking_failures = blocking_replies.iter().filter(|reply| reply.is_err()).count();
+
+    // Collect every result, showing progress.
+    let expected = events.len();
+    let mut results: HashMap<String, ProvisioningResult> = HashMap::new();
+    let deadline = Duration::from_secs(120);
+    let mut last_progress = Instant::now();
+    while results.len() < expected {
+        let remaining = deadline.saturating_sub(started.elapsed());
+        match tokio::time::timeout(remaining.min(Duration::from_millis(500)), results_reader.recv()).await {
+            Ok(Ok(message)) => {
+                if let Some(Ok(result)) = message.payload().map(serde_json::from_slice::<ProvisioningResult>) {
+                    results.insert(result.event_id.clone(), result);
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(error = %error, "Results reader error."),
+            Err(_) if remaining.is_zero() => {
+                return Err(DemoError::Incomplete {
+                    received: results.len(),
+                    expected,
+                    waited: deadline,
+                })
+            }
+            Err(_) => {}
+        }
+        if last_progress.elapsed() >= Duration::from_millis(500) || results.len() == expected {
+            println!(
+                "  progress: {:>4}/{expected} events have their complete result",
+                results.len()
+            );
+            last_progress = Instant::now();
+        }
+    }
+
+    print_summary(
+        &results,
+        &metrics,
+        blocking_round_trip.as_ref(),
+        admin_address,
+        started.elapsed(),
+    );
+    if blocking_failures > 0 {
+        println!("  {blocking_failures} blocking callers got no reply in time");
+    }
+
+    if options.keep_running {
+        println!("\nStill running (Ctrl-C to stop):");
+        println!("  Kafka bootstrap    {bootstrap}   (topics: {EVENT_TOPIC}, {RESULTS_TOPIC}, {REPLY_TOPIC}, {DEAD_LETTER_TOPIC})");
+        println!("  SCIM corp_directory {}", directory.base_url());
+        println!("  SCIM lab_directory  {}", lab.base_url());
+        println!("  metrics            http://{admin_address}/metrics");
+        crate::shutdown::on_signal().cancelled().await;
+    }
+    service_shutdown.cancel();
+    let _ = service.await;
+    shutdown.cancel();
+    // Every client goes before the broker, or they log its disappearance.
+    drop(client);
+    drop(results_reader);
+    drop(producer);
+    drop(cluster);
+    Ok(())
+}
+
+fn print_summary(
+    results: &HashMap<String, ProvisioningResult>,
+    metrics: &crate::metrics::Metrics,
+    round_trip: Option<&(Vec<u8>, ProvisioningResult, Duration)>,
+    admin: SocketAddr,
+    elapsed: Duration,
+) {
+    let mut outcomes: BTreeMap<String, BTreeMap<&'static str, usize>> = BTreeMap::new();
+    let mut latencies: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    for result in results.values() {
+        for connector in &result.results {
+            *outcomes
+                .entry(connector.connector.clone())
+                .or_default()
+                .entry(connector.outcome.as_str())
+                .or_default() += 1;
+            if connector.outcome != Outcome::Skipped {
+                let took = (connector.finished_at - connector.started_at)
+                    .to_std()
+                    .unwrap_or_default();
+                latencies.entry(connector.connector.clone()).or_default().push(took);
+            }
+        }
+    }
+    println!(
+        "\nSummary ({} events in {:.1} s)\n",
+        results.len(),
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "  {:<16} {:<64} {:>7} {:>9} {:>9}",
+        "connector", "outcomes", "retries", "p50", "p99"
+    );
+    for (connector, counts) in &outcomes {
+        let counts_text = counts
+            .iter()
+            .map(|(outcome, count)| format!("{outcome}={count}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let retries = retries_for(metrics, connector);
+        let mut took = latencies.get(connector).cloned().unwrap_or_default();
+        took.sort();
+        println!(
+            "  {:<16} {:<64} {:>7} {:>9} {:>9}",
+            connector,
+            counts_text,
+            retries,
+            format_duration(percentile(&took, 0.50)),
+            format_duration(percentile(&took, 0.99)),
+        );
+    }
+    let dead_letters: f64 = prometheus::core::Collector::collect(&metrics.dead_letters)
+        .iter()
+        .flat_map(|family| {
+            family
+                .get_metric()
+                .iter()
+                .map(|metric| metric.get_counter().get_value())
+        })
+        .sum();
+    println!("\n  dead letters: {dead_letters} (the malformed event, with its reason in x-provisioner-reason)");
+    if let Some((request, reply, took)) = round_trip {
+        let request: serde_json::Value = serde_json::from_slice(request).unwrap_or_default();
+        println!("\nOne blocking round trip ({} ms):", took.as_millis());
+        println!(
+            "  request (headers correlation_id, reply_to = {REPLY_TOPIC}):\n{}",
+            indent(&serde_json::to_string_pretty(&request).unwrap_or_default())
+        );
+        println!(
+            "  reply:\n{}",
+            indent(&serde_json::to_string_pretty(reply).unwrap_or_default())
+        );
+    }
+    println!("\n  metrics: http://{admin}/metrics");
+}
+
+fn retries_for(metrics: &crate::metrics::Metrics, connector: &str) -> u64 {
+    [
+        crate::result::ErrorKind::Transport,
+        crate::result::ErrorKind::Timeout,
+        crate::result::ErrorKind::Throttled,
+        crate::result::ErrorKind::Server,
+    ]
+    .iter()
+    .map(|kind| {
+        metrics
+            .connector_retries
+            .with_label_values(&[connector, kind.as_str()])
+            .get()
+    })
+    .sum()
+}
+
+fn percentile(sorted: &[Duration], quantile: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 * quantile).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[index]
+}
+
+fn format_duration(duration: Duration) -> String {
+    format!("{:.1} ms", duration.as_secs_f64() * 1000.0)
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|line| format!("    {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
