@@ -111,6 +111,25 @@ pub enum EmulateTarget {
         #[arg(long)]
         no_etag: bool,
     },
+    /// An in-memory Google Directory API at http://LISTEN/admin/directory/v1 with its
+    /// token endpoint at http://LISTEN/token.
+    Google {
+        #[command(flatten)]
+        common: EmulatorArgs,
+        /// The Workspace domain every primaryEmail must end with.
+        #[arg(long, default_value = "example.com")]
+        domain: String,
+        /// The admin the service account may impersonate.
+        #[arg(long, default_value = "admin@example.com")]
+        admin_email: String,
+        /// A service-account key file (Google's JSON) whose key tokens must be signed
+        /// with. Without it a key is generated and written to --write-key.
+        #[arg(long, conflicts_with = "write_key")]
+        service_account_key: Option<PathBuf>,
+        /// Where to write a generated service-account key file for the connector.
+        #[arg(long, default_value = "google-service-account.json")]
+        write_key: PathBuf,
+    },
 }
 
 /// Options every emulator takes.
@@ -397,6 +416,13 @@ fn emulate(target: EmulateTarget) -> ExitCode {
     runtime.block_on(async move {
         let shutdown = shutdown::on_signal();
         match target {
+            EmulateTarget::Google {
+                common,
+                domain,
+                admin_email,
+                service_account_key,
+                write_key,
+            } => emulate_google(common, domain, admin_email, service_account_key, write_key, shutdown).await,
             EmulateTarget::Scim {
                 common,
                 bearer_token,
@@ -452,4 +478,74 @@ fn demo(options: crate::demo::DemoOptions) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn emulate_google(
+    common: EmulatorArgs,
+    domain: String,
+    admin_email: String,
+    service_account_key: Option<PathBuf>,
+    write_key: PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> ExitCode {
+    use crate::connectors::jwt::RsaSigner;
+    let listen = common.listen;
+    let (signer, client_email, generated) = match service_account_key {
+        Some(path) => {
+            let key = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+            let parsed = key.as_ref().and_then(|key| {
+                let signer = RsaSigner::from_pem(key.get("private_key")?.as_str()?).ok()?;
+                Some((signer, key.get("client_email")?.as_str()?.to_string()))
+            });
+            match parsed {
+                Some((signer, email)) => (signer, email, false),
+                None => {
+                    eprintln!("provisioner: {} is not a service-account key file", path.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+        None => (
+            RsaSigner::generate(),
+            "provisioner@emulator.iam.gserviceaccount.com".to_string(),
+            true,
+        ),
+    };
+    let settings = crate::emulators::google::GoogleEmulatorSettings {
+        domain,
+        client_email: client_email.clone(),
+        public_key: signer.public_key(),
+        admin_email,
+        token_lifetime: Duration::from_secs(3600),
+        faults: common.faults(),
+    };
+    let emulator = match crate::emulators::google::start(listen, settings, shutdown.clone()).await {
+        Ok(emulator) => emulator,
+        Err(error) => {
+            eprintln!("provisioner: cannot listen on {listen}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if generated {
+        let key = serde_json::json!({
+            "type": "service_account",
+            "client_email": client_email,
+            "private_key": signer.private_key_pem(),
+            "token_uri": emulator.token_url(),
+        });
+        if let Err(error) = std::fs::write(&write_key, serde_json::to_string_pretty(&key).expect("JSON")) {
+            eprintln!("provisioner: cannot write {}: {error}", write_key.display());
+            return ExitCode::FAILURE;
+        }
+        println!(
+            "wrote a service-account key for this emulator to {}",
+            write_key.display()
+        );
+    }
+    println!("Google Directory emulator: api_base_url {}", emulator.api_base_url());
+    println!("  token endpoint {}", emulator.token_url());
+    shutdown.cancelled().await;
+    ExitCode::SUCCESS
 }

@@ -507,7 +507,8 @@ pub struct GoogleSettings {
     pub token_url: Option<Url>,
     #[serde(default)]
     pub primary_email: AccountNamePattern,
-    /// Used when the event has no given/family name (Google requires both).
+    /// Used when the event has no given/family name (Google requires both);
+    /// `{UN}` stands for the user name.
     #[serde(default = "default_name_fallback")]
     pub given_name_fallback: String,
     #[serde(default = "default_name_fallback")]
@@ -1116,7 +1117,7 @@ fn default_google_api_base_url() -> Url {
     Url::parse("https://admin.googleapis.com").expect("constant URL")
 }
 fn default_name_fallback() -> String {
-    "-".into()
+    "{UN}".into()
 }
 fn default_org_unit_path() -> String {
     "/".into()

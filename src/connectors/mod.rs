@@ -7,7 +7,10 @@
 //! **Invariant:** connector calls are idempotent. Create on an existing account adopts
 //! it; delete of a missing account is `already_absent`. Redelivery is therefore harmless.
 
+pub mod google;
 pub mod http;
+pub mod jwt;
+pub mod naming;
 pub mod oauth;
 pub mod scim;
 
@@ -184,7 +187,8 @@ impl ConnectorSet {
 fn build_connector(name: &str, settings: &ConnectorSettings) -> Result<Arc<dyn Connector>, BuildError> {
     match settings {
         ConnectorSettings::Scim2(scim) => scim::build(name, scim),
-        ConnectorSettings::Google(_) | ConnectorSettings::Salesforce(_) => Err(BuildError::Unsupported {
+        ConnectorSettings::Google(google) => google::build(name, google),
+        ConnectorSettings::Salesforce(_) => Err(BuildError::Unsupported {
             name: name.to_string(),
             kind: settings.kind(),
         }),

@@ -6,6 +6,7 @@
 //! latency and injected faults, changeable at run time via `POST /_emulator/faults`,
 //! and counters at `GET /_emulator/stats`.
 
+pub mod google;
 pub mod scim;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -31,10 +32,12 @@ pub struct Faults {
     /// Uniform extra latency in [0, jitter].
     #[serde(with = "humantime_serde")]
     pub jitter: Duration,
-    /// Answer 429 with `Retry-After: retry_after_seconds`.
+    /// Answer "slow down" in the target's dialect (SCIM: 429 with
+    /// `Retry-After: retry_after_seconds`; Google: 403 userRateLimitExceeded;
+    /// Salesforce: 403 REQUEST_LIMIT_EXCEEDED).
     pub rate_429: f64,
     pub retry_after_seconds: u64,
-    /// Answer 500.
+    /// Answer a server error in the target's dialect (Google: 503 backendError).
     pub rate_500: f64,
     /// Never answer (until the client gives up).
     pub rate_hang: f64,
@@ -68,18 +71,83 @@ impl Stats {
     }
 }
 
+/// How a target says "slow down" and "I failed": injected faults speak its dialect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// 429 and 500 with SCIM error bodies.
+    #[default]
+    Scim,
+    /// 403 `userRateLimitExceeded` and 503 `backendError`, Google's error bodies.
+    Google,
+    /// 403 `REQUEST_LIMIT_EXCEEDED` (no Retry-After) and 500, Salesforce's error arrays.
+    Salesforce,
+}
+
+impl Dialect {
+    fn throttled(self, retry_after_seconds: u64) -> Response {
+        match self {
+            Dialect::Scim => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, retry_after_seconds.to_string())],
+                Json(serde_json::json!({
+                    "schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
+                    "status": "429", "detail": "rate limit (injected)"
+                })),
+            )
+                .into_response(),
+            Dialect::Google => (
+                StatusCode::FORBIDDEN,
+                Json(serde_json::json!({"error": {"code": 403, "message": "Rate Limit Exceeded (injected)",
+                    "errors": [{"domain": "usageLimits", "reason": "userRateLimitExceeded", "message": "Rate Limit Exceeded"}]}})),
+            )
+                .into_response(),
+            Dialect::Salesforce => (
+                StatusCode::FORBIDDEN,
+                Json(serde_json::json!([{"message": "TotalRequests Limit exceeded. (injected)", "errorCode": "REQUEST_LIMIT_EXCEEDED"}])),
+            )
+                .into_response(),
+        }
+    }
+
+    fn server_error(self) -> Response {
+        match self {
+            Dialect::Scim => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(serde_json::json!({
+                    "schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
+                    "status": "500", "detail": "internal error (injected)"
+                })),
+            )
+                .into_response(),
+            Dialect::Google => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"error": {"code": 503, "message": "Backend Error (injected)",
+                    "errors": [{"domain": "global", "reason": "backendError", "message": "Backend Error"}]}})),
+            )
+                .into_response(),
+            Dialect::Salesforce => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(serde_json::json!([{"message": "An unexpected error occurred. (injected)", "errorCode": "UNKNOWN_EXCEPTION"}])),
+            )
+                .into_response(),
+        }
+    }
+}
+
 /// State shared by the fault middleware and the admin routes.
 #[derive(Clone, Default)]
 pub struct Control {
     pub faults: Arc<Mutex<Faults>>,
     pub stats: Arc<Stats>,
+    pub dialect: Dialect,
 }
 
 impl Control {
-    pub fn new(faults: Faults) -> Control {
+    pub fn new(faults: Faults, dialect: Dialect) -> Control {
         Control {
             faults: Arc::new(Mutex::new(faults)),
             stats: Arc::default(),
+            dialect,
         }
     }
 }
@@ -112,20 +180,11 @@ pub async fn inject_faults(State(control): State<Control>, request: Request, nex
     };
     if fault(faults.rate_429) {
         stats.injected_faults.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, faults.retry_after_seconds.to_string())],
-            Json(serde_json::json!({"status": "429", "detail": "rate limit (injected)"})),
-        )
-            .into_response();
+        return control.dialect.throttled(faults.retry_after_seconds);
     }
     if fault(faults.rate_500) {
         stats.injected_faults.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(serde_json::json!({"status": "500", "detail": "internal error (injected)"})),
-        )
-            .into_response();
+        return control.dialect.server_error();
     }
     if fault(faults.rate_hang) {
         stats.injected_faults.fetch_add(1, Ordering::Relaxed);

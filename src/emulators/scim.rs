@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::emulators::{get_stats, inject_faults, set_faults, Control, Faults};
+use crate::emulators::{get_stats, inject_faults, set_faults, Control, Dialect, Faults};
 
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
@@ -123,7 +123,7 @@ pub async fn start(
 ) -> std::io::Result<ScimEmulator> {
     let listener = TcpListener::bind(address).await?;
     let address = listener.local_addr()?;
-    let control = Control::new(settings.faults.clone());
+    let control = Control::new(settings.faults.clone(), Dialect::Scim);
     let state = ScimState {
         settings: Arc::new(settings),
         directory: Arc::default(),

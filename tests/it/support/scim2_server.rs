@@ -24,7 +24,7 @@ fn binary() -> PathBuf {
     let cache = std::env::var_os("PROVISIONER_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/provisioner"));
-    let cached = cache.join("venv-scim2-server-0.8.3/bin/scim2-server");
+    let cached = cache.join("venv-scim2-server-0.8.3-gapi-2.202.0/bin/scim2-server");
     assert!(
         cached.exists(),
         "no scim2-server: run scripts/test (it installs it into {}) or set SCIM2_SERVER_BIN",

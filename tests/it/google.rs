@@ -1,0 +1,511 @@
+//! The Google Workspace connector against the Directory API emulator, request bodies
+//! checked against Google's official discovery document, and end to end through Kafka.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use provisioner::connectors::google::GoogleConnector;
+use provisioner::connectors::jwt::RsaSigner;
+use provisioner::connectors::{Connector, ConnectorError};
+use provisioner::emulators::google::{self as google_emulator, GoogleEmulator, GoogleEmulatorSettings};
+use provisioner::emulators::Faults;
+use provisioner::event::{self, UserEvent};
+use provisioner::result::{Operation, Outcome, Status};
+use provisioner::retry::{run_with_retries, RetryPolicy};
+use provisioner::settings::{GoogleSettings, Settings};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::app::{producer, publish, Names, TopicReader};
+use crate::support::doubles::event_json;
+
+const SERVICE_ACCOUNT: &str = "provisioner@demo-project.iam.gserviceaccount.com";
+const ADMIN: &str = "admin@example.com";
+
+struct Fixture {
+    emulator: GoogleEmulator,
+    key: RsaSigner,
+    _shutdown: CancellationToken,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let key = RsaSigner::generate();
+        let shutdown = CancellationToken::new();
+        let emulator = google_emulator::start(
+            "127.0.0.1:0".parse().unwrap(),
+            GoogleEmulatorSettings {
+                domain: "example.com".into(),
+                client_email: SERVICE_ACCOUNT.into(),
+                public_key: key.public_key(),
+                admin_email: ADMIN.into(),
+                token_lifetime: Duration::from_secs(3600),
+                faults: Faults::default(),
+            },
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        Fixture {
+            emulator,
+            key,
+            _shutdown: shutdown,
+        }
+    }
+
+    fn key_json(&self, signer: &RsaSigner) -> String {
+        json!({
+            "type": "service_account",
+            "client_email": SERVICE_ACCOUNT,
+            "private_key": signer.private_key_pem(),
+            "token_uri": self.emulator.token_url(),
+        })
+        .to_string()
+    }
+
+    fn settings(&self, extra: Value) -> GoogleSettings {
+        let mut settings = json!({
+            "domain": "example.com",
+            "service_account_key": self.key_json(&self.key),
+            "admin_email": ADMIN,
+            "api_base_url": self.emulator.api_base_url(),
+        });
+        if let Value::Object(extra) = extra {
+            for (key, value) in extra {
+                settings[key] = value;
+            }
+        }
+        serde_json::from_value(settings).unwrap()
+    }
+
+    fn connector(&self, extra: Value) -> GoogleConnector {
+        GoogleConnector::new("workspace", &self.settings(extra)).unwrap()
+    }
+}
+
+fn user_event(event_type: &str, user_id: &str, user: Value) -> UserEvent {
+    let bytes = event_json(
+        &format!("{event_type}-{user_id}"),
+        event_type,
+        "acme",
+        user_id,
+        json!({"user": user}),
+    );
+    event::decode(Some(&bytes), &[], 1 << 20).unwrap()
+}
+
+#[tokio::test]
+async fn create_update_suspend_and_delete() {
+    let fixture = Fixture::start().await;
+    let connector = fixture.connector(json!({"org_unit_path": "/Staff", "change_password_at_next_login": true}));
+    let created = user_event(
+        "user.created",
+        "u-1",
+        json!({"userName": "PRIMARY/Alice", "name": {"givenName": "Alice", "familyName": "Adams"}}),
+    );
+    let applied = connector.apply(Operation::Create, &created).await.unwrap();
+    assert_eq!(applied.outcome, Outcome::Created);
+    let remote = fixture.emulator.user_by_email("alice@example.com").expect("created");
+    assert_eq!(
+        applied.remote_id.as_deref(),
+        remote["id"].as_str(),
+        "the immutable id is the remote id"
+    );
+    assert_eq!(remote["orgUnitPath"], "/Staff");
+    assert_eq!(remote["externalIds"][0]["value"], "u-1");
+    assert_eq!(remote["changePasswordAtNextLogin"], true);
+    let insert = &fixture.emulator.requests()[0];
+    let password = insert.body["password"].as_str().unwrap();
+    assert!(password.len() >= 32, "a strong password");
+
+    let updated = user_event(
+        "user.updated",
+        "u-1",
+        json!({"userName": "PRIMARY/Alice", "name": {"givenName": "Alice", "familyName": "Adams-Smith"}}),
+    );
+    assert_eq!(
+        connector.apply(Operation::Update, &updated).await.unwrap().outcome,
+        Outcome::Updated
+    );
+    let patch = fixture.emulator.requests().last().unwrap().clone();
+    assert_eq!(patch.method, "PATCH");
+    assert_eq!(
+        patch.body,
+        json!({"name": {"givenName": "Alice", "familyName": "Adams-Smith"}}),
+        "only what changed, and never the password"
+    );
+    let unchanged = fixture.emulator.requests().len();
+    connector.apply(Operation::Update, &updated).await.unwrap();
+    assert_eq!(fixture.emulator.requests().len(), unchanged, "no change, no PATCH");
+
+    let deleted = user_event("user.deleted", "u-1", json!({"userName": "PRIMARY/Alice"}));
+    assert_eq!(
+        connector.apply(Operation::Delete, &deleted).await.unwrap().outcome,
+        Outcome::Deleted
+    );
+    assert!(fixture.emulator.user_by_email("alice@example.com").is_none());
+    assert_eq!(
+        connector.apply(Operation::Delete, &deleted).await.unwrap().outcome,
+        Outcome::AlreadyAbsent
+    );
+
+    let suspending = fixture.connector(json!({"deprovision": "suspend"}));
+    let bob = user_event("user.created", "u-2", json!({"userName": "bob"}));
+    suspending.apply(Operation::Create, &bob).await.unwrap();
+    let gone = user_event("user.deleted", "u-2", json!({"userName": "bob"}));
+    assert_eq!(
+        suspending.apply(Operation::Delete, &gone).await.unwrap().outcome,
+        Outcome::Deactivated
+    );
+    assert_eq!(
+        fixture.emulator.user_by_email("bob@example.com").unwrap()["suspended"],
+        true
+    );
+}
+
+#[tokio::test]
+async fn a_duplicate_is_adopted_and_found_by_id_after_a_rename() {
+    let fixture = Fixture::start().await;
+    let existing_id = fixture.emulator.insert_directly(json!({
+        "primaryEmail": "carol@example.com", "name": {"givenName": "C", "familyName": "Old"}
+    }));
+    let connector = fixture.connector(json!({}));
+    let created = user_event(
+        "user.created",
+        "u-carol",
+        json!({"userName": "carol", "name": {"givenName": "Carol", "familyName": "Cole"}}),
+    );
+    let applied = connector.apply(Operation::Create, &created).await.unwrap();
+    assert_eq!(applied.outcome, Outcome::Adopted);
+    assert_eq!(applied.remote_id.as_deref(), Some(existing_id.as_str()));
+    let remote = fixture.emulator.user_by_email("carol@example.com").unwrap();
+    assert_eq!(remote["name"]["familyName"], "Cole");
+    assert_eq!(
+        remote["externalIds"][0]["value"], "u-carol",
+        "now linked to the source id"
+    );
+
+    // Renamed at the source: found through the link, not the old email, and renamed.
+    let renamed = user_event("user.updated", "u-carol", json!({"userName": "carol.cole"}));
+    let applied = connector.apply(Operation::Update, &renamed).await.unwrap();
+    assert_eq!(applied.remote_id.as_deref(), Some(existing_id.as_str()));
+    assert!(fixture.emulator.user_by_email("carol.cole@example.com").is_some());
+    assert_eq!(fixture.emulator.users().len(), 1);
+}
+
+#[tokio::test]
+async fn tokens_are_cached_renewed_on_401_and_checked() {
+    let fixture = Fixture::start().await;
+    let connector = fixture.connector(json!({}));
+    for index in 0..4 {
+        let event = user_event("user.created", &format!("u-{index}"), json!({}));
+        connector.apply(Operation::Create, &event).await.unwrap();
+    }
+    assert_eq!(fixture.emulator.tokens_issued(), 1);
+    fixture.emulator.expire_tokens();
+    let event = user_event("user.created", "u-after", json!({}));
+    connector.apply(Operation::Create, &event).await.unwrap();
+    assert_eq!(fixture.emulator.tokens_issued(), 2, "renewed once after the 401");
+
+    // A key Google does not know, and an admin the account may not impersonate.
+    let stranger = RsaSigner::generate();
+    let mut wrong_key = fixture.settings(json!({}));
+    wrong_key.service_account_key = provisioner::secret::Secret::new(fixture.key_json(&stranger));
+    let error = GoogleConnector::new("g", &wrong_key)
+        .unwrap()
+        .apply(Operation::Create, &event)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ConnectorError::Auth { .. }), "{error:?}");
+    assert!(error.to_string().contains("Signature"), "{error}");
+    let wrong_admin = fixture.connector(json!({"admin_email": "someone@example.com"}));
+    let error = wrong_admin.apply(Operation::Create, &event).await.unwrap_err();
+    assert!(
+        matches!(error, ConnectorError::Auth { .. }) && !error.is_retryable(),
+        "{error:?}"
+    );
+    assert!(!error.to_string().contains("PRIVATE KEY"));
+}
+
+#[tokio::test]
+async fn rate_limits_are_retried_after_at_least_a_second() {
+    let fixture = Fixture::start().await;
+    let connector = fixture.connector(json!({}));
+    let warm_up = user_event("user.deleted", "u-warm", json!({}));
+    connector.apply(Operation::Delete, &warm_up).await.unwrap();
+    fixture.emulator.set_faults(Faults {
+        rate_429: 1.0,
+        ..Faults::default()
+    });
+    let event = user_event("user.created", "u-limited", json!({}));
+    let error = connector.apply(Operation::Create, &event).await.unwrap_err();
+    assert!(error.is_retryable() && error.http_status() == Some(403), "{error:?}");
+    assert!(error.to_string().contains("userRateLimitExceeded"));
+
+    let started = Instant::now();
+    let calls = AtomicU32::new(0);
+    let outcome = run_with_retries(
+        RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(5),
+            max_elapsed: Duration::from_secs(30),
+        },
+        || async {
+            let result = connector.apply(Operation::Create, &event).await;
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                fixture.emulator.set_faults(Faults::default());
+            }
+            result
+        },
+        |_, _, _| {},
+    )
+    .await;
+    assert_eq!(outcome.result.unwrap().outcome, Outcome::Created);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Google asks for at least 1 s"
+    );
+
+    fixture.emulator.set_faults(Faults {
+        rate_500: 1.0,
+        ..Faults::default()
+    });
+    let error = connector
+        .apply(Operation::Create, &user_event("user.created", "u-503", json!({})))
+        .await
+        .unwrap_err();
+    assert!(error.is_retryable() && error.http_status() == Some(503), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_permanent_error_carries_googles_reason() {
+    let fixture = Fixture::start().await;
+    // The connector's domain is not the Workspace's: Google refuses the address.
+    let connector = fixture.connector(json!({"domain": "not-ours.example"}));
+    let error = connector
+        .apply(Operation::Create, &user_event("user.created", "u-x", json!({})))
+        .await
+        .unwrap_err();
+    assert!(!error.is_retryable(), "{error:?}");
+    assert_eq!(error.http_status(), Some(400));
+    assert!(
+        error.to_string().contains("invalid: Invalid Input: primary_user_email"),
+        "{error}"
+    );
+}
+
+fn discovery_document() -> Value {
+    let path = std::env::var("GOOGLE_DISCOVERY_DOC").map(PathBuf::from).unwrap_or_else(|_| {
+        let cache = PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/provisioner");
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .filter_map(|entry| {
+                let candidate = entry
+                    .ok()?
+                    .path()
+                    .join("lib/python3.11/site-packages/googleapiclient/discovery_cache/documents/admin.directory_v1.json");
+                candidate.exists().then_some(candidate)
+            })
+            .next()
+            .expect("admin.directory_v1.json: run scripts/test, which installs google-api-python-client")
+    });
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// Checks `value` against a discovery-document schema; fields typed `any` that have a
+/// companion schema (externalIds → UserExternalId) are checked against it too.
+fn check(document: &Value, schema: &Value, value: &Value, path: &str, problems: &mut Vec<String>) {
+    if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
+        return check(document, &document["schemas"][reference], value, path, problems);
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            let Some(object) = value.as_object() else {
+                return problems.push(format!("{path}: not an object"));
+            };
+            for (field, field_value) in object {
+                let field_path = format!("{path}.{field}");
+                match schema.pointer(&format!("/properties/{field}")) {
+                    Some(field_schema) => {
+                        let companion = match field.as_str() {
+                            "externalIds" => Some(json!({"type": "array", "items": {"$ref": "UserExternalId"}})),
+                            _ => None,
+                        };
+                        check(
+                            document,
+                            companion.as_ref().unwrap_or(field_schema),
+                            field_value,
+                            &field_path,
+                            problems,
+                        );
+                    }
+                    None => problems.push(format!("{field_path}: not in Google's schema")),
+                }
+            }
+        }
+        Some("array") => match value.as_array() {
+            Some(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    check(document, &schema["items"], item, &format!("{path}[{index}]"), problems);
+                }
+            }
+            None => problems.push(format!("{path}: not an array")),
+        },
+        Some("string") if !value.is_string() => problems.push(format!("{path}: not a string")),
+        Some("boolean") if !value.is_boolean() => problems.push(format!("{path}: not a boolean")),
+        _ => {}
+    }
+}
+
+/// Fields the discovery document marks required for `directory.users.insert`.
+fn required_for_insert(document: &Value, schema: &Value, value: &Value, path: &str, problems: &mut Vec<String>) {
+    let schema = match schema.get("$ref").and_then(Value::as_str) {
+        Some(reference) => &document["schemas"][reference],
+        None => schema,
+    };
+    let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
+        return;
+    };
+    for (field, field_schema) in properties {
+        let required = field_schema
+            .pointer("/annotations/required")
+            .and_then(Value::as_array)
+            .is_some_and(|methods| methods.iter().any(|method| method == "directory.users.insert"));
+        match value.get(field) {
+            None if required => problems.push(format!("{path}.{field}: required on insert")),
+            Some(field_value) => required_for_insert(
+                document,
+                field_schema,
+                field_value,
+                &format!("{path}.{field}"),
+                problems,
+            ),
+            None => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_request_body_fits_googles_discovery_document() {
+    let document = discovery_document();
+    let user_schema = document["schemas"]["User"].clone();
+    assert!(user_schema.is_object(), "the discovery document has a User schema");
+    let fixture = Fixture::start().await;
+    let connector = fixture.connector(json!({"org_unit_path": "/Eng", "deprovision": "suspend"}));
+    let scenarios = [
+        (
+            "user.created",
+            "u-1",
+            json!({"userName": "one", "name": {"givenName": "One", "familyName": "First"}}),
+        ),
+        ("user.created", "u-2", json!({"userName": "two"})),
+        (
+            "user.updated",
+            "u-1",
+            json!({"userName": "one", "active": false, "name": {"givenName": "Uno", "familyName": "First"}}),
+        ),
+        ("user.updated", "u-3", json!({"userName": "three"})),
+        ("user.deleted", "u-2", json!({"userName": "two"})),
+    ];
+    for (event_type, user, data) in scenarios {
+        let operation = Operation::for_event(event::EventType::parse(event_type).unwrap());
+        connector
+            .apply(operation, &user_event(event_type, user, data))
+            .await
+            .unwrap();
+    }
+    let requests = fixture.emulator.requests();
+    assert!(requests.len() >= 5, "{requests:?}");
+    let mut problems = Vec::new();
+    for (index, request) in requests.iter().enumerate() {
+        check(
+            &document,
+            &user_schema,
+            &request.body,
+            &format!("request {index} ({})", request.method),
+            &mut problems,
+        );
+        if request.method == "POST" {
+            required_for_insert(
+                &document,
+                &user_schema,
+                &request.body,
+                &format!("request {index}"),
+                &mut problems,
+            );
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    // The checker itself can fail.
+    let mut self_check = Vec::new();
+    check(
+        &document,
+        &user_schema,
+        &json!({"primaryEmail": 5, "nickname": "x"}),
+        "bad",
+        &mut self_check,
+    );
+    required_for_insert(
+        &document,
+        &user_schema,
+        &json!({"name": {"givenName": "a"}}),
+        "bad",
+        &mut self_check,
+    );
+    assert_eq!(self_check.len(), 5, "{self_check:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_on_kafka_becomes_a_workspace_user() {
+    let fixture = Fixture::start().await;
+    let names = Names::new("google-e2e");
+    names.create(1).await;
+    let settings = Settings::from_toml_str(&format!(
+        r#"{}
+        [connectors.workspace]
+        type = "google"
+        domain = "example.com"
+        admin_email = "{ADMIN}"
+        service_account_key = '''{}'''
+        api_base_url = "{}"
+
+        [[tenants.acme.resident.bindings]]
+        connector = "workspace"
+        jit_outbound = true
+        "#,
+        names.kafka_toml(),
+        fixture.key_json(&fixture.key),
+        fixture.emulator.api_base_url(),
+    ))
+    .unwrap();
+    let connectors = provisioner::connectors::ConnectorSet::from_settings(&settings).unwrap();
+    let application = provisioner::app::Application::build_with_connectors(settings, connectors)
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(application.run_until_stopped(shutdown.clone()));
+    let event = event_json(
+        "jit-1",
+        "user.jit_provisioned",
+        "acme",
+        "u-jit",
+        json!({"identity_provider": "Partner", "user": {"userName": "erin", "name": {"givenName": "Erin", "familyName": "Eve"}}}),
+    );
+    publish(&producer(), &names.events, Some("acme/u-jit"), &event, &[]).await;
+    let mut results = TopicReader::new(&names.results, 1);
+    results
+        .read_until("the result", Duration::from_secs(60), |records| !records.is_empty())
+        .await;
+    let result = results.records[0].result();
+    assert_eq!(result.status, Status::Succeeded, "{result:?}");
+    let remote = fixture
+        .emulator
+        .user_by_email("erin@example.com")
+        .expect("user in Workspace");
+    assert_eq!(result.results[0].remote_id.as_deref(), remote["id"].as_str());
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
