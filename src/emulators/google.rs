@@ -255,9 +255,10 @@ fn record(state: &GoogleState, method: Method, body: &Value) {
     });
 }
 
-/// What Google checks on every write; `insert` also needs the required fields.
-fn validate(state: &GoogleState, user: &Value, insert: bool) -> Result<(), Response> {
-    let invalid = |message: &str| google_error(StatusCode::BAD_REQUEST, "invalid", message);
+/// What Google checks on every write; `insert` also needs the required fields. The
+/// error is Google's message for a 400 `invalid`.
+fn validate(state: &GoogleState, user: &Value, insert: bool) -> Result<(), String> {
+    let invalid = |message: &str| message.to_string();
     if let Some(email) = user.get("primaryEmail") {
         let email = email.as_str().unwrap_or_default().to_ascii_lowercase();
         let in_domain = email
@@ -332,8 +333,8 @@ fn find_key(users: &HashMap<String, Value>, user_key: &str) -> Option<String> {
 
 async fn insert_user(State(state): State<GoogleState>, Json(user): Json<Value>) -> Response {
     record(&state, Method::POST, &user);
-    if let Err(response) = validate(&state, &user, true) {
-        return response;
+    if let Err(message) = validate(&state, &user, true) {
+        return google_error(StatusCode::BAD_REQUEST, "invalid", &message);
     }
     let mut users = state.users.lock().expect("users lock");
     let email = user["primaryEmail"].as_str().unwrap_or_default().to_string();
@@ -407,8 +408,8 @@ async fn patch_user(
     Json(changes): Json<Value>,
 ) -> Response {
     record(&state, method, &changes);
-    if let Err(response) = validate(&state, &changes, false) {
-        return response;
+    if let Err(message) = validate(&state, &changes, false) {
+        return google_error(StatusCode::BAD_REQUEST, "invalid", &message);
     }
     let mut users = state.users.lock().expect("users lock");
     let Some(id) = find_key(&users, &user_key) else {
