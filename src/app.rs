@@ -48,8 +48,9 @@ pub struct Application {
 impl Application {
     /// Builds the service with the connectors its settings describe.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
-        let connectors = ConnectorSet::from_settings(&settings)?;
-        Self::build_with_connectors(settings, connectors).await
+        let metrics = Arc::new(Metrics::new());
+        let connectors = ConnectorSet::from_settings(&settings, &metrics)?;
+        Self::build_with(settings, connectors, metrics).await
     }
 
     /// Builds the service with the given connectors (tests plug in doubles here).
@@ -57,8 +58,15 @@ impl Application {
         settings: Settings,
         connectors: ConnectorSet,
     ) -> Result<Application, StartupError> {
+        Self::build_with(settings, connectors, Arc::new(Metrics::new())).await
+    }
+
+    async fn build_with(
+        settings: Settings,
+        connectors: ConnectorSet,
+        metrics: Arc<Metrics>,
+    ) -> Result<Application, StartupError> {
         let router = Router::new(&settings).map_err(invalid)?;
-        let metrics = Arc::new(Metrics::new());
         let readiness = Arc::new(Readiness::default());
         let tracker = Arc::new(OffsetTracker::default());
         let producer = EventProducer::new(&settings.kafka)?;

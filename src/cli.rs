@@ -130,6 +130,33 @@ pub enum EmulateTarget {
         #[arg(long, default_value = "google-service-account.json")]
         write_key: PathBuf,
     },
+    /// An in-memory Salesforce: login and instance URL http://LISTEN.
+    Salesforce {
+        #[command(flatten)]
+        common: EmulatorArgs,
+        /// The connected app's consumer key...
+        #[arg(long, default_value = "provisioner-emulator")]
+        client_id: String,
+        /// ...and secret (client-credentials and password grants).
+        #[arg(long, default_value = "emulator-secret")]
+        client_secret: String,
+        /// The API user (password and JWT-bearer grants).
+        #[arg(long, default_value = "integration@example.com")]
+        username: String,
+        /// Its password with the security token appended.
+        #[arg(long, default_value = "emulator-password")]
+        password_with_token: String,
+        /// A PEM private key whose public half verifies JWT-bearer assertions; without
+        /// it a key is generated and written to --write-key.
+        #[arg(long, conflicts_with = "write_key")]
+        jwt_key: Option<PathBuf>,
+        /// Where to write a generated JWT-bearer private key.
+        #[arg(long, default_value = "salesforce-jwt-key.pem")]
+        write_key: PathBuf,
+        /// Sessions expire after this long (INVALID_SESSION_ID afterwards).
+        #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+        session_lifetime: Duration,
+    },
 }
 
 /// Options every emulator takes.
@@ -423,6 +450,63 @@ fn emulate(target: EmulateTarget) -> ExitCode {
                 service_account_key,
                 write_key,
             } => emulate_google(common, domain, admin_email, service_account_key, write_key, shutdown).await,
+            EmulateTarget::Salesforce {
+                common,
+                client_id,
+                client_secret,
+                username,
+                password_with_token,
+                jwt_key,
+                write_key,
+                session_lifetime,
+            } => {
+                use crate::connectors::jwt::RsaSigner;
+                let signer = match jwt_key {
+                    Some(path) => match std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|pem| RsaSigner::from_pem(&pem).ok())
+                    {
+                        Some(signer) => signer,
+                        None => {
+                            eprintln!("provisioner: {} is not a PEM RSA private key", path.display());
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    },
+                    None => {
+                        let signer = RsaSigner::generate();
+                        if let Err(error) = std::fs::write(&write_key, signer.private_key_pem()) {
+                            eprintln!("provisioner: cannot write {}: {error}", write_key.display());
+                            return ExitCode::FAILURE;
+                        }
+                        println!(
+                            "wrote a JWT-bearer private key for this emulator to {}",
+                            write_key.display()
+                        );
+                        signer
+                    }
+                };
+                let settings = crate::emulators::salesforce::SalesforceEmulatorSettings {
+                    client_id,
+                    client_secret,
+                    username,
+                    password_with_token,
+                    public_key: Some(signer.public_key()),
+                    session_lifetime,
+                    foreign_usernames: Vec::new(),
+                    faults: common.faults(),
+                };
+                match crate::emulators::salesforce::start(common.listen, settings, shutdown.clone()).await {
+                    Ok(emulator) => {
+                        println!("Salesforce emulator: login_url {}", emulator.login_url());
+                        shutdown.cancelled().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        eprintln!("provisioner: cannot listen on {}: {error}", common.listen);
+                        ExitCode::FAILURE
+                    }
+                }
+            }
             EmulateTarget::Scim {
                 common,
                 bearer_token,

@@ -52,6 +52,10 @@ pub struct Metrics {
     pub offset_commits: IntCounterVec,
     /// Partitions assigned to this instance.
     pub assigned_partitions: IntGauge,
+    /// Salesforce API calls used in the org's rolling 24-hour allocation (`Sforce-Limit-Info`).
+    pub salesforce_api_usage: GaugeVec,
+    /// That allocation.
+    pub salesforce_api_limit: GaugeVec,
     /// Constant 1, labelled with the version.
     pub build_info: GaugeVec,
     /// Seconds since the Unix epoch when the process started.
@@ -172,6 +176,30 @@ impl Metrics {
                 "provisioner_assigned_partitions",
                 "Partitions currently assigned to this instance.",
             ),
+            salesforce_api_usage: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "provisioner_salesforce_api_usage",
+                        "Salesforce API calls used in the org's 24-hour allocation (Sforce-Limit-Info).",
+                    ),
+                    &["connector"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            salesforce_api_limit: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "provisioner_salesforce_api_limit",
+                        "The org's 24-hour Salesforce API allocation (Sforce-Limit-Info).",
+                    ),
+                    &["connector"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
             build_info: {
                 let metric = GaugeVec::new(
                     Opts::new("provisioner_build_info", "Constant 1, labelled with the version."),

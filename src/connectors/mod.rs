@@ -12,6 +12,7 @@ pub mod http;
 pub mod jwt;
 pub mod naming;
 pub mod oauth;
+pub mod salesforce;
 pub mod scim;
 
 use std::collections::BTreeMap;
@@ -22,6 +23,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Semaphore;
 
 use crate::event::UserEvent;
+use crate::metrics::Metrics;
 use crate::result::{ErrorKind, Operation, Outcome};
 use crate::retry::RetryPolicy;
 use crate::settings::{ConnectorSettings, DeliverySettings, Settings};
@@ -130,8 +132,6 @@ impl ConnectorError {
 /// Why the configured connectors could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("connector `{name}`: type `{kind}` is not available in this build")]
-    Unsupported { name: String, kind: &'static str },
     #[error("connector `{name}`: {message}")]
     Invalid { name: String, message: String },
 }
@@ -153,10 +153,10 @@ pub struct ConnectorSet {
 
 impl ConnectorSet {
     /// Builds every connector named in `settings.connectors`.
-    pub fn from_settings(settings: &Settings) -> Result<ConnectorSet, BuildError> {
+    pub fn from_settings(settings: &Settings, metrics: &Arc<Metrics>) -> Result<ConnectorSet, BuildError> {
         let mut set = ConnectorSet::default();
         for (name, connector_settings) in &settings.connectors {
-            let connector = build_connector(name, connector_settings)?;
+            let connector = build_connector(name, connector_settings, metrics)?;
             set.insert(name, connector, connector_settings.delivery());
         }
         Ok(set)
@@ -184,13 +184,14 @@ impl ConnectorSet {
     }
 }
 
-fn build_connector(name: &str, settings: &ConnectorSettings) -> Result<Arc<dyn Connector>, BuildError> {
+fn build_connector(
+    name: &str,
+    settings: &ConnectorSettings,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn Connector>, BuildError> {
     match settings {
         ConnectorSettings::Scim2(scim) => scim::build(name, scim),
         ConnectorSettings::Google(google) => google::build(name, google),
-        ConnectorSettings::Salesforce(_) => Err(BuildError::Unsupported {
-            name: name.to_string(),
-            kind: settings.kind(),
-        }),
+        ConnectorSettings::Salesforce(salesforce) => salesforce::build(name, salesforce, metrics.clone()),
     }
 }

@@ -7,6 +7,7 @@
 //! and counters at `GET /_emulator/stats`.
 
 pub mod google;
+pub mod salesforce;
 pub mod scim;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -481,7 +481,11 @@ async fn an_event_on_kafka_becomes_a_workspace_user() {
         fixture.emulator.api_base_url(),
     ))
     .unwrap();
-    let connectors = provisioner::connectors::ConnectorSet::from_settings(&settings).unwrap();
+    let connectors = provisioner::connectors::ConnectorSet::from_settings(
+        &settings,
+        &std::sync::Arc::new(provisioner::metrics::Metrics::new()),
+    )
+    .unwrap();
     let application = provisioner::app::Application::build_with_connectors(settings, connectors)
         .await
         .unwrap();

@@ -10,6 +10,7 @@ mod demo;
 mod google;
 mod kafka_roundtrip;
 mod pipeline;
+mod salesforce;
 mod scim;
 mod service;
 mod support;

@@ -171,7 +171,11 @@ async fn an_event_on_kafka_becomes_a_user_on_the_scim_server_and_a_reply() {
         server.base_url
     ))
     .unwrap();
-    let connectors = provisioner::connectors::ConnectorSet::from_settings(&settings).unwrap();
+    let connectors = provisioner::connectors::ConnectorSet::from_settings(
+        &settings,
+        &std::sync::Arc::new(provisioner::metrics::Metrics::new()),
+    )
+    .unwrap();
     let application = provisioner::app::Application::build_with_connectors(settings.clone(), connectors)
         .await
         .unwrap();
