@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Application;
 use crate::client::Client;
+use crate::connectors::jwt::RsaSigner;
+use crate::emulators::google::{self as google_emulator, GoogleEmulatorSettings};
+use crate::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulatorSettings};
 use crate::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
 use crate::emulators::Faults;
 use crate::result::{Outcome, ProvisioningResult};
@@ -29,6 +32,7 @@ const RESULTS_TOPIC: &str = "provisioner.results";
 const REPLY_TOPIC: &str = "provisioner.replies";
 const DEAD_LETTER_TOPIC: &str = "provisioner.dead-letters";
 const TENANT: &str = "carbon.super";
+const GOOGLE_SERVICE_ACCOUNT: &str = "provisioner@demo-project.iam.gserviceaccount.com";
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -70,8 +74,24 @@ pub enum DemoError {
     },
 }
 
-/// The demo configuration, pointed at the embedded broker and emulators.
-fn demo_settings(bootstrap: &str, directory_url: &str, lab_url: &str, admin: SocketAddr) -> Settings {
+/// Where the demo's targets listen.
+struct DemoTargets {
+    directory_url: String,
+    google_api_url: String,
+    google_key_json: String,
+    salesforce_login_url: String,
+}
+
+/// The demo configuration, pointed at the embedded broker and emulators: the resident
+/// provider and two applications; a blocking SCIM binding, a non-blocking Google
+/// binding with `jit_outbound`, and a Salesforce binding with a rule.
+fn demo_settings(bootstrap: &str, targets: &DemoTargets, admin: SocketAddr) -> Settings {
+    let DemoTargets {
+        directory_url,
+        google_api_url,
+        google_key_json,
+        salesforce_login_url,
+    } = targets;
     Settings::from_toml_str(&format!(
         r#"
         [kafka]
@@ -98,13 +118,31 @@ fn demo_settings(bootstrap: &str, directory_url: &str, lab_url: &str, admin: Soc
         initial_backoff = "50ms"
         max_backoff = "2s"
 
-        # An engineering lab directory, only for engineers (a rule), off the critical path.
-        [connectors.lab_directory]
-        type = "scim2"
-        base_url = "{lab_url}"
-        deprovision = "deactivate"
-        [connectors.lab_directory.delivery]
+        # Google Workspace accounts for the portals' users, off the critical path.
+        [connectors.workspace]
+        type = "google"
+        domain = "example.com"
+        admin_email = "admin@example.com"
+        service_account_key = '''{google_key_json}'''
+        api_base_url = "{google_api_url}"
+        deprovision = "suspend"
+        [connectors.workspace.delivery]
         max_in_flight = 8
+        initial_backoff = "50ms"
+        max_backoff = "2s"
+
+        # Salesforce, for sales people only (a rule).
+        [connectors.crm]
+        type = "salesforce"
+        login_url = "{salesforce_login_url}"
+        provisioning_domain = "crm.example.com"
+        profile_id = "00e000000000001AAA"
+        [connectors.crm.auth]
+        grant = "client_credentials"
+        client_id = "demo-app"
+        client_secret = "demo-secret"
+        [connectors.crm.delivery]
+        max_in_flight = 25
         initial_backoff = "50ms"
         max_backoff = "2s"
 
@@ -113,18 +151,25 @@ fn demo_settings(bootstrap: &str, directory_url: &str, lab_url: &str, admin: Soc
         blocking = true
         jit_outbound = true
 
-        [tenants."{TENANT}".service_providers.engineering_portal]
+        [tenants."{TENANT}".service_providers.sales_portal]
         inherit_resident = true
-        [[tenants."{TENANT}".service_providers.engineering_portal.bindings]]
-        connector = "lab_directory"
+        [[tenants."{TENANT}".service_providers.sales_portal.bindings]]
+        connector = "workspace"
         blocking = false
         jit_outbound = true
-        rule = "'engineering' in groups"
+        [[tenants."{TENANT}".service_providers.sales_portal.bindings]]
+        connector = "crm"
+        blocking = false
+        rule = "'sales' in groups"
 
         [tenants."{TENANT}".service_providers.partner_portal]
         [[tenants."{TENANT}".service_providers.partner_portal.bindings]]
         connector = "corp_directory"
         blocking = true
+        jit_outbound = true
+        [[tenants."{TENANT}".service_providers.partner_portal.bindings]]
+        connector = "workspace"
+        blocking = false
         jit_outbound = true
         "#
     ))
@@ -151,7 +196,7 @@ fn workload(users: usize) -> Vec<DemoEvent> {
                 "userStoreDomain": "PRIMARY",
                 "name": {"givenName": format!("Given{user}"), "familyName": format!("Family{user}")},
                 "emails": [{"value": format!("user{user:03}@example.com"), "primary": true}],
-                "groups": if user % 3 == 0 { json!(["engineering"]) } else { json!(["sales"]) },
+                "groups": if user % 3 == 0 { json!(["sales"]) } else { json!(["engineering"]) },
             }
         });
         if let serde_json::Value::Object(extra) = extra {
@@ -172,12 +217,7 @@ fn workload(users: usize) -> Vec<DemoEvent> {
     for user in 0..users {
         match user % 4 {
             // Created by an admin or over the API, through one of the apps.
-            0 | 1 => push(
-                "user.created",
-                user,
-                false,
-                json!({"service_provider": "engineering_portal"}),
-            ),
+            0 | 1 => push("user.created", user, false, json!({"service_provider": "sales_portal"})),
             // Self sign-up: the sign-up flow waits for the reply.
             2 => push("user.self_signed_up", user, true, json!({})),
             // Federated login with just-in-time provisioning.
@@ -185,25 +225,15 @@ fn workload(users: usize) -> Vec<DemoEvent> {
                 "user.jit_provisioned",
                 user,
                 false,
-                json!({"service_provider": "engineering_portal", "identity_provider": "PartnerAzureAD"}),
+                json!({"service_provider": "partner_portal", "identity_provider": "PartnerAzureAD"}),
             ),
         }
     }
     for user in (0..users).step_by(2) {
-        push(
-            "user.updated",
-            user,
-            false,
-            json!({"service_provider": "engineering_portal"}),
-        );
+        push("user.updated", user, false, json!({"service_provider": "sales_portal"}));
     }
     for user in (0..users).step_by(5) {
-        push(
-            "user.deleted",
-            user,
-            false,
-            json!({"service_provider": "engineering_portal"}),
-        );
+        push("user.deleted", user, false, json!({"service_provider": "sales_portal"}));
     }
     events
 }
@@ -212,7 +242,7 @@ fn workload(users: usize) -> Vec<DemoEvent> {
 pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let started = Instant::now();
     println!(
-        "provisioner demo: an embedded Kafka broker, two SCIM targets, the service, and {} users.\n",
+        "provisioner demo: an embedded Kafka broker, SCIM, Google Workspace and Salesforce emulators, the service, and {} users.\n",
         options.users
     );
 
@@ -241,26 +271,62 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         shutdown.clone(),
     )
     .await?;
-    let lab = scim_emulator::start(
+    let google_key = RsaSigner::generate();
+    let google = google_emulator::start(
         loopback,
-        ScimEmulatorSettings {
+        GoogleEmulatorSettings {
+            domain: "example.com".into(),
+            client_email: GOOGLE_SERVICE_ACCOUNT.into(),
+            public_key: google_key.public_key(),
+            admin_email: "admin@example.com".into(),
+            token_lifetime: Duration::from_secs(3600),
             faults: Faults {
                 latency: Duration::from_millis(40),
                 jitter: Duration::from_millis(40),
+                rate_429: 0.03,
                 ..Faults::default()
             },
-            patch: false,
-            ..ScimEmulatorSettings::default()
         },
         shutdown.clone(),
     )
     .await?;
+    let salesforce = salesforce_emulator::start(
+        loopback,
+        SalesforceEmulatorSettings {
+            client_id: "demo-app".into(),
+            client_secret: "demo-secret".into(),
+            username: "integration@crm.example.com".into(),
+            password_with_token: String::new(),
+            public_key: None,
+            session_lifetime: Duration::from_secs(7200),
+            foreign_usernames: Vec::new(),
+            faults: Faults {
+                latency: Duration::from_millis(60),
+                jitter: Duration::from_millis(60),
+                ..Faults::default()
+            },
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let targets = DemoTargets {
+        directory_url: directory.base_url(),
+        google_api_url: google.api_base_url(),
+        google_key_json: json!({
+            "type": "service_account",
+            "client_email": GOOGLE_SERVICE_ACCOUNT,
+            "private_key": google_key.private_key_pem(),
+            "token_uri": google.token_url(),
+        })
+        .to_string(),
+        salesforce_login_url: salesforce.login_url(),
+    };
 
     let admin = match std::net::TcpListener::bind(options.admin_listen) {
         Ok(listener) => listener.local_addr()?,
         Err(_) => loopback,
     };
-    let settings = demo_settings(&bootstrap, &directory.base_url(), &lab.base_url(), admin);
+    let settings = demo_settings(&bootstrap, &targets, admin);
     let application = Application::build(settings.clone()).await?;
     let metrics = application.metrics();
     let readiness = application.readiness();
@@ -390,7 +456,12 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         println!("\nStill running (Ctrl-C to stop):");
         println!("  Kafka bootstrap    {bootstrap}   (topics: {EVENT_TOPIC}, {RESULTS_TOPIC}, {REPLY_TOPIC}, {DEAD_LETTER_TOPIC})");
         println!("  SCIM corp_directory {}", directory.base_url());
-        println!("  SCIM lab_directory  {}", lab.base_url());
+        println!(
+            "  Google workspace    {} (token endpoint {})",
+            google.api_base_url(),
+            google.token_url()
+        );
+        println!("  Salesforce crm      {}", salesforce.login_url());
         println!("  metrics            http://{admin_address}/metrics");
         crate::shutdown::on_signal().cancelled().await;
     }
