@@ -67,6 +67,7 @@ impl Application {
         metrics: Arc<Metrics>,
     ) -> Result<Application, StartupError> {
         let router = Router::new(&settings).map_err(invalid)?;
+        metrics.initialise_labels(connectors.names());
         let readiness = Arc::new(Readiness::default());
         let tracker = Arc::new(OffsetTracker::default());
         let producer = EventProducer::new(&settings.kafka)?;

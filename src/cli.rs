@@ -75,6 +75,9 @@ pub enum Command {
         /// Where to serve /metrics (a free port is used if this one is taken).
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics_listen: std::net::SocketAddr,
+        /// Write the service's final /metrics output to this file.
+        #[arg(long)]
+        dump_metrics: Option<PathBuf>,
     },
     /// Measure throughput and latency (reserved).
     #[command(hide = true)]
@@ -262,10 +265,12 @@ pub fn run(cli: Cli) -> ExitCode {
             users,
             keep_running,
             metrics_listen,
+            dump_metrics,
         } => demo(crate::demo::DemoOptions {
             users,
             keep_running,
             admin_listen: metrics_listen,
+            dump_metrics,
         }),
         Command::Bench => {
             eprintln!("provisioner: this command is reserved and not available in this build");

@@ -42,6 +42,8 @@ pub struct DemoOptions {
     pub keep_running: bool,
     /// Where to serve `/metrics`; port 0 picks a free one.
     pub admin_listen: SocketAddr,
+    /// Write the final `/metrics` text here (the deployment checks read it).
+    pub dump_metrics: Option<std::path::PathBuf>,
 }
 
 impl Default for DemoOptions {
@@ -50,6 +52,7 @@ impl Default for DemoOptions {
             users: 40,
             keep_running: false,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            dump_metrics: None,
         }
     }
 }
@@ -102,6 +105,8 @@ fn demo_settings(bootstrap: &str, targets: &DemoTargets, admin: SocketAddr) -> S
         reply_topic = "{REPLY_TOPIC}"
         dead_letter_topic = "{DEAD_LETTER_TOPIC}"
         commit_interval = "200ms"
+        [kafka.properties]
+        "statistics.interval.ms" = "1000"
 
         [admin]
         listen = "{admin}"
@@ -451,6 +456,15 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     if blocking_failures > 0 {
         println!("  {blocking_failures} blocking callers got no reply in time");
     }
+    if let Some(path) = &options.dump_metrics {
+        let scraped = reqwest::get(format!("http://{admin_address}/metrics"))
+            .await
+            .map_err(|error| std::io::Error::other(error.to_string()))?
+            .text()
+            .await
+            .map_err(|error| std::io::Error::other(error.to_string()))?;
+        std::fs::write(path, scraped)?;
+    }
 
     if options.keep_running {
         println!("\nStill running (Ctrl-C to stop):");
@@ -553,20 +567,15 @@ fn print_summary(
 }
 
 fn retries_for(metrics: &crate::metrics::Metrics, connector: &str) -> u64 {
-    [
-        crate::result::ErrorKind::Transport,
-        crate::result::ErrorKind::Timeout,
-        crate::result::ErrorKind::Throttled,
-        crate::result::ErrorKind::Server,
-    ]
-    .iter()
-    .map(|kind| {
-        metrics
-            .connector_retries
-            .with_label_values(&[connector, kind.as_str()])
-            .get()
-    })
-    .sum()
+    crate::result::ErrorKind::RETRYABLE
+        .iter()
+        .map(|kind| {
+            metrics
+                .connector_retries
+                .with_label_values(&[connector, kind.as_str()])
+                .get()
+        })
+        .sum()
 }
 
 fn percentile(sorted: &[Duration], quantile: f64) -> Duration {

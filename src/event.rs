@@ -189,6 +189,22 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Every reason code [`DecodeError::reason`] can return.
+    pub const REASONS: [&'static str; 12] = [
+        "oversized",
+        "empty_value",
+        "invalid_utf8",
+        "invalid_json",
+        "invalid_header",
+        "missing_attribute",
+        "invalid_attribute",
+        "unsupported_specversion",
+        "unknown_event_type",
+        "unsupported_content_type",
+        "missing_field",
+        "invalid_field",
+    ];
+
     /// Closed set of reason codes, safe as a metric label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -541,6 +557,36 @@ mod tests {
         let mut control = structured();
         control["data"]["user"]["id"] = "u\n1".into();
         assert_eq!(decode_json(&control).unwrap_err().reason(), "invalid_field");
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        let samples = [
+            DecodeError::Oversized { size: 2, limit: 1 },
+            DecodeError::EmptyValue,
+            DecodeError::InvalidUtf8 { valid_up_to: 0 },
+            DecodeError::InvalidJson { message: String::new() },
+            DecodeError::InvalidHeader { name: String::new() },
+            DecodeError::MissingAttribute { name: String::new() },
+            DecodeError::InvalidAttribute {
+                name: String::new(),
+                message: String::new(),
+            },
+            DecodeError::UnsupportedSpecVersion { version: String::new() },
+            DecodeError::UnknownEventType {
+                event_type: String::new(),
+            },
+            DecodeError::UnsupportedContentType {
+                content_type: String::new(),
+            },
+            DecodeError::MissingField { path: String::new() },
+            DecodeError::InvalidField {
+                path: String::new(),
+                message: String::new(),
+            },
+        ];
+        let reasons: Vec<&str> = samples.iter().map(DecodeError::reason).collect();
+        assert_eq!(reasons, DecodeError::REASONS);
     }
 
     #[test]

@@ -159,7 +159,7 @@ impl Metrics {
                 let metric = IntGaugeVec::new(
                     Opts::new(
                         "provisioner_consumer_lag",
-                        "Messages between the committed offset and the end of the partition.",
+                        "Messages not yet finished: the partition's end minus the stored (finished) offset.",
                     ),
                     &["topic", "partition"],
                 )
@@ -226,6 +226,39 @@ impl Metrics {
             .set(1.0);
         metrics.start_time.set(chrono::Utc::now().timestamp() as f64);
         metrics
+    }
+
+    /// Creates the known label combinations at zero, so dashboards and `rate()` see a
+    /// series before its first event (Prometheus' advice for known label sets).
+    pub fn initialise_labels<'a>(&self, connectors: impl IntoIterator<Item = &'a str>) {
+        for event_type in crate::event::EventType::ALL {
+            self.events_consumed.with_label_values(&[event_type.as_str()]);
+        }
+        self.events_consumed.with_label_values(&["invalid"]);
+        for status in ["succeeded", "failed", "partial", "skipped"] {
+            self.events_completed.with_label_values(&[status]);
+        }
+        for reason in crate::event::DecodeError::REASONS.iter().chain(&[
+            crate::pipeline::process::CONNECTOR_FAILED_REASON,
+            crate::pipeline::process::INTERNAL_ERROR_REASON,
+        ]) {
+            self.dead_letters.with_label_values(&[reason]);
+        }
+        for destination in ["reply", "result", "dead_letter"] {
+            self.produce_failures.with_label_values(&[destination]);
+        }
+        for result in ["ok", "error"] {
+            self.offset_commits.with_label_values(&[result]);
+        }
+        for connector in connectors {
+            self.connector_attempts.with_label_values(&[connector]);
+            for outcome in crate::result::Outcome::ALL {
+                self.connector_results.with_label_values(&[connector, outcome.as_str()]);
+            }
+            for kind in crate::result::ErrorKind::RETRYABLE {
+                self.connector_retries.with_label_values(&[connector, kind.as_str()]);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.

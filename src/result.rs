@@ -203,6 +203,14 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The kinds a retry can be caused by.
+    pub const RETRYABLE: [ErrorKind; 4] = [
+        ErrorKind::Transport,
+        ErrorKind::Timeout,
+        ErrorKind::Throttled,
+        ErrorKind::Server,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Transport => "transport",

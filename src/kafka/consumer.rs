@@ -66,14 +66,21 @@ impl ClientContext for ConsumerHooks {
     fn stats(&self, statistics: Statistics) {
         for (topic_name, topic) in &statistics.topics {
             for (partition_id, partition) in &topic.partitions {
-                // librdkafka reports the internal UA partition as -1, and -1 lag when unknown.
-                if *partition_id < 0 || partition.consumer_lag < 0 {
+                // Lag against the *stored* offset is what is left to finish (we store only
+                // finished work); the committed lag trails it by one commit interval.
+                // librdkafka reports -1 when unknown, and the internal UA partition as -1.
+                let lag = if partition.consumer_lag_stored >= 0 {
+                    partition.consumer_lag_stored
+                } else {
+                    partition.consumer_lag
+                };
+                if *partition_id < 0 || lag < 0 {
                     continue;
                 }
                 self.metrics
                     .consumer_lag
                     .with_label_values(&[topic_name.as_str(), partition_id.to_string().as_str()])
-                    .set(partition.consumer_lag);
+                    .set(lag);
             }
         }
     }
