@@ -52,6 +52,8 @@ pub struct Metrics {
     pub offset_commits: IntCounterVec,
     /// Partitions assigned to this instance.
     pub assigned_partitions: IntGauge,
+    /// Circuit breaker per connector: 0 closed, 1 open, 2 half-open.
+    pub circuit_state: IntGaugeVec,
     /// Salesforce API calls used in the org's rolling 24-hour allocation (`Sforce-Limit-Info`).
     pub salesforce_api_usage: GaugeVec,
     /// That allocation.
@@ -176,6 +178,18 @@ impl Metrics {
                 "provisioner_assigned_partitions",
                 "Partitions currently assigned to this instance.",
             ),
+            circuit_state: {
+                let metric = IntGaugeVec::new(
+                    Opts::new(
+                        "provisioner_circuit_state",
+                        "Circuit breaker per connector: 0 closed, 1 open (calls held), 2 half-open (probing).",
+                    ),
+                    &["connector"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
             salesforce_api_usage: {
                 let metric = GaugeVec::new(
                     Opts::new(

@@ -343,6 +343,13 @@ pub struct DeliverySettings {
     /// Give up retrying once this much time has passed since the first attempt.
     #[serde(default = "default_max_elapsed", with = "humantime_serde")]
     pub max_elapsed: Duration,
+    /// Consecutive transport/timeout/5xx failures that open the circuit (0: never).
+    #[serde(default = "default_circuit_breaker_failures")]
+    pub circuit_breaker_failures: u32,
+    /// How long an open circuit holds calls before one probe; doubles (up to 5 min)
+    /// while probes fail.
+    #[serde(default = "default_circuit_breaker_cooldown", with = "humantime_serde")]
+    pub circuit_breaker_cooldown: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -354,6 +361,8 @@ impl Default for DeliverySettings {
             initial_backoff: default_initial_backoff(),
             max_backoff: default_max_backoff(),
             max_elapsed: default_max_elapsed(),
+            circuit_breaker_failures: default_circuit_breaker_failures(),
+            circuit_breaker_cooldown: default_circuit_breaker_cooldown(),
         }
     }
 }
@@ -874,6 +883,12 @@ fn check_delivery(key: &str, delivery: &DeliverySettings, problem: &mut impl FnM
     if delivery.initial_backoff > delivery.max_backoff {
         problem(format!("{key}.initial_backoff"), "must not exceed max_backoff".into());
     }
+    if delivery.circuit_breaker_failures > 0 && delivery.circuit_breaker_cooldown.is_zero() {
+        problem(
+            format!("{key}.circuit_breaker_cooldown"),
+            "must be greater than zero".into(),
+        );
+    }
     if let Some(rate) = delivery.rate_limit_per_second {
         if !(rate.is_finite() && rate > 0.0) {
             problem(
@@ -1097,6 +1112,12 @@ fn default_max_backoff() -> Duration {
 }
 fn default_max_elapsed() -> Duration {
     Duration::from_secs(300)
+}
+fn default_circuit_breaker_failures() -> u32 {
+    5
+}
+fn default_circuit_breaker_cooldown() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)

@@ -7,6 +7,7 @@
 //! **Invariant:** connector calls are idempotent. Create on an existing account adopts
 //! it; delete of a missing account is `already_absent`. Redelivery is therefore harmless.
 
+pub mod gate;
 pub mod google;
 pub mod http;
 pub mod jwt;
@@ -20,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::Semaphore;
 
+use crate::connectors::gate::Gate;
 use crate::event::UserEvent;
 use crate::metrics::Metrics;
 use crate::result::{ErrorKind, Operation, Outcome};
@@ -74,6 +75,10 @@ pub enum ConnectorError {
     Conflict { status: Option<u16>, message: String },
     #[error("unexpected response from the target: {message}")]
     InvalidResponse { status: Option<u16>, message: String },
+    /// The call was never made: the circuit stayed open (or the target kept asking us
+    /// to wait) until the event's retry time ran out.
+    #[error("the target stayed unavailable (circuit open or throttled) until the retry time ran out")]
+    Held,
 }
 
 impl ConnectorError {
@@ -83,7 +88,8 @@ impl ConnectorError {
             ConnectorError::Transport { .. }
             | ConnectorError::Timeout
             | ConnectorError::Throttled { .. }
-            | ConnectorError::Server { .. } => true,
+            | ConnectorError::Server { .. }
+            | ConnectorError::Held => true,
             ConnectorError::Rejected { .. }
             | ConnectorError::Auth { .. }
             | ConnectorError::Conflict { .. }
@@ -100,7 +106,8 @@ impl ConnectorError {
             | ConnectorError::Rejected { .. }
             | ConnectorError::Auth { .. }
             | ConnectorError::Conflict { .. }
-            | ConnectorError::InvalidResponse { .. } => None,
+            | ConnectorError::InvalidResponse { .. }
+            | ConnectorError::Held => None,
         }
     }
 
@@ -114,6 +121,7 @@ impl ConnectorError {
             ConnectorError::Auth { .. } => ErrorKind::Auth,
             ConnectorError::Conflict { .. } => ErrorKind::Conflict,
             ConnectorError::InvalidResponse { .. } => ErrorKind::InvalidResponse,
+            ConnectorError::Held => ErrorKind::Exhausted,
         }
     }
 
@@ -124,7 +132,7 @@ impl ConnectorError {
             | ConnectorError::Auth { status, .. }
             | ConnectorError::Conflict { status, .. }
             | ConnectorError::InvalidResponse { status, .. } => *status,
-            ConnectorError::Transport { .. } | ConnectorError::Timeout => None,
+            ConnectorError::Transport { .. } | ConnectorError::Timeout | ConnectorError::Held => None,
         }
     }
 }
@@ -140,8 +148,9 @@ pub enum BuildError {
 pub struct ConnectorHandle {
     pub name: String,
     pub connector: Arc<dyn Connector>,
-    /// Caps this target's concurrent calls; held per attempt, not across backoff sleeps.
-    pub concurrency: Arc<Semaphore>,
+    /// Circuit breaker, slow-down, rate limit and concurrency cap; passed per attempt,
+    /// never held across backoff sleeps.
+    pub gate: Arc<Gate>,
     pub retry: RetryPolicy,
 }
 
@@ -156,20 +165,33 @@ impl ConnectorSet {
     pub fn from_settings(settings: &Settings, metrics: &Arc<Metrics>) -> Result<ConnectorSet, BuildError> {
         let mut set = ConnectorSet::default();
         for (name, connector_settings) in &settings.connectors {
-            let connector = build_connector(name, connector_settings, metrics)?;
-            set.insert(name, connector, connector_settings.delivery());
+            let delivery = connector_settings.delivery();
+            let gate = Arc::new(Gate::new(name, delivery, Some(metrics.clone())));
+            let connector = build_connector(name, connector_settings, metrics, &gate)?;
+            set.insert_with_gate(name, connector, gate, delivery);
         }
         Ok(set)
     }
 
     /// Adds (or replaces) a connector. Tests use it to plug in doubles.
     pub fn insert(&mut self, name: &str, connector: Arc<dyn Connector>, delivery: &DeliverySettings) {
+        let gate = Arc::new(Gate::new(name, delivery, None));
+        self.insert_with_gate(name, connector, gate, delivery);
+    }
+
+    fn insert_with_gate(
+        &mut self,
+        name: &str,
+        connector: Arc<dyn Connector>,
+        gate: Arc<Gate>,
+        delivery: &DeliverySettings,
+    ) {
         self.handles.insert(
             name.to_string(),
             Arc::new(ConnectorHandle {
                 name: name.to_string(),
                 connector,
-                concurrency: Arc::new(Semaphore::new(delivery.max_in_flight)),
+                gate,
                 retry: RetryPolicy::from_settings(delivery),
             }),
         );
@@ -188,10 +210,13 @@ fn build_connector(
     name: &str,
     settings: &ConnectorSettings,
     metrics: &Arc<Metrics>,
+    gate: &Arc<Gate>,
 ) -> Result<Arc<dyn Connector>, BuildError> {
     match settings {
         ConnectorSettings::Scim2(scim) => scim::build(name, scim),
         ConnectorSettings::Google(google) => google::build(name, google),
-        ConnectorSettings::Salesforce(salesforce) => salesforce::build(name, salesforce, metrics.clone()),
+        ConnectorSettings::Salesforce(salesforce) => {
+            salesforce::build(name, salesforce, metrics.clone(), Some(gate.clone()))
+        }
     }
 }

@@ -13,6 +13,7 @@ use futures::future::BoxFuture;
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{json, Map, Value};
 
+use crate::connectors::gate::Gate;
 use crate::connectors::http::{build_client, error_body, status_error, transport_error};
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
@@ -39,6 +40,8 @@ pub struct SalesforceConnector {
     signer: Option<RsaSigner>,
     tokens: TokenCache,
     metrics: Arc<Metrics>,
+    /// Told about `Sforce-Limit-Info`, to pace calls near the daily allocation.
+    gate: Option<Arc<Gate>>,
 }
 
 /// A user as the lookup query returns it.
@@ -52,6 +55,7 @@ impl SalesforceConnector {
         name: &str,
         settings: &SalesforceSettings,
         metrics: Arc<Metrics>,
+        gate: Option<Arc<Gate>>,
     ) -> Result<SalesforceConnector, BuildError> {
         let invalid = |message: String| BuildError::Invalid {
             name: name.to_string(),
@@ -81,6 +85,7 @@ impl SalesforceConnector {
             signer,
             tokens: TokenCache::default(),
             metrics,
+            gate,
         })
     }
 
@@ -361,6 +366,9 @@ impl SalesforceConnector {
                 .salesforce_api_limit
                 .with_label_values(&[self.name.as_str()])
                 .set(limit as f64);
+            if let Some(gate) = &self.gate {
+                gate.report_quota(used, limit);
+            }
         }
     }
 
@@ -467,8 +475,9 @@ pub fn build(
     name: &str,
     settings: &SalesforceSettings,
     metrics: Arc<Metrics>,
+    gate: Option<Arc<Gate>>,
 ) -> Result<Arc<dyn Connector>, BuildError> {
-    Ok(Arc::new(SalesforceConnector::new(name, settings, metrics)?))
+    Ok(Arc::new(SalesforceConnector::new(name, settings, metrics, gate)?))
 }
 
 /// Salesforce's error array: `[{"message", "errorCode", "fields"}]`.

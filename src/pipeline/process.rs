@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tracing::Instrument;
 
-use crate::connectors::{ConnectorHandle, ConnectorSet};
+use crate::connectors::{ConnectorError, ConnectorHandle, ConnectorSet};
 use crate::event::{self, DecodeError, ReplyRoute, UserEvent};
 use crate::kafka::producer::{EventProducer, OutboundRecord};
 use crate::kafka::InboundRecord;
@@ -251,11 +251,15 @@ async fn call_connector(
     let started_at = Utc::now();
     let metrics = &worker.metrics;
     let name = handle.name.as_str();
+    let deadline = tokio::time::Instant::now() + handle.retry.max_elapsed;
     let outcome = run_with_retries(
         handle.retry,
         || async {
-            // The permit is held per attempt, so a backoff sleep does not hold a slot.
-            let _permit = handle.concurrency.acquire().await.expect("connector semaphore is never closed");
+            // Admission is per attempt, so a backoff sleep holds no slot; an open circuit
+            // holds the attempt here (not failing it) until the event's retry time ends.
+            let Some(admission) = handle.gate.admit(deadline).await else {
+                return Err(ConnectorError::Held);
+            };
             metrics.connector_attempts.with_label_values(&[name]).inc();
             let timer = metrics
                 .connector_request_duration
@@ -263,6 +267,7 @@ async fn call_connector(
                 .start_timer();
             let result = handle.connector.apply(operation, event).await;
             timer.observe_duration();
+            admission.finish(&result);
             result
         },
         |error, delay, attempt| {

@@ -85,6 +85,7 @@ impl Fixture {
             "crm",
             &self.settings(self.client_credentials(), extra),
             self.metrics.clone(),
+            None,
         )
         .unwrap()
     }
@@ -112,7 +113,7 @@ async fn all_three_grants_get_a_token() {
     ];
     for (index, auth) in grants.into_iter().enumerate() {
         let connector =
-            SalesforceConnector::new("crm", &fixture.settings(auth, json!({})), fixture.metrics.clone()).unwrap();
+            SalesforceConnector::new("crm", &fixture.settings(auth, json!({})), fixture.metrics.clone(), None).unwrap();
         let event = user_event("user.created", &format!("u-grant-{index}"), json!({}));
         assert_eq!(
             connector.apply(Operation::Create, &event).await.unwrap().outcome,
@@ -127,7 +128,7 @@ async fn all_three_grants_get_a_token() {
                                 "username": API_USER, "password": "pa55word"});
     for auth in [wrong_key, wrong_password] {
         let connector =
-            SalesforceConnector::new("crm", &fixture.settings(auth, json!({})), fixture.metrics.clone()).unwrap();
+            SalesforceConnector::new("crm", &fixture.settings(auth, json!({})), fixture.metrics.clone(), None).unwrap();
         let error = connector
             .apply(Operation::Create, &user_event("user.created", "u-denied", json!({})))
             .await

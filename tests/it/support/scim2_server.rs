@@ -24,13 +24,19 @@ fn binary() -> PathBuf {
     let cache = std::env::var_os("PROVISIONER_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/provisioner"));
-    let cached = cache.join("venv-scim2-server-0.8.3-gapi-2.202.0/bin/scim2-server");
-    assert!(
-        cached.exists(),
-        "no scim2-server: run scripts/test (it installs it into {}) or set SCIM2_SERVER_BIN",
-        cached.display()
-    );
-    cached
+    // scripts/test creates the venv; its name carries the pinned versions.
+    std::fs::read_dir(&cache)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok().map(|entry| entry.path().join("bin/scim2-server")))
+        .find(|candidate| candidate.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "no scim2-server: run scripts/test (it installs it under {}) or set SCIM2_SERVER_BIN",
+                cache.display()
+            )
+        })
 }
 
 impl Scim2Server {
