@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::connectors::jwt;
-use crate::emulators::{get_stats, inject_faults, set_faults, Control, Dialect, Faults};
+use crate::emulators::{get_stats, inject_faults, log_requests, set_faults, Control, Dialect, Faults};
 
 const USER_SCOPE: &str = "https://www.googleapis.com/auth/admin.directory.user";
 
@@ -139,6 +139,7 @@ pub async fn start(
         )
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(middleware::from_fn_with_state(control.clone(), inject_faults))
+        .layer(middleware::from_fn_with_state(control.clone(), log_requests))
         .with_state(state.clone());
     let router = Router::new()
         .nest("/admin/directory/v1", directory)

@@ -135,12 +135,25 @@ impl Dialect {
     }
 }
 
+/// One request as the emulator answered it (injected faults included).
+#[derive(Debug, Clone)]
+pub struct LoggedRequest {
+    pub at: std::time::Instant,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+/// Requests kept in the log; older ones are dropped so a long run stays bounded.
+const REQUEST_LOG_LIMIT: usize = 100_000;
+
 /// State shared by the fault middleware and the admin routes.
 #[derive(Clone, Default)]
 pub struct Control {
     pub faults: Arc<Mutex<Faults>>,
     pub stats: Arc<Stats>,
     pub dialect: Dialect,
+    pub log: Arc<Mutex<std::collections::VecDeque<LoggedRequest>>>,
 }
 
 impl Control {
@@ -149,8 +162,34 @@ impl Control {
             faults: Arc::new(Mutex::new(faults)),
             stats: Arc::default(),
             dialect,
+            log: Arc::default(),
         }
     }
+}
+
+impl Control {
+    /// The request log, oldest first.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.log.lock().expect("log lock").iter().cloned().collect()
+    }
+}
+
+/// Middleware (outermost): records every request with the status it got.
+pub async fn log_requests(State(control): State<Control>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let mut log = control.log.lock().expect("log lock");
+    if log.len() >= REQUEST_LOG_LIMIT {
+        log.pop_front();
+    }
+    log.push_back(LoggedRequest {
+        at: std::time::Instant::now(),
+        method,
+        path,
+        status: response.status().as_u16(),
+    });
+    response
 }
 
 /// Middleware: counts the request, then applies latency and maybe a fault.

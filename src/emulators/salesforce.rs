@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::connectors::jwt;
-use crate::emulators::{get_stats, inject_faults, set_faults, Control, Dialect, Faults};
+use crate::emulators::{get_stats, inject_faults, log_requests, set_faults, Control, Dialect, Faults};
 
 const REQUIRED_FIELDS: [&str; 9] = [
     "Username",
@@ -146,6 +146,7 @@ pub async fn start(
         .route("/query", get(query))
         .layer(middleware::from_fn_with_state(state.clone(), require_session))
         .layer(middleware::from_fn_with_state(control.clone(), inject_faults))
+        .layer(middleware::from_fn_with_state(control.clone(), log_requests))
         .layer(middleware::from_fn_with_state(state.clone(), limit_info))
         .with_state(state.clone());
     let router = Router::new()

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::emulators::{get_stats, inject_faults, set_faults, Control, Dialect, Faults};
+use crate::emulators::{get_stats, inject_faults, log_requests, set_faults, Control, Dialect, Faults};
 
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
@@ -141,6 +141,7 @@ pub async fn start(
         )
         .layer(middleware::from_fn_with_state(state.clone(), require_auth))
         .layer(middleware::from_fn_with_state(control.clone(), inject_faults))
+        .layer(middleware::from_fn_with_state(control.clone(), log_requests))
         .with_state(state.clone());
     let router = Router::new()
         .nest("/scim/v2", scim)

@@ -99,8 +99,11 @@ struct RunningJob {
 }
 
 impl Pipeline {
-    /// Runs until `shutdown` is cancelled, then drains in-flight work for up to
-    /// `shutdown_grace`, commits what is finished and leaves the group.
+    /// Runs until `shutdown` is cancelled, then drains: fetching stops, and every event
+    /// already held (running or queued) is finished for up to `shutdown_grace`, so the
+    /// stored offsets cover everything that produced a result and a restart redoes
+    /// nothing acknowledged. Then it commits and leaves the group. Work still unfinished
+    /// when the grace runs out is abandoned and redelivered after the restart.
     pub async fn run(self, shutdown: CancellationToken) {
         let Pipeline {
             consumer,
@@ -116,6 +119,7 @@ impl Pipeline {
         let mut workers: JoinSet<Finished> = JoinSet::new();
         let mut running: HashMap<tokio::task::Id, RunningJob> = HashMap::new();
         let mut paused = false;
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
 
         loop {
             dispatch(
@@ -137,9 +141,20 @@ impl Pipeline {
                     "Back-pressure released; fetching resumed."
                 );
             }
+            if drain_deadline.is_some() && scheduler.buffered == 0 {
+                break;
+            }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled(), if drain_deadline.is_none() => {
+                    tracing::info!(buffered = scheduler.buffered, running = scheduler.running, grace_ms = shutdown_grace.as_millis() as u64, "Draining: fetching stopped, finishing held events.");
+                    drain_deadline = Some(tokio::time::Instant::now() + shutdown_grace);
+                }
+                _ = sleep_until_deadline(drain_deadline) => {
+                    tracing::warn!(abandoned = scheduler.buffered, "Shutdown grace ran out; unfinished events will be redelivered.");
+                    workers.abort_all();
+                    break;
+                }
                 Some(joined) = workers.join_next_with_id() => {
                     let finished = match joined {
                         Ok((id, finished)) => {
@@ -167,7 +182,7 @@ impl Pipeline {
                         consumer.store_offset(&finished.ticket.topic, finished.ticket.partition, next_offset);
                     }
                 }
-                received = consumer.recv() => {
+                received = consumer.recv(), if drain_deadline.is_none() => {
                     let record = match received {
                         Ok(record) => record,
                         Err(error) => {
@@ -195,8 +210,8 @@ impl Pipeline {
             }
         }
 
-        drain(&mut workers, &mut running, &tracker, &consumer, shutdown_grace).await;
         metrics.events_in_flight.set(0);
+        metrics.events_buffered.set(0);
         flush_producer(&worker);
         consumer.close();
     }
@@ -249,44 +264,11 @@ fn dispatch(
     }
 }
 
-/// Waits for running workers (not queued ones) up to the grace period.
-async fn drain(
-    workers: &mut JoinSet<Finished>,
-    running: &mut HashMap<tokio::task::Id, RunningJob>,
-    tracker: &OffsetTracker,
-    consumer: &EventConsumer,
-    grace: Duration,
-) {
-    if workers.is_empty() {
-        return;
-    }
-    tracing::info!(
-        in_flight = workers.len(),
-        grace_ms = grace.as_millis() as u64,
-        "Draining in-flight events."
-    );
-    let deadline = tokio::time::Instant::now() + grace;
-    loop {
-        match tokio::time::timeout_at(deadline, workers.join_next_with_id()).await {
-            Ok(Some(Ok((id, finished)))) => {
-                running.remove(&id);
-                if let Some(next_offset) = tracker.complete(&finished.ticket) {
-                    consumer.store_offset(&finished.ticket.topic, finished.ticket.partition, next_offset);
-                }
-            }
-            Ok(Some(Err(error))) => {
-                running.remove(&error.id());
-            }
-            Ok(None) => break,
-            Err(_) => {
-                tracing::warn!(
-                    abandoned = workers.len(),
-                    "Shutdown grace ran out; unfinished events will be redelivered."
-                );
-                workers.abort_all();
-                break;
-            }
-        }
+/// Completes at the drain deadline; never, while not draining.
+async fn sleep_until_deadline(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

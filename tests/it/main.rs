@@ -7,6 +7,7 @@ mod blocking;
 mod config;
 mod contract;
 mod demo;
+mod faults;
 mod google;
 mod kafka_roundtrip;
 mod pipeline;

@@ -4,6 +4,8 @@ pub mod app;
 pub mod broker;
 pub mod doubles;
 pub mod scim2_server;
+pub mod service;
+pub mod workload;
 
 use std::time::{Duration, Instant};
 
