@@ -248,6 +248,16 @@ pub fn decode(
         Some(content_type) => content_type.starts_with(STRUCTURED_CONTENT_TYPE),
         None => !has_ce_headers,
     };
+    if !structured {
+        if let Some(content_type) = &content_type {
+            let essence = content_type.split(';').next().unwrap_or_default().trim();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(DecodeError::UnsupportedContentType {
+                    content_type: content_type.clone(),
+                });
+            }
+        }
+    }
     if value.is_empty() {
         return Err(DecodeError::EmptyValue);
     }
@@ -331,14 +341,6 @@ fn decode_binary(
     headers: &[(String, Vec<u8>)],
     content_type: Option<String>,
 ) -> Result<UserEvent, DecodeError> {
-    if let Some(content_type) = &content_type {
-        let essence = content_type.split(';').next().unwrap_or_default().trim();
-        if essence != "application/json" && !essence.ends_with("+json") {
-            return Err(DecodeError::UnsupportedContentType {
-                content_type: content_type.clone(),
-            });
-        }
-    }
     let attributes = Attributes {
         specversion: header_text(headers, "ce_specversion")?,
         id: header_text(headers, "ce_id")?,

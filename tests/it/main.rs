@@ -3,6 +3,7 @@
 //! Tests that need Kafka use a real tansu broker started by `support::broker()` on
 //! 127.0.0.1 (install it with `scripts/test`, or point `TANSU_BIN` at a binary).
 
+mod bad_input;
 mod blocking;
 mod config;
 mod contract;
