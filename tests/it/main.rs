@@ -14,5 +14,6 @@ mod kafka_roundtrip;
 mod pipeline;
 mod salesforce;
 mod scim;
+mod security;
 mod service;
 mod support;
