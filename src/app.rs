@@ -96,6 +96,7 @@ impl Application {
             max_in_flight: settings.pipeline.max_in_flight,
             max_buffered_events: settings.pipeline.max_buffered_events,
             shutdown_grace: settings.pipeline.shutdown_grace,
+            ordering: settings.pipeline.ordering,
         };
         Ok(Application {
             pipeline,

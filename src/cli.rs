@@ -79,9 +79,43 @@ pub enum Command {
         #[arg(long)]
         dump_metrics: Option<PathBuf>,
     },
-    /// Measure throughput and latency (reserved).
-    #[command(hide = true)]
-    Bench,
+    /// Measure throughput, latency, CPU and memory against a sequential baseline, on an
+    /// embedded broker and the SCIM emulator (the service runs as a child process).
+    Bench {
+        /// Events in the throughput phase (half creates, half deletes).
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
+        /// Distinct users (default: events / 2).
+        #[arg(long)]
+        users: Option<usize>,
+        /// The target's latency per call.
+        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+        latency: Duration,
+        /// Events for the sequential baseline.
+        #[arg(long, default_value_t = 2_000)]
+        baseline_events: usize,
+        /// Offered load for the latency phase, events per second.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Length of the latency phase.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Memory check: preload this many events against a 1 s target.
+        #[arg(long)]
+        backlog: Option<usize>,
+        /// How long the memory check runs.
+        #[arg(long, default_value_t = 30)]
+        backlog_seconds: u64,
+        #[arg(long)]
+        skip_latency: bool,
+        #[arg(long)]
+        skip_baseline: bool,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a target emulator on a local address (for demos, benchmarks, tests).
     Emulate {
         #[command(subcommand)]
@@ -272,10 +306,33 @@ pub fn run(cli: Cli) -> ExitCode {
             admin_listen: metrics_listen,
             dump_metrics,
         }),
-        Command::Bench => {
-            eprintln!("provisioner: this command is reserved and not available in this build");
-            ExitCode::from(EXIT_CONFIG)
-        }
+        Command::Bench {
+            events,
+            partitions,
+            users,
+            latency,
+            baseline_events,
+            rate,
+            duration,
+            backlog,
+            backlog_seconds,
+            skip_latency,
+            skip_baseline,
+            json,
+        } => bench(crate::bench::BenchOptions {
+            events,
+            partitions,
+            users,
+            target_latency: latency,
+            baseline_events,
+            rate,
+            duration,
+            backlog,
+            backlog_seconds,
+            json,
+            skip_latency,
+            skip_baseline,
+        }),
     }
 }
 
@@ -637,4 +694,29 @@ async fn emulate_google(
     println!("  token endpoint {}", emulator.token_url());
     shutdown.cancelled().await;
     ExitCode::SUCCESS
+}
+
+fn bench(options: crate::bench::BenchOptions) -> ExitCode {
+    telemetry::init(&TelemetrySettings {
+        format: crate::settings::LogFormat::Pretty,
+        level: "error".into(),
+    });
+    let json = options.json;
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(crate::bench::run(options)) {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            } else {
+                print!("{}", crate::bench::render(&report));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("provisioner bench: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod connectors;

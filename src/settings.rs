@@ -211,6 +211,19 @@ pub struct PipelineSettings {
     /// anyway (unfinished events are redelivered to the next owner).
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// `user`: one event per user at a time, users concurrently (the default).
+    /// `partition`: one event per partition at a time, what a plain at-least-once
+    /// consumer does; the benchmark's baseline.
+    #[serde(default)]
+    pub ordering: OrderingMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderingMode {
+    #[default]
+    User,
+    Partition,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1183,6 +1196,7 @@ impl Default for PipelineSettings {
             max_buffered_events: default_max_buffered_events(),
             max_event_bytes: default_max_event_bytes(),
             shutdown_grace: default_shutdown_grace(),
+            ordering: OrderingMode::default(),
         }
     }
 }

@@ -53,9 +53,73 @@ struct StoredUser {
     version: u64,
 }
 
+/// Users by id, with the unique attributes indexed so lookups and uniqueness checks
+/// stay O(1) however many users a benchmark creates.
 #[derive(Default)]
 struct Directory {
     users: HashMap<String, StoredUser>,
+    /// Lower-cased `userName` (case-insensitive, RFC 7643) → id.
+    by_user_name: HashMap<String, String>,
+    by_external_id: HashMap<String, String>,
+}
+
+impl Directory {
+    fn index_keys(resource: &Value) -> (Option<String>, Option<String>) {
+        (
+            resource.get("userName").and_then(Value::as_str).map(str::to_lowercase),
+            resource.get("externalId").and_then(Value::as_str).map(str::to_string),
+        )
+    }
+
+    fn unindex(&mut self, id: &str) {
+        if let Some(user) = self.users.get(id) {
+            let (user_name, external_id) = Self::index_keys(&user.resource);
+            if let Some(user_name) = user_name {
+                self.by_user_name.remove(&user_name);
+            }
+            if let Some(external_id) = external_id {
+                self.by_external_id.remove(&external_id);
+            }
+        }
+    }
+
+    fn put(&mut self, id: String, user: StoredUser) {
+        self.unindex(&id);
+        let (user_name, external_id) = Self::index_keys(&user.resource);
+        if let Some(user_name) = user_name {
+            self.by_user_name.insert(user_name, id.clone());
+        }
+        if let Some(external_id) = external_id {
+            self.by_external_id.insert(external_id, id.clone());
+        }
+        self.users.insert(id, user);
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.unindex(id);
+        self.users.remove(id);
+    }
+
+    /// Users matching `attribute eq value`.
+    fn find(&self, attribute: &str, value: &str) -> Vec<&StoredUser> {
+        let lower_case;
+        let id = match attribute {
+            "id" => Some(value),
+            "userName" => {
+                lower_case = value.to_lowercase();
+                self.by_user_name.get(&lower_case).map(String::as_str)
+            }
+            "externalId" => self.by_external_id.get(value).map(String::as_str),
+            _ => {
+                return self
+                    .users
+                    .values()
+                    .filter(|user| attribute_equals(&user.resource, attribute, value))
+                    .collect()
+            }
+        };
+        id.and_then(|id| self.users.get(id)).into_iter().collect()
+    }
 }
 
 #[derive(Clone)]
@@ -269,15 +333,14 @@ async fn list_users(State(state): State<ScimState>, Query(query): Query<ListQuer
         Some(Err(message)) => return scim_error(StatusCode::BAD_REQUEST, Some("invalidFilter"), &message),
     };
     let directory = state.directory.lock().expect("directory lock");
-    let found: Vec<Value> = directory
-        .users
-        .values()
-        .filter(|user| match &condition {
-            None => true,
-            Some((attribute, value)) => attribute_equals(&user.resource, attribute, value),
-        })
-        .map(|user| user.resource.clone())
-        .collect();
+    let found: Vec<Value> = match &condition {
+        None => directory.users.values().map(|user| user.resource.clone()).collect(),
+        Some((attribute, value)) => directory
+            .find(attribute, value)
+            .into_iter()
+            .map(|user| user.resource.clone())
+            .collect(),
+    };
     Json(json!({
         "schemas": [LIST_SCHEMA],
         "totalResults": found.len(),
@@ -313,15 +376,14 @@ fn attribute_equals(resource: &Value, attribute: &str, expected: &str) -> bool {
 }
 
 fn conflict(directory: &Directory, resource: &Value, except_id: Option<&str>) -> Option<String> {
-    for user in directory.users.values() {
-        if except_id == user.resource.get("id").and_then(Value::as_str) {
-            continue;
-        }
-        for attribute in ["userName", "externalId"] {
-            if let Some(value) = resource.get(attribute).and_then(Value::as_str) {
-                if attribute_equals(&user.resource, attribute, value) {
-                    return Some(format!("{attribute} `{value}` is already taken"));
-                }
+    for attribute in ["userName", "externalId"] {
+        if let Some(value) = resource.get(attribute).and_then(Value::as_str) {
+            let taken = directory
+                .find(attribute, value)
+                .into_iter()
+                .any(|user| except_id != user.resource.get("id").and_then(Value::as_str));
+            if taken {
+                return Some(format!("{attribute} `{value}` is already taken"));
             }
         }
     }
@@ -383,7 +445,7 @@ async fn create_user(State(state): State<ScimState>, Json(resource): Json<Value>
     }
     let id = format!("{:08x}-emu", state.next_id.fetch_add(1, Ordering::Relaxed));
     let stored = with_meta(&state, &id, resource, 1, None);
-    directory.users.insert(
+    directory.put(
         id,
         StoredUser {
             resource: stored.clone(),
@@ -433,11 +495,13 @@ async fn replace_user(
     if let Some(message) = conflict(&directory, &resource, Some(&id)) {
         return scim_error(StatusCode::CONFLICT, Some("uniqueness"), &message);
     }
-    let user = directory.users.get_mut(&id).expect("checked above");
+    let user = directory.users.get(&id).expect("checked above");
     let created = user.resource.pointer("/meta/created").cloned();
-    user.version += 1;
-    user.resource = with_meta(&state, &id, resource, user.version, created);
-    resource_response(StatusCode::OK, &user.resource)
+    let version = user.version + 1;
+    let resource = with_meta(&state, &id, resource, version, created);
+    let response = resource_response(StatusCode::OK, &resource);
+    directory.put(id, StoredUser { resource, version });
+    response
 }
 
 async fn patch_user(
@@ -495,11 +559,13 @@ async fn patch_user(
     if let Some(message) = conflict(&directory, &resource, Some(&id)) {
         return scim_error(StatusCode::CONFLICT, Some("uniqueness"), &message);
     }
-    let user = directory.users.get_mut(&id).expect("checked above");
+    let user = directory.users.get(&id).expect("checked above");
     let created = user.resource.pointer("/meta/created").cloned();
-    user.version += 1;
-    user.resource = with_meta(&state, &id, resource, user.version, created);
-    resource_response(StatusCode::OK, &user.resource)
+    let version = user.version + 1;
+    let resource = with_meta(&state, &id, resource, version, created);
+    let response = resource_response(StatusCode::OK, &resource);
+    directory.put(id, StoredUser { resource, version });
+    response
 }
 
 async fn delete_user(State(state): State<ScimState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
@@ -510,7 +576,7 @@ async fn delete_user(State(state): State<ScimState>, Path(id): Path<String>, hea
     if !precondition_holds(&state, &headers, user) {
         return stale_version();
     }
-    directory.users.remove(&id);
+    directory.remove(&id);
     StatusCode::NO_CONTENT.into_response()
 }
 

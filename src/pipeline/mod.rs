@@ -28,6 +28,7 @@ use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
 use crate::pipeline::offsets::{OffsetTracker, Ticket};
 use crate::pipeline::process::Worker;
+use crate::settings::OrderingMode;
 
 /// One accepted record, waiting for or holding its key.
 struct Job {
@@ -82,6 +83,7 @@ pub struct Pipeline {
     pub max_in_flight: usize,
     pub max_buffered_events: usize,
     pub shutdown_grace: Duration,
+    pub ordering: OrderingMode,
 }
 
 /// What a finished worker task hands back: its outputs are durable.
@@ -113,6 +115,7 @@ impl Pipeline {
             max_in_flight,
             max_buffered_events,
             shutdown_grace,
+            ordering,
         } = self;
         let resume_below = (max_buffered_events * 3 / 4).max(1);
         let mut scheduler = Scheduler::default();
@@ -195,7 +198,10 @@ impl Pipeline {
                     };
                     // Decoded here, once: the ordering key comes from the event.
                     let decoded = event::decode(record.value.as_deref(), &record.headers, worker.max_event_bytes);
-                    let ordering_key = ordering_key_for(&record, &decoded);
+                    let ordering_key = match ordering {
+                        OrderingMode::User => ordering_key_for(&record, &decoded),
+                        OrderingMode::Partition => format!("{}/{}", record.topic, record.partition),
+                    };
                     scheduler.accept(Job { record: Arc::new(record), decoded, ticket, ordering_key });
                     // Also re-pause while paused: a rebalance may have added unpaused partitions.
                     if scheduler.buffered >= max_buffered_events {
