@@ -55,6 +55,10 @@ pub struct BenchOptions {
     /// Skip phases (for quick runs and tests).
     pub skip_latency: bool,
     pub skip_baseline: bool,
+    /// The service consumer's `fetch.wait.max.ms`. The mock broker does not answer a
+    /// waiting fetch when data arrives (a real broker does), so a short wait stands in
+    /// for Kafka's long polling.
+    pub fetch_wait: Duration,
 }
 
 impl Default for BenchOptions {
@@ -72,6 +76,7 @@ impl Default for BenchOptions {
             json: false,
             skip_latency: false,
             skip_baseline: false,
+            fetch_wait: Duration::from_millis(5),
         }
     }
 }
@@ -137,6 +142,7 @@ struct Rig {
     emulator: scim_emulator::ScimEmulator,
     directory: PathBuf,
     run: usize,
+    fetch_wait: Duration,
 }
 
 pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
@@ -166,6 +172,7 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         emulator,
         directory,
         run: 0,
+        fetch_wait: options.fetch_wait,
     };
     let say = |line: String| {
         if !options.json {
@@ -279,7 +286,7 @@ impl Rig {
             "#,
             bootstrap = self.bootstrap,
             scim_url = self.scim_url,
-            fetch_wait = std::env::var("BENCH_FETCH_WAIT").unwrap_or_else(|_| "100".into()),
+            fetch_wait = self.fetch_wait.as_millis().max(1),
         );
         let path = self.directory.join(format!("bench-{run}.toml"));
         std::fs::write(&path, config)?;

@@ -115,6 +115,10 @@ pub enum Command {
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
+        /// The service consumer's fetch.wait.max.ms on the embedded broker, which does
+        /// not wake a waiting fetch when data arrives (Kafka does).
+        #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+        fetch_wait: Duration,
     },
     /// Run a target emulator on a local address (for demos, benchmarks, tests).
     Emulate {
@@ -319,6 +323,7 @@ pub fn run(cli: Cli) -> ExitCode {
             skip_latency,
             skip_baseline,
             json,
+            fetch_wait,
         } => bench(crate::bench::BenchOptions {
             events,
             partitions,
@@ -332,6 +337,7 @@ pub fn run(cli: Cli) -> ExitCode {
             json,
             skip_latency,
             skip_baseline,
+            fetch_wait,
         }),
     }
 }
