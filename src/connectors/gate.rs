@@ -260,14 +260,16 @@ impl Gate {
     }
 
     fn record(&self, result: &Result<(), &ConnectorError>, probe: bool) {
-        if let Err(ConnectorError::Throttled { retry_after, .. }) = result {
-            if let Some(hint) = retry_after {
-                let mut quiet_until = self.quiet_until.lock().expect("quiet lock");
-                let until = Instant::now() + *hint;
-                if until > *quiet_until {
-                    *quiet_until = until;
-                    tracing::warn!(connector = %self.connector, pause_ms = hint.as_millis() as u64, "Target asked us to slow down; pausing all calls to it.");
-                }
+        if let Err(ConnectorError::Throttled {
+            retry_after: Some(hint),
+            ..
+        }) = result
+        {
+            let mut quiet_until = self.quiet_until.lock().expect("quiet lock");
+            let until = Instant::now() + *hint;
+            if until > *quiet_until {
+                *quiet_until = until;
+                tracing::warn!(connector = %self.connector, pause_ms = hint.as_millis() as u64, "Target asked us to slow down; pausing all calls to it.");
             }
         }
         let unhealthy = matches!(

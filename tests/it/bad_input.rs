@@ -10,6 +10,9 @@ use crate::support::app::{producer, publish, Names, TopicReader};
 use crate::support::doubles::event_json;
 use crate::support::service::{free_port, ServiceProcess};
 
+/// (name, value, headers, expected reason)
+type BadInput<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a str)>, &'a str);
+
 fn valid_event() -> serde_json::Value {
     serde_json::json!({
         "specversion": "1.0", "id": "e", "source": "/s", "type": "user.created",
@@ -53,8 +56,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason() {
         event.to_string().into_bytes()
     };
     let data_only = serde_json::to_vec(&valid_event()["data"]).unwrap();
-    // (name, value, headers, expected reason)
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<BadInput> = vec![
         (
             "malformed JSON",
             b"{\"specversion\": \"1.0\",".to_vec(),
