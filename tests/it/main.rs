@@ -8,6 +8,7 @@ mod blocking;
 mod config;
 mod contract;
 mod demo;
+mod deploy;
 mod faults;
 mod google;
 mod kafka_roundtrip;
