@@ -633,6 +633,15 @@ mod tests {
     }
 
     #[test]
+    fn record_ids_stay_one_path_segment() {
+        assert_eq!(path_segment("005000000000001AAA"), "005000000000001AAA");
+        assert_eq!(
+            path_segment("../../sobjects/Account/x?y"),
+            "..%2F..%2Fsobjects%2FAccount%2Fx%3Fy"
+        );
+    }
+
+    #[test]
     fn freed_usernames_stay_valid() {
         let freed = freed_username("alice@crm.example.com");
         assert!(

@@ -413,3 +413,59 @@ async fn instances_joining_and_leaving_mid_stream_lose_nothing() {
         workload.events.len()
     );
 }
+
+/// A target down for longer than an event's `max_elapsed`: the circuit holds the work,
+/// then the events fail for good with a final `failed` result and a dead letter, and
+/// the partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_retry_time_fails_events_for_good() {
+    let names = Names::new("long-outage");
+    names.create(1).await;
+    let (emulator, _emulator_shutdown) = emulator(1, 1).await;
+    emulator.set_faults(Faults {
+        rate_500: 1.0,
+        ..Faults::default()
+    });
+    let toml = service_toml(&names.kafka_toml(), &emulator.base_url())
+        .replace("max_elapsed = \"90s\"", "max_elapsed = \"2s\"");
+    let app = RunningApp::start(Settings::from_toml_str(&toml).unwrap()).await;
+    let producer = producer();
+    for user in ["u1", "u2", "u3"] {
+        let event = event_json(user, "user.created", "acme", user, serde_json::json!({}));
+        publish(&producer, &names.events, Some(&format!("acme/{user}")), &event, &[]).await;
+    }
+    let mut dead_letters = TopicReader::new(&names.dead_letters, 1);
+    dead_letters
+        .read_until("three dead letters", Duration::from_secs(60), |records| {
+            records.len() >= 3
+        })
+        .await;
+    assert!(dead_letters
+        .records
+        .iter()
+        .all(|record| record.headers["x-provisioner-reason"] == "connector_failed"));
+    let mut results = TopicReader::new(&names.results, 1);
+    results
+        .read_until("three results", Duration::from_secs(60), |records| records.len() >= 3)
+        .await;
+    for record in &results.records {
+        let result = record.result();
+        assert_eq!(result.status, provisioner::result::Status::Failed, "{result:?}");
+        let error = result.results[0].error.as_ref().unwrap();
+        assert_eq!(error.kind, provisioner::result::ErrorKind::Exhausted, "{error:?}");
+    }
+    // The partition moved on: once the target is back, a new event succeeds.
+    emulator.set_faults(Faults::default());
+    let after = event_json("after", "user.created", "acme", "u4", serde_json::json!({}));
+    publish(&producer, &names.events, Some("acme/u4"), &after, &[]).await;
+    results
+        .read_until("the result after the outage", Duration::from_secs(60), |records| {
+            records.iter().any(|record| record.result().event_id == "after")
+        })
+        .await;
+    let calls = emulator.control.stats.report().requests;
+    app.stop().await;
+    eprintln!(
+        "FAULT-REPORT long-outage: 3 events against a target down longer than max_elapsed (2 s): {calls} target calls in all, each event failed for good with a dead letter; the next event after recovery succeeded"
+    );
+}
