@@ -1,4 +1,4 @@
-//! The command line: `run`, `check-config`, and the names reserved for later commands.
+//! The command line: `run`, `check-config`, `send`, `dlq replay`, `demo`, `bench` and `emulate`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
