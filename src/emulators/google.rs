@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::connectors::jwt;
-use crate::emulators::{get_stats, inject_faults, log_requests, set_faults, Control, Dialect, Faults};
+use crate::emulators::{bearer_token, spawn, with_faults, Control, Dialect, Faults, TokenStore};
 
 const USER_SCOPE: &str = "https://www.googleapis.com/auth/admin.directory.user";
 
@@ -54,8 +54,7 @@ struct GoogleState {
     settings: Arc<GoogleEmulatorSettings>,
     token_url: String,
     users: Arc<Mutex<HashMap<String, Value>>>,
-    tokens: Arc<Mutex<HashMap<String, Instant>>>,
-    tokens_issued: Arc<AtomicU64>,
+    tokens: Arc<TokenStore>,
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
     next_id: Arc<AtomicU64>,
 }
@@ -94,7 +93,7 @@ impl GoogleEmulator {
     }
 
     pub fn tokens_issued(&self) -> u64 {
-        self.state.tokens_issued.load(Ordering::Relaxed)
+        self.state.tokens.issued()
     }
 
     /// Adds a user as an administrator would have; returns its id.
@@ -106,7 +105,7 @@ impl GoogleEmulator {
     }
 
     pub fn expire_tokens(&self) {
-        self.state.tokens.lock().expect("tokens lock").clear();
+        self.state.tokens.expire_all();
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -127,7 +126,6 @@ pub async fn start(
         token_url: format!("http://{address}/token"),
         users: Arc::default(),
         tokens: Arc::default(),
-        tokens_issued: Arc::default(),
         requests: Arc::default(),
         next_id: Arc::new(AtomicU64::new(100_000_000_000_000_000)),
     };
@@ -138,19 +136,11 @@ pub async fn start(
             get(get_user).patch(patch_user).put(patch_user).delete(delete_user),
         )
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .layer(middleware::from_fn_with_state(control.clone(), inject_faults))
-        .layer(middleware::from_fn_with_state(control.clone(), log_requests))
         .with_state(state.clone());
     let router = Router::new()
-        .nest("/admin/directory/v1", directory)
-        .route("/token", post(issue_token).with_state(state.clone()))
-        .route("/_emulator/stats", get(get_stats).with_state(control.clone()))
-        .route("/_emulator/faults", post(set_faults).with_state(control.clone()));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
+        .nest("/admin/directory/v1", with_faults(directory, &control))
+        .route("/token", post(issue_token).with_state(state.clone()));
+    spawn(listener, router, &control, shutdown);
     Ok(GoogleEmulator {
         address,
         control,
@@ -218,32 +208,13 @@ async fn issue_token(State(state): State<GoogleState>, Form(form): Form<TokenReq
     if let Some(problem) = problem {
         return refuse(problem);
     }
-    let token = format!("ya29.{}", uuid::Uuid::new_v4().simple());
-    state
-        .tokens
-        .lock()
-        .expect("tokens lock")
-        .insert(token.clone(), Instant::now() + state.settings.token_lifetime);
-    state.tokens_issued.fetch_add(1, Ordering::Relaxed);
+    let token = state.tokens.issue("ya29.", state.settings.token_lifetime);
     Json(json!({"access_token": token, "token_type": "Bearer", "expires_in": state.settings.token_lifetime.as_secs()}))
         .into_response()
 }
 
 async fn require_token(State(state): State<GoogleState>, request: Request, next: Next) -> Response {
-    let valid = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .is_some_and(|token| {
-            state
-                .tokens
-                .lock()
-                .expect("tokens lock")
-                .get(token)
-                .is_some_and(|expires| Instant::now() < *expires)
-        });
-    if !valid {
+    if !bearer_token(request.headers()).is_some_and(|token| state.tokens.is_valid(token)) {
         return google_error(StatusCode::UNAUTHORIZED, "authError", "Invalid Credentials");
     }
     next.run(request).await

@@ -255,6 +255,78 @@ impl Drop for InFlightGuard {
     }
 }
 
+/// Access tokens an emulator issued, with their expiry.
+#[derive(Default)]
+pub struct TokenStore {
+    live: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    issued: AtomicU64,
+}
+
+impl TokenStore {
+    /// A fresh token valid for `lifetime`.
+    pub fn issue(&self, prefix: &str, lifetime: Duration) -> String {
+        let token = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
+        self.live
+            .lock()
+            .expect("tokens lock")
+            .insert(token.clone(), std::time::Instant::now() + lifetime);
+        self.issued.fetch_add(1, Ordering::Relaxed);
+        token
+    }
+
+    pub fn is_valid(&self, token: &str) -> bool {
+        self.live
+            .lock()
+            .expect("tokens lock")
+            .get(token)
+            .is_some_and(|expires| std::time::Instant::now() < *expires)
+    }
+
+    /// Ends every token, as an expiry or a revocation would.
+    pub fn expire_all(&self) {
+        self.live.lock().expect("tokens lock").clear();
+    }
+
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
+    }
+}
+
+/// The token of an `Authorization: Bearer …` (or Salesforce's `OAuth …`) header.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("OAuth "))
+}
+
+/// Adds fault injection and the request log (outermost) to a target's API routes.
+pub fn with_faults(api: axum::Router, control: &Control) -> axum::Router {
+    api.layer(axum::middleware::from_fn_with_state(control.clone(), inject_faults))
+        .layer(axum::middleware::from_fn_with_state(control.clone(), log_requests))
+}
+
+/// Adds the `/_emulator` routes to `router` and serves it until `shutdown`.
+pub fn spawn(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    control: &Control,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let router = router
+        .route(
+            "/_emulator/stats",
+            axum::routing::get(get_stats).with_state(control.clone()),
+        )
+        .route(
+            "/_emulator/faults",
+            axum::routing::post(set_faults).with_state(control.clone()),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+}
+
 /// `GET /_emulator/stats`.
 pub async fn get_stats(State(control): State<Control>) -> Json<StatsReport> {
     Json(control.stats.report())

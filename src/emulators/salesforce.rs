@@ -14,10 +14,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::connectors::jwt;
-use crate::emulators::{get_stats, inject_faults, log_requests, set_faults, Control, Dialect, Faults};
+use crate::emulators::{bearer_token, spawn, with_faults, Control, Dialect, Faults, TokenStore};
 
 const REQUIRED_FIELDS: [&str; 9] = [
     "Username",
@@ -65,8 +65,7 @@ struct SalesforceState {
     settings: Arc<SalesforceEmulatorSettings>,
     base_url: String,
     users: Arc<Mutex<HashMap<String, Map<String, Value>>>>,
-    sessions: Arc<Mutex<HashMap<String, Instant>>>,
-    tokens_issued: Arc<AtomicU64>,
+    sessions: Arc<TokenStore>,
     api_calls: Arc<AtomicU64>,
     queries: Arc<Mutex<Vec<String>>>,
     next_id: Arc<AtomicU64>,
@@ -109,12 +108,12 @@ impl SalesforceEmulator {
     }
 
     pub fn tokens_issued(&self) -> u64 {
-        self.state.tokens_issued.load(Ordering::Relaxed)
+        self.state.sessions.issued()
     }
 
     /// Ends every session, as an idle timeout or a revocation would.
     pub fn expire_sessions(&self) {
-        self.state.sessions.lock().expect("sessions lock").clear();
+        self.state.sessions.expire_all();
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -135,7 +134,6 @@ pub async fn start(
         base_url: format!("http://{address}"),
         users: Arc::default(),
         sessions: Arc::default(),
-        tokens_issued: Arc::default(),
         api_calls: Arc::default(),
         queries: Arc::default(),
         next_id: Arc::new(AtomicU64::new(1)),
@@ -145,20 +143,12 @@ pub async fn start(
         .route("/sobjects/User/{id}", get(get_user).patch(update_user))
         .route("/query", get(query))
         .layer(middleware::from_fn_with_state(state.clone(), require_session))
-        .layer(middleware::from_fn_with_state(control.clone(), inject_faults))
-        .layer(middleware::from_fn_with_state(control.clone(), log_requests))
-        .layer(middleware::from_fn_with_state(state.clone(), limit_info))
         .with_state(state.clone());
+    let api = with_faults(api, &control).layer(middleware::from_fn_with_state(state.clone(), limit_info));
     let router = Router::new()
         .nest("/services/data/{version}", api)
-        .route("/services/oauth2/token", post(issue_token).with_state(state.clone()))
-        .route("/_emulator/stats", get(get_stats).with_state(control.clone()))
-        .route("/_emulator/faults", post(set_faults).with_state(control.clone()));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
+        .route("/services/oauth2/token", post(issue_token).with_state(state.clone()));
+    spawn(listener, router, &control, shutdown);
     Ok(SalesforceEmulator {
         address,
         control,
@@ -238,13 +228,7 @@ async fn issue_token(State(state): State<SalesforceState>, Form(form): Form<Toke
         }
         _ => return refuse("unsupported_grant_type", "grant type not supported"),
     }
-    let token = format!("00D000000000001!{}", uuid::Uuid::new_v4().simple());
-    state
-        .sessions
-        .lock()
-        .expect("sessions lock")
-        .insert(token.clone(), Instant::now() + settings.session_lifetime);
-    state.tokens_issued.fetch_add(1, Ordering::Relaxed);
+    let token = state.sessions.issue("00D000000000001!", settings.session_lifetime);
     // Like Salesforce: no expires_in; the session lasts until idle timeout.
     Json(json!({
         "access_token": token,
@@ -257,20 +241,7 @@ async fn issue_token(State(state): State<SalesforceState>, Form(form): Form<Toke
 }
 
 async fn require_session(State(state): State<SalesforceState>, request: Request, next: Next) -> Response {
-    let valid = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("OAuth ")))
-        .is_some_and(|token| {
-            state
-                .sessions
-                .lock()
-                .expect("sessions lock")
-                .get(token)
-                .is_some_and(|expires| Instant::now() < *expires)
-        });
-    if !valid {
+    if !bearer_token(request.headers()).is_some_and(|token| state.sessions.is_valid(token)) {
         return sf_error(
             StatusCode::UNAUTHORIZED,
             "INVALID_SESSION_ID",

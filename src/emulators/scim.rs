@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::emulators::{get_stats, inject_faults, log_requests, set_faults, Control, Dialect, Faults};
+use crate::emulators::{bearer_token, spawn, with_faults, Control, Dialect, Faults, TokenStore};
 
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
@@ -126,8 +126,7 @@ impl Directory {
 struct ScimState {
     settings: Arc<ScimEmulatorSettings>,
     directory: Arc<Mutex<Directory>>,
-    issued_tokens: Arc<Mutex<HashMap<String, Instant>>>,
-    tokens_issued: Arc<AtomicU64>,
+    tokens: Arc<TokenStore>,
     next_id: Arc<AtomicU64>,
     base_url: String,
 }
@@ -166,12 +165,12 @@ impl ScimEmulator {
     }
 
     pub fn tokens_issued(&self) -> u64 {
-        self.state.tokens_issued.load(Ordering::Relaxed)
+        self.state.tokens.issued()
     }
 
     /// Forgets every issued token, as if they had expired.
     pub fn expire_tokens(&self) {
-        self.state.issued_tokens.lock().expect("tokens lock").clear();
+        self.state.tokens.expire_all();
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -191,8 +190,7 @@ pub async fn start(
     let state = ScimState {
         settings: Arc::new(settings),
         directory: Arc::default(),
-        issued_tokens: Arc::default(),
-        tokens_issued: Arc::default(),
+        tokens: Arc::default(),
         next_id: Arc::new(AtomicU64::new(1)),
         base_url: format!("http://{address}/scim/v2"),
     };
@@ -204,19 +202,11 @@ pub async fn start(
             get(get_user).put(replace_user).patch(patch_user).delete(delete_user),
         )
         .layer(middleware::from_fn_with_state(state.clone(), require_auth))
-        .layer(middleware::from_fn_with_state(control.clone(), inject_faults))
-        .layer(middleware::from_fn_with_state(control.clone(), log_requests))
         .with_state(state.clone());
     let router = Router::new()
-        .nest("/scim/v2", scim)
-        .route("/oauth2/token", post(issue_token).with_state(state.clone()))
-        .route("/_emulator/stats", get(get_stats).with_state(control.clone()))
-        .route("/_emulator/faults", post(set_faults).with_state(control.clone()));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
+        .nest("/scim/v2", with_faults(scim, &control))
+        .route("/oauth2/token", post(issue_token).with_state(state.clone()));
+    spawn(listener, router, &control, shutdown);
     Ok(ScimEmulator {
         address,
         control,
@@ -237,21 +227,8 @@ async fn require_auth(State(state): State<ScimState>, request: Request, next: Ne
     if !protected || request.uri().path().ends_with("/ServiceProviderConfig") {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let valid = presented.is_some_and(|token| {
-        state.settings.bearer_token.as_deref() == Some(token.as_str())
-            || state
-                .issued_tokens
-                .lock()
-                .expect("tokens lock")
-                .get(&token)
-                .is_some_and(|expires| Instant::now() < *expires)
-    });
+    let valid = bearer_token(request.headers())
+        .is_some_and(|token| state.settings.bearer_token.as_deref() == Some(token) || state.tokens.is_valid(token));
     if valid {
         next.run(request).await
     } else {
@@ -288,13 +265,7 @@ async fn issue_token(State(state): State<ScimState>, headers: HeaderMap, Form(fo
     if presented_id != client_id || presented_secret != client_secret {
         return (StatusCode::UNAUTHORIZED, Json(json!({"error": "invalid_client"}))).into_response();
     }
-    let token = uuid::Uuid::new_v4().simple().to_string();
-    state
-        .issued_tokens
-        .lock()
-        .expect("tokens lock")
-        .insert(token.clone(), Instant::now() + lifetime);
-    state.tokens_issued.fetch_add(1, Ordering::Relaxed);
+    let token = state.tokens.issue("", lifetime);
     Json(json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime.as_secs()})).into_response()
 }
 
