@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use url::Url;
 
-use crate::connectors::http::{build_client, error_body, retry_after, status_error, transport_error};
+use crate::connectors::http::{build_client, error_body, json_body, retry_after, status_error, transport_error};
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
 use crate::connectors::oauth::{request_token, Token, TokenCache};
@@ -299,14 +299,7 @@ impl GoogleConnector {
                 continue;
             }
             if status.is_success() {
-                let bytes = response.bytes().await.map_err(transport_error)?;
-                if bytes.is_empty() {
-                    return Ok(Value::Null);
-                }
-                return serde_json::from_slice(&bytes).map_err(|error| ConnectorError::InvalidResponse {
-                    status: Some(status.as_u16()),
-                    message: format!("not JSON: {error}"),
-                });
+                return json_body(response).await;
             }
             let headers = response.headers().clone();
             let body = error_body(response).await;

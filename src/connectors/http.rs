@@ -109,6 +109,19 @@ fn httpdate(value: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         .map(|date| date.with_timezone(&chrono::Utc))
 }
 
+/// The JSON body of a successful response; `Null` when it is empty (204).
+pub async fn json_body(response: reqwest::Response) -> Result<serde_json::Value, ConnectorError> {
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(transport_error)?;
+    if bytes.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_slice(&bytes).map_err(|error| ConnectorError::InvalidResponse {
+        status: Some(status.as_u16()),
+        message: format!("not JSON: {error}"),
+    })
+}
+
 /// Reads a response body for an error message, bounded so a huge error page cannot
 /// blow up memory or logs.
 pub async fn error_body(response: reqwest::Response) -> String {

@@ -14,7 +14,7 @@ use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{json, Map, Value};
 
 use crate::connectors::gate::Gate;
-use crate::connectors::http::{build_client, error_body, status_error, transport_error};
+use crate::connectors::http::{build_client, error_body, json_body, status_error, transport_error};
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
 use crate::connectors::oauth::{request_token, Token, TokenCache};
@@ -337,14 +337,7 @@ impl SalesforceConnector {
                 continue;
             }
             if status.is_success() {
-                let bytes = response.bytes().await.map_err(transport_error)?;
-                if bytes.is_empty() {
-                    return Ok(Value::Null);
-                }
-                return serde_json::from_slice(&bytes).map_err(|error| ConnectorError::InvalidResponse {
-                    status: Some(status.as_u16()),
-                    message: format!("not JSON: {error}"),
-                });
+                return json_body(response).await;
             }
             let headers = response.headers().clone();
             let body = error_body(response).await;

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::OnceCell;
 use url::Url;
 
-use crate::connectors::http::{build_client, error_body, status_error, transport_error};
+use crate::connectors::http::{build_client, error_body, json_body, status_error, transport_error};
 use crate::connectors::oauth::{request_token, Token, TokenCache};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
 use crate::event::{User, UserEvent};
@@ -383,16 +383,7 @@ impl ScimConnector {
                     .get(ETAG)
                     .and_then(|value| value.to_str().ok())
                     .map(str::to_string);
-                let bytes = response.bytes().await.map_err(transport_error)?;
-                let body = if bytes.is_empty() {
-                    Value::Null
-                } else {
-                    serde_json::from_slice(&bytes).map_err(|error| ConnectorError::InvalidResponse {
-                        status: Some(status.as_u16()),
-                        message: format!("not JSON: {error}"),
-                    })?
-                };
-                return Ok((body, etag));
+                return Ok((json_body(response).await?, etag));
             }
             let headers = response.headers().clone();
             let body = error_body(response).await;
