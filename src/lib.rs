@@ -33,4 +33,5 @@ pub mod retry;
 pub mod secret;
 pub mod settings;
 pub mod shutdown;
+pub mod state;
 pub mod telemetry;

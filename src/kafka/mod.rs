@@ -7,6 +7,7 @@
 pub mod consumer;
 pub mod dead_letters;
 pub mod producer;
+pub mod state_topic;
 
 use std::time::Instant;
 

@@ -1,0 +1,159 @@
+//! The provisioning-state topic: reading a partition back for a restore, and checking at
+//! start-up that the topic can be the source of truth (compacted, partitioned like the
+//! input). Blocking calls: run them from a blocking task.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::base_client_config;
+use crate::settings::KafkaSettings;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A topic's partition count and the configs that matter for the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFacts {
+    pub partitions: usize,
+    pub cleanup_policy: Option<String>,
+    pub retention_ms: Option<i64>,
+    pub max_message_bytes: Option<i64>,
+}
+
+/// Partition count and configs of `topic`; `Ok(None)` when it does not exist.
+pub async fn describe_topic(settings: &KafkaSettings, topic: &str) -> Result<Option<TopicFacts>, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base_client_config(settings).create()?;
+    let partitions = {
+        let name = topic.to_string();
+        let consumer: BaseConsumer = base_client_config(settings).create()?;
+        tokio::task::spawn_blocking(move || -> Result<usize, KafkaError> {
+            let metadata = consumer.fetch_metadata(Some(&name), METADATA_TIMEOUT)?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .find(|found| found.name() == name && found.error().is_none())
+                .map(|found| found.partitions().len())
+                .unwrap_or(0))
+        })
+        .await
+        .expect("metadata task")?
+    };
+    if partitions == 0 {
+        return Ok(None);
+    }
+    let described = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT)),
+        )
+        .await?;
+    let mut facts = TopicFacts {
+        partitions,
+        cleanup_policy: None,
+        retention_ms: None,
+        max_message_bytes: None,
+    };
+    if let Some(Ok(resource)) = described.into_iter().next() {
+        let value = |name: &str| resource.get(name).and_then(|entry| entry.value.clone());
+        facts.cleanup_policy = value("cleanup.policy");
+        facts.retention_ms = value("retention.ms").and_then(|value| value.parse().ok());
+        facts.max_message_bytes = value("max.message.bytes").and_then(|value| value.parse().ok());
+    }
+    Ok(Some(facts))
+}
+
+/// One record read back from the state topic.
+pub struct StateTopicRecord {
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// What a partition read found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadEnd {
+    /// The partition's high watermark when the read began: the next restore starts here.
+    pub next_offset: i64,
+    /// The partition's low watermark.
+    pub low: i64,
+    pub records: u64,
+}
+
+/// The watermarks of one partition of `topic`.
+pub fn watermarks(settings: &KafkaSettings, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
+    let consumer: BaseConsumer = base_client_config(settings).create()?;
+    consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+}
+
+/// Reads `partition` of `topic` from `from` (clamped to the low watermark) to the high
+/// watermark it had when the read began, handing records over in batches. Blocking.
+pub fn read_partition(
+    settings: &KafkaSettings,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    timeout: Duration,
+    mut on_batch: impl FnMut(Vec<StateTopicRecord>),
+) -> Result<ReadEnd, KafkaError> {
+    let consumer: BaseConsumer = base_client_config(settings)
+        .set("group.id", "provisioner-state-restore")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
+    let start = from.max(low);
+    let mut end = ReadEnd {
+        next_offset: high,
+        low,
+        records: 0,
+    };
+    if start >= high {
+        return Ok(end);
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    consumer.assign(&assignment)?;
+    let deadline = Instant::now() + timeout;
+    let mut batch = Vec::with_capacity(1024);
+    loop {
+        if Instant::now() > deadline {
+            return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+        }
+        let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = match polled {
+            Ok(message) => message,
+            Err(KafkaError::PartitionEOF(_)) => break,
+            Err(error) => return Err(error),
+        };
+        let offset = message.offset();
+        if offset >= high {
+            break;
+        }
+        batch.push(StateTopicRecord {
+            offset,
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+        });
+        end.records += 1;
+        if batch.len() >= 1024 {
+            on_batch(std::mem::take(&mut batch));
+        }
+        if offset + 1 >= high {
+            break;
+        }
+    }
+    if !batch.is_empty() {
+        on_batch(batch);
+    }
+    Ok(end)
+}
