@@ -49,7 +49,7 @@ impl Application {
     /// Builds the service with the connectors its settings describe.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let metrics = Arc::new(Metrics::new());
-        let connectors = ConnectorSet::from_settings(&settings, &metrics)?;
+        let connectors = ConnectorSet::from_settings(&settings.connectors, &metrics)?;
         Self::build_with(settings, connectors, metrics).await
     }
 

@@ -7,8 +7,60 @@
 //! does not already end with `@domain`, any `@` becomes `.` and `@domain` is appended
 //! (WSO2's `buildUserId`). Characters an email local part cannot hold become `_`.
 
+use serde::{Deserialize, Serialize};
+
 use crate::event::UserEvent;
-use crate::settings::AccountNamePattern;
+
+/// WSO2-compatible account-name pattern shared by Google and Salesforce.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountNamePattern {
+    /// Tokens: `{UN}` user name, `{UD}` user-store domain, `{TD}` tenant, `{IDP}` IdP.
+    #[serde(default = "default_pattern")]
+    pub pattern: String,
+    #[serde(default = "default_separator")]
+    pub separator: String,
+}
+
+impl Default for AccountNamePattern {
+    fn default() -> Self {
+        Self {
+            pattern: default_pattern(),
+            separator: default_separator(),
+        }
+    }
+}
+
+impl AccountNamePattern {
+    /// Problems serde cannot see, each with its full key under `key`.
+    pub fn check(&self, key: &str, problem: &mut impl FnMut(String, String)) {
+        if !self.pattern.contains("{UN}") {
+            problem(format!("{key}.pattern"), "must contain {UN}".into());
+        }
+        let mut rest = self.pattern.as_str();
+        while let Some(start) = rest.find('{') {
+            let Some(end) = rest[start..].find('}') else {
+                problem(format!("{key}.pattern"), "has an unclosed `{`".into());
+                break;
+            };
+            let token = &rest[start..start + end + 1];
+            if !["{UN}", "{UD}", "{TD}", "{IDP}"].contains(&token) {
+                problem(
+                    format!("{key}.pattern"),
+                    format!("unknown token {token}; use {{UN}}, {{UD}}, {{TD}} or {{IDP}}"),
+                );
+            }
+            rest = &rest[start + end + 1..];
+        }
+    }
+}
+
+fn default_pattern() -> String {
+    "{UN}".into()
+}
+fn default_separator() -> String {
+    "_".into()
+}
 
 /// The user name without a `DOMAIN/` prefix.
 pub fn bare_user_name(user_name: &str) -> &str {

@@ -16,9 +16,9 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 
 use crate::admin::Readiness;
+use crate::kafka::settings::KafkaSettings;
 use crate::kafka::{apply_overrides, base_client_config, InboundRecord};
 use crate::metrics::Metrics;
-use crate::settings::KafkaSettings;
 
 /// A topic and partition.
 pub type TopicPartition = (String, i32);

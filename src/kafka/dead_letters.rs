@@ -15,8 +15,8 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::kafka::base_client_config;
+use crate::kafka::settings::KafkaSettings;
 use crate::pipeline::process::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_TOPIC_HEADER};
-use crate::settings::KafkaSettings;
 
 /// Which dead letters to replay. Empty criteria select nothing: `all` must be explicit.
 #[derive(Debug, Clone, Default)]

@@ -7,13 +7,14 @@
 pub mod consumer;
 pub mod dead_letters;
 pub mod producer;
+pub mod settings;
 
 use std::time::Instant;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
-use crate::settings::{KafkaSettings, SaslMechanism, SecurityProtocol};
+use crate::kafka::settings::{KafkaSettings, SaslMechanism, SecurityProtocol};
 
 /// An input record, detached from librdkafka's buffers so it can move between tasks.
 #[derive(Debug, Clone)]

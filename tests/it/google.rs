@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use provisioner::connectors::google::settings::GoogleSettings;
 use provisioner::connectors::google::GoogleConnector;
 use provisioner::connectors::jwt::RsaSigner;
 use provisioner::connectors::{Connector, ConnectorError};
@@ -13,7 +14,7 @@ use provisioner::emulators::Faults;
 use provisioner::event::{self, UserEvent};
 use provisioner::result::{Operation, Outcome, Status};
 use provisioner::retry::{run_with_retries, RetryPolicy};
-use provisioner::settings::{GoogleSettings, Settings};
+use provisioner::settings::Settings;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -482,7 +483,7 @@ async fn an_event_on_kafka_becomes_a_workspace_user() {
     ))
     .unwrap();
     let connectors = provisioner::connectors::ConnectorSet::from_settings(
-        &settings,
+        &settings.connectors,
         &std::sync::Arc::new(provisioner::metrics::Metrics::new()),
     )
     .unwrap();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provisioner::connectors::jwt::RsaSigner;
+use provisioner::connectors::salesforce::settings::SalesforceSettings;
 use provisioner::connectors::salesforce::SalesforceConnector;
 use provisioner::connectors::{Connector, ConnectorError};
 use provisioner::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulator, SalesforceEmulatorSettings};
@@ -15,7 +16,7 @@ use provisioner::event::{self, UserEvent};
 use provisioner::metrics::Metrics;
 use provisioner::result::{Operation, Outcome, Status};
 use provisioner::retry::{run_with_retries, RetryPolicy};
-use provisioner::settings::{SalesforceSettings, Settings};
+use provisioner::settings::Settings;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use provisioner::connectors::scim::settings::Scim2Settings;
 use provisioner::connectors::scim::ScimConnector;
 use provisioner::connectors::{Connector, ConnectorError};
 use provisioner::emulators::scim::{self as scim_emulator, ScimEmulator, ScimEmulatorSettings};
@@ -11,7 +12,7 @@ use provisioner::emulators::Faults;
 use provisioner::event::{self, UserEvent};
 use provisioner::result::{Operation, Outcome, Status};
 use provisioner::retry::{run_with_retries, RetryPolicy};
-use provisioner::settings::{Scim2Settings, Settings};
+use provisioner::settings::Settings;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -172,7 +173,7 @@ async fn an_event_on_kafka_becomes_a_user_on_the_scim_server_and_a_reply() {
     ))
     .unwrap();
     let connectors = provisioner::connectors::ConnectorSet::from_settings(
-        &settings,
+        &settings.connectors,
         &std::sync::Arc::new(provisioner::metrics::Metrics::new()),
     )
     .unwrap();

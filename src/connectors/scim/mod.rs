@@ -6,6 +6,8 @@
 //! the server advertises PATCH; otherwise they read the resource, overlay the mapped
 //! attributes and PUT it back, so attributes we do not manage are never wiped.
 
+pub mod settings;
+
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -18,11 +20,13 @@ use url::Url;
 
 use crate::connectors::http::{build_client, error_body, json_body, status_error, transport_error};
 use crate::connectors::oauth::{request_token, Token, TokenCache};
+use crate::connectors::scim::settings::{
+    PasswordProvisioning, Scim2Settings, ScimAuth, ScimDeprovision, UserStoreDomainHandling,
+};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
 use crate::event::{User, UserEvent};
 use crate::result::{Operation, Outcome};
 use crate::secret::Secret;
-use crate::settings::{PasswordProvisioning, Scim2Settings, ScimAuth, ScimDeprovision, UserStoreDomainHandling};
 
 const SCIM_JSON: &str = "application/scim+json";
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";

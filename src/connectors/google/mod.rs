@@ -8,6 +8,8 @@
 //! `externalIds`, which carry the source user id), updates PATCH only what changed and
 //! never touch the password, and the key never touches the disk.
 
+pub mod settings;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use url::Url;
 
+use crate::connectors::google::settings::{GoogleDeprovision, GoogleSettings};
 use crate::connectors::http::{build_client, error_body, json_body, retry_after, status_error, transport_error};
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
@@ -25,7 +28,6 @@ use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
 use crate::event::UserEvent;
 use crate::result::{Operation, Outcome};
 use crate::secret::Secret;
-use crate::settings::{GoogleDeprovision, GoogleSettings};
 
 /// Google's limit for `name.givenName` and `name.familyName`.
 pub const MAX_NAME_CHARACTERS: usize = 60;

@@ -6,6 +6,8 @@
 //! Salesforce users cannot be deleted: deprovisioning deactivates them, optionally
 //! renaming the globally unique `Username` so it can be used again.
 
+pub mod settings;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,11 +20,11 @@ use crate::connectors::http::{build_client, error_body, json_body, status_error,
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
 use crate::connectors::oauth::{request_token, Token, TokenCache};
+use crate::connectors::salesforce::settings::{SalesforceAuth, SalesforceSettings};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
 use crate::event::UserEvent;
 use crate::metrics::Metrics;
 use crate::result::{Operation, Outcome};
-use crate::settings::{SalesforceAuth, SalesforceSettings};
 
 /// `REQUEST_LIMIT_EXCEEDED` carries no Retry-After; the allocation is per 24 hours or
 /// per concurrent long call, so wait long before trying again.
