@@ -18,12 +18,11 @@
 
 pub mod admin;
 pub mod app;
-pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod connectors;
-pub mod demo;
-pub mod emulators;
+#[cfg(feature = "devtools")]
+pub mod devtools;
 pub mod event;
 pub mod kafka;
 pub mod metrics;

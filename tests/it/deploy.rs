@@ -3,6 +3,7 @@
 //! metric the dashboard and the alerts use exists in the real `/metrics` output after a
 //! demo run, and the Kubernetes manifests have what an SRE relies on.
 
+#[cfg(feature = "devtools")]
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -134,6 +135,7 @@ fn the_alert_rules_and_prometheus_config_pass_promtool() {
     );
 }
 
+#[cfg(feature = "devtools")]
 fn metric_names(expression: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = expression;
@@ -153,6 +155,8 @@ fn metric_names(expression: &str) -> BTreeSet<String> {
     names
 }
 
+/// Runs `provisioner demo` for a real `/metrics` output, so it needs the dev tools.
+#[cfg(feature = "devtools")]
 #[test]
 fn every_metric_in_the_dashboard_and_alerts_is_exported() {
     let dashboard: Value = serde_json::from_str(

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provisioner::app::Application;
-use provisioner::emulators::scim::{self as scim_emulator, ScimEmulator, ScimEmulatorSettings};
-use provisioner::emulators::Faults;
+use provisioner::devtools::emulators::scim::{self as scim_emulator, ScimEmulator, ScimEmulatorSettings};
+use provisioner::devtools::emulators::Faults;
 use provisioner::metrics::Metrics;
 use provisioner::settings::Settings;
 use rdkafka::mocking::MockCluster;

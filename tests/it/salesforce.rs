@@ -10,8 +10,10 @@ use provisioner::connectors::jwt::RsaSigner;
 use provisioner::connectors::salesforce::settings::SalesforceSettings;
 use provisioner::connectors::salesforce::SalesforceConnector;
 use provisioner::connectors::{Connector, ConnectorError};
-use provisioner::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulator, SalesforceEmulatorSettings};
-use provisioner::emulators::Faults;
+use provisioner::devtools::emulators::salesforce::{
+    self as salesforce_emulator, SalesforceEmulator, SalesforceEmulatorSettings,
+};
+use provisioner::devtools::emulators::Faults;
 use provisioner::event::{self, UserEvent};
 use provisioner::metrics::Metrics;
 use provisioner::result::{Operation, Outcome, Status};

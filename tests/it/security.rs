@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use provisioner::connectors::jwt::RsaSigner;
-use provisioner::emulators::google::{self as google_emulator, GoogleEmulatorSettings};
-use provisioner::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulatorSettings};
-use provisioner::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
-use provisioner::emulators::Faults;
+use provisioner::devtools::emulators::google::{self as google_emulator, GoogleEmulatorSettings};
+use provisioner::devtools::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulatorSettings};
+use provisioner::devtools::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
+use provisioner::devtools::emulators::Faults;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::app::{producer, publish, Names, TopicReader};

@@ -34,8 +34,8 @@ use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
-use crate::emulators::Faults;
+use crate::devtools::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
+use crate::devtools::emulators::Faults;
 use crate::result::ProvisioningResult;
 
 #[derive(Debug, Clone)]
