@@ -23,6 +23,7 @@ pub mod client;
 pub mod connectors;
 #[cfg(feature = "devtools")]
 pub mod devtools;
+pub mod domain;
 pub mod event;
 pub mod kafka;
 pub mod metrics;

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::event::UserEvent;
-use crate::result::{ErrorKind, Operation, Outcome};
+use crate::domain::{Outcome, UserChange};
+use crate::result::ErrorKind;
 use crate::retry::RetryClass;
 
 // Re-exported: what the rest of the service names when it builds or calls connectors.
@@ -40,13 +40,9 @@ pub struct Applied {
 }
 
 pub trait Connector: Send + Sync + 'static {
-    /// Applies `operation` for the event's user. Called again on retryable errors, so it
-    /// must converge rather than assume where a previous attempt stopped.
-    fn apply<'a>(
-        &'a self,
-        operation: Operation,
-        event: &'a UserEvent,
-    ) -> BoxFuture<'a, Result<Applied, ConnectorError>>;
+    /// Applies the change's operation to its user. Called again on retryable errors, so
+    /// it must converge rather than assume where a previous attempt stopped.
+    fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>>;
 }
 
 /// Why a connector call failed. Messages come from the target's error body and our own

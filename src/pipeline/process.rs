@@ -82,7 +82,7 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
         .inc();
     let reply_route = allowed_reply_route(worker, record);
     let correlation_id = reply_route.as_ref().map(|route| route.correlation_id.clone());
-    let operation = Operation::for_event(event.event_type);
+    let operation = event.event_type.operation();
     let received_at = Utc::now() - chrono::Duration::from_std(record.received_at.elapsed()).unwrap_or_default();
 
     let (provider, steps) = match worker.router.route(&event) {
@@ -265,7 +265,7 @@ async fn call_connector(
                 .connector_request_duration
                 .with_label_values(&[name, operation.as_str()])
                 .start_timer();
-            let result = handle.connector.apply(operation, event).await;
+            let result = handle.connector.apply(event.change(operation)).await;
             timer.observe_duration();
             admission.finish(&result);
             result

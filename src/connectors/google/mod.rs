@@ -25,8 +25,7 @@ use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
 use crate::connectors::oauth::{request_token, Token, TokenCache};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
-use crate::event::UserEvent;
-use crate::result::{Operation, Outcome};
+use crate::domain::{Operation, Outcome, UserChange};
 use crate::secret::Secret;
 
 /// Google's limit for `name.givenName` and `name.familyName`.
@@ -98,22 +97,22 @@ impl GoogleConnector {
         })
     }
 
-    async fn apply_operation(&self, operation: Operation, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        match operation {
-            Operation::Create => self.create(event).await,
-            Operation::Update => match self.find(event).await? {
-                Some(remote) => self.patch_changes(&remote, event).await.map(|()| Applied {
+    async fn apply_change(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        match change.operation {
+            Operation::Create => self.create(change).await,
+            Operation::Update => match self.find(change).await? {
+                Some(remote) => self.patch_changes(&remote, change).await.map(|()| Applied {
                     outcome: Outcome::Updated,
                     remote_id: Some(remote.id),
                 }),
-                None => self.create(event).await,
+                None => self.create(change).await,
             },
-            Operation::Delete => self.delete(event).await,
+            Operation::Delete => self.delete(change).await,
         }
     }
 
-    async fn create(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let mut body = self.desired(event);
+    async fn create(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let mut body = self.desired(change);
         // A fresh strong password per user, never reused, never logged. Users sign in
         // through the identity platform (SSO) or reset it.
         body["password"] = Value::String(random_password().expose().to_string());
@@ -126,7 +125,7 @@ impl GoogleConnector {
             }),
             Err(ConnectorError::Rejected { status: 409, .. }) => {
                 // `duplicate`: the account exists. Take it over.
-                let primary_email = self.primary_email(event);
+                let primary_email = self.primary_email(change);
                 let remote = self
                     .get(&primary_email)
                     .await?
@@ -134,7 +133,7 @@ impl GoogleConnector {
                         status: Some(409),
                         message: format!("Google reports {primary_email} exists, but it cannot be read"),
                     })?;
-                self.patch_changes(&remote, event).await?;
+                self.patch_changes(&remote, change).await?;
                 Ok(Applied {
                     outcome: Outcome::Adopted,
                     remote_id: Some(remote.id),
@@ -144,8 +143,8 @@ impl GoogleConnector {
         }
     }
 
-    async fn delete(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let Some(remote) = self.find(event).await? else {
+    async fn delete(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let Some(remote) = self.find(change).await? else {
             return Ok(Applied {
                 outcome: Outcome::AlreadyAbsent,
                 remote_id: None,
@@ -177,8 +176,8 @@ impl GoogleConnector {
 
     /// PATCHes the fields whose desired value differs from the directory's. Never the
     /// password (WSO2 reset it on every update).
-    async fn patch_changes(&self, remote: &RemoteUser, event: &UserEvent) -> Result<(), ConnectorError> {
-        let desired = self.desired(event);
+    async fn patch_changes(&self, remote: &RemoteUser, change: &UserChange<'_>) -> Result<(), ConnectorError> {
+        let desired = self.desired(change);
         let mut changes = Map::new();
         if let Value::Object(fields) = &desired {
             for (field, value) in fields {
@@ -210,9 +209,9 @@ impl GoogleConnector {
 
     /// By the immutable link first (`externalIds` holds our user id), then by the
     /// primary email the pattern gives.
-    async fn find(&self, event: &UserEvent) -> Result<Option<RemoteUser>, ConnectorError> {
+    async fn find(&self, change: &UserChange<'_>) -> Result<Option<RemoteUser>, ConnectorError> {
         let url = self.users_url.clone();
-        let query = format!("externalId:{}", search_literal(&event.data.user.id));
+        let query = format!("externalId:{}", search_literal(&change.user.id));
         let list = self
             .send(|http| {
                 http.get(url.clone()).query(&[
@@ -232,7 +231,7 @@ impl GoogleConnector {
                 resource: found.clone(),
             }));
         }
-        self.get(&self.primary_email(event)).await
+        self.get(&self.primary_email(change)).await
     }
 
     async fn get(&self, user_key: &str) -> Result<Option<RemoteUser>, ConnectorError> {
@@ -248,8 +247,8 @@ impl GoogleConnector {
     }
 
     /// The fields we own, as a Directory API User body (no password).
-    fn desired(&self, event: &UserEvent) -> Value {
-        let user = &event.data.user;
+    fn desired(&self, change: &UserChange<'_>) -> Value {
+        let user = &change.user;
         let bare_name = bare_user_name(&user.user_name);
         let pick = |value: Option<&String>, fallback: &str| {
             let chosen = value
@@ -261,7 +260,7 @@ impl GoogleConnector {
         };
         let name = user.name.as_ref();
         json!({
-            "primaryEmail": self.primary_email(event),
+            "primaryEmail": self.primary_email(change),
             "name": {
                 "givenName": pick(name.and_then(|name| name.given_name.as_ref()), &self.settings.given_name_fallback),
                 "familyName": pick(name.and_then(|name| name.family_name.as_ref()), &self.settings.family_name_fallback),
@@ -272,8 +271,8 @@ impl GoogleConnector {
         })
     }
 
-    fn primary_email(&self, event: &UserEvent) -> String {
-        account_name(&self.settings.primary_email, event, &self.settings.domain)
+    fn primary_email(&self, change: &UserChange<'_>) -> String {
+        account_name(&self.settings.primary_email, change, &self.settings.domain)
     }
 
     fn user_url(&self, user_key: &str) -> Url {
@@ -343,12 +342,8 @@ impl GoogleConnector {
 }
 
 impl Connector for GoogleConnector {
-    fn apply<'a>(
-        &'a self,
-        operation: Operation,
-        event: &'a UserEvent,
-    ) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
-        Box::pin(self.apply_operation(operation, event))
+    fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_change(&change).await })
     }
 }
 

@@ -22,9 +22,8 @@ use crate::connectors::naming::{account_name, bare_user_name};
 use crate::connectors::oauth::{request_token, Token, TokenCache};
 use crate::connectors::salesforce::settings::{SalesforceAuth, SalesforceSettings};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
-use crate::event::UserEvent;
+use crate::domain::{Operation, Outcome, UserChange};
 use crate::metrics::Metrics;
-use crate::result::{Operation, Outcome};
 
 /// `REQUEST_LIMIT_EXCEEDED` carries no Retry-After; the allocation is per 24 hours or
 /// per concurrent long call, so wait long before trying again.
@@ -91,25 +90,25 @@ impl SalesforceConnector {
         })
     }
 
-    async fn apply_operation(&self, operation: Operation, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        match operation {
-            Operation::Create => self.create(event).await,
-            Operation::Update => match self.find_by_federation_id(&event.data.user.id).await? {
+    async fn apply_change(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        match change.operation {
+            Operation::Create => self.create(change).await,
+            Operation::Update => match self.find_by_federation_id(&change.user.id).await? {
                 Some(remote) => {
-                    self.patch_changes(&remote, self.desired(event)).await?;
+                    self.patch_changes(&remote, self.desired(change)).await?;
                     Ok(Applied {
                         outcome: Outcome::Updated,
                         remote_id: Some(remote.id),
                     })
                 }
-                None => self.create(event).await,
+                None => self.create(change).await,
             },
-            Operation::Delete => self.deactivate(event).await,
+            Operation::Delete => self.deactivate(change).await,
         }
     }
 
-    async fn create(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let body = Value::Object(self.desired(event));
+    async fn create(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let body = Value::Object(self.desired(change));
         let url = self.api_path("sobjects/User/");
         match self
             .send(|http, base| http.post(format!("{base}{url}")).json(&body))
@@ -120,7 +119,7 @@ impl SalesforceConnector {
                 remote_id: Some(record_id(&created)?),
             }),
             Err(ConnectorError::Rejected { message, .. }) if message.starts_with("DUPLICATE_USERNAME") => {
-                self.adopt(event).await
+                self.adopt(change).await
             }
             Err(error) => Err(error),
         }
@@ -128,8 +127,8 @@ impl SalesforceConnector {
 
     /// The Username is taken. Ours (same FederationIdentifier): adopt and reactivate.
     /// Anyone else's, or another org's (Usernames are global): a permanent failure.
-    async fn adopt(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let username = self.username(event);
+    async fn adopt(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let username = self.username(change);
         let found = self
             .query_one(&format!(
                 "SELECT Id, FederationIdentifier, IsActive FROM User WHERE Username = {}",
@@ -149,17 +148,17 @@ impl SalesforceConnector {
             .get("FederationIdentifier")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if owner != event.data.user.id {
+        if owner != change.user.id {
             return Err(ConnectorError::Conflict {
                 status: Some(400),
                 message: format!(
                     "Username {username} belongs to another user (FederationIdentifier `{owner}`), not to {}",
-                    event.data.user.id
+                    change.user.id
                 ),
             });
         }
         // Converge everything we own; IsActive from the event reactivates it.
-        let mut desired = self.desired(event);
+        let mut desired = self.desired(change);
         desired.remove("Username");
         self.write(&remote.id, Value::Object(desired)).await?;
         Ok(Applied {
@@ -168,8 +167,8 @@ impl SalesforceConnector {
         })
     }
 
-    async fn deactivate(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let Some(remote) = self.find_by_federation_id(&event.data.user.id).await? else {
+    async fn deactivate(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let Some(remote) = self.find_by_federation_id(&change.user.id).await? else {
             return Ok(Applied {
                 outcome: Outcome::AlreadyAbsent,
                 remote_id: None,
@@ -263,8 +262,8 @@ impl SalesforceConnector {
     }
 
     /// The User fields we own.
-    fn desired(&self, event: &UserEvent) -> Map<String, Value> {
-        let user = &event.data.user;
+    fn desired(&self, change: &UserChange<'_>) -> Map<String, Value> {
+        let user = &change.user;
         let settings = &self.settings;
         let bare_name = bare_user_name(&user.user_name);
         let given_name = user.name.as_ref().and_then(|name| name.given_name.clone());
@@ -274,7 +273,7 @@ impl SalesforceConnector {
             .and_then(|name| name.family_name.clone())
             .filter(|name| !name.trim().is_empty())
             .unwrap_or_else(|| bare_name.to_string());
-        let username = self.username(event);
+        let username = self.username(change);
         let email = user
             .primary_email()
             .map(str::to_string)
@@ -309,8 +308,8 @@ impl SalesforceConnector {
         fields
     }
 
-    fn username(&self, event: &UserEvent) -> String {
-        account_name(&self.settings.username, event, &self.settings.provisioning_domain)
+    fn username(&self, change: &UserChange<'_>) -> String {
+        account_name(&self.settings.username, change, &self.settings.provisioning_domain)
     }
 
     /// `/services/data/vNN.0/{path}`; the host comes from the token's `instance_url`.
@@ -457,12 +456,8 @@ impl SalesforceConnector {
 }
 
 impl Connector for SalesforceConnector {
-    fn apply<'a>(
-        &'a self,
-        operation: Operation,
-        event: &'a UserEvent,
-    ) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
-        Box::pin(self.apply_operation(operation, event))
+    fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_change(&change).await })
     }
 }
 

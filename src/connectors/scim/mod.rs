@@ -24,8 +24,7 @@ use crate::connectors::scim::settings::{
     PasswordProvisioning, Scim2Settings, ScimAuth, ScimDeprovision, UserStoreDomainHandling,
 };
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
-use crate::event::{User, UserEvent};
-use crate::result::{Operation, Outcome};
+use crate::domain::{Operation, Outcome, User, UserChange};
 use crate::secret::Secret;
 
 const SCIM_JSON: &str = "application/scim+json";
@@ -99,9 +98,9 @@ impl ScimConnector {
         })
     }
 
-    async fn apply_operation(&self, operation: Operation, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let user = &event.data.user;
-        match operation {
+    async fn apply_change(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let user = change.user;
+        match change.operation {
             Operation::Create => self.create(user).await,
             Operation::Update => match self.find(user).await? {
                 Some(remote) => self.converge(remote, user).await.map(|id| Applied {
@@ -525,12 +524,8 @@ impl ScimConnector {
 }
 
 impl Connector for ScimConnector {
-    fn apply<'a>(
-        &'a self,
-        operation: Operation,
-        event: &'a UserEvent,
-    ) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
-        Box::pin(self.apply_operation(operation, event))
+    fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_change(&change).await })
     }
 }
 
