@@ -14,16 +14,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use url::Url;
 
 use crate::connectors::google::settings::{GoogleDeprovision, GoogleSettings};
-use crate::connectors::http::{build_client, error_body, json_body, retry_after, status_error, transport_error};
+use crate::connectors::http::{build_client, json_body, retry_after, status_error};
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
-use crate::connectors::oauth::{request_token, Token, TokenCache};
+use crate::connectors::oauth::{request_jwt_bearer_token, send_authorised, Target, Token, TokenCache};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
 use crate::domain::{Operation, Outcome, UserChange};
 use crate::secret::Secret;
@@ -285,59 +286,32 @@ impl GoogleConnector {
 
     /// Sends with a bearer token; a 401 renews the token once and retries.
     async fn send(&self, build: impl Fn(&reqwest::Client) -> RequestBuilder) -> Result<Value, ConnectorError> {
-        let mut renewed = false;
-        loop {
-            let token = self.token().await?;
-            let response = build(&self.http)
-                .bearer_auth(token.access_token.expose())
-                .send()
-                .await
-                .map_err(transport_error)?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !renewed {
-                self.tokens.invalidate(&token).await;
-                renewed = true;
-                continue;
-            }
-            if status.is_success() {
-                return json_body(response).await;
-            }
-            let headers = response.headers().clone();
-            let body = error_body(response).await;
-            return Err(classify(status, &headers, &body));
-        }
+        let token = || async { self.token().await.map(Some) };
+        let response = send_authorised(&self.tokens, token, |_| build(&self.http), self).await?;
+        json_body(response).await
     }
 
     async fn token(&self) -> Result<Token, ConnectorError> {
         self.tokens
-            .get(|| async {
+            .get(|| {
                 let now = chrono::Utc::now().timestamp();
-                let assertion = self
-                    .signer
-                    .sign(&json!({
-                        "iss": self.client_email,
-                        "sub": self.settings.admin_email,
-                        "scope": self.settings.scopes.join(" "),
-                        "aud": self.token_url,
-                        "iat": now,
-                        "exp": now + 3600,
-                    }))
-                    .map_err(|message| ConnectorError::Auth {
-                        status: None,
-                        message: format!("cannot sign the token request: {message}"),
-                    })?;
-                request_token(
-                    &self.http,
-                    &self.token_url,
-                    &[
-                        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-                        ("assertion", assertion.as_str()),
-                    ],
-                    None,
-                )
-                .await
+                let claims = json!({
+                    "iss": self.client_email,
+                    "sub": self.settings.admin_email,
+                    "scope": self.settings.scopes.join(" "),
+                    "aud": self.token_url,
+                    "iat": now,
+                    "exp": now + 3600,
+                });
+                async move { request_jwt_bearer_token(&self.http, &self.token_url, &self.signer, &claims).await }
             })
             .await
+    }
+}
+
+impl Target for GoogleConnector {
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError {
+        classify(status, headers, body)
     }
 }
 
@@ -353,7 +327,7 @@ pub fn build(name: &str, settings: &GoogleSettings) -> Result<Arc<dyn Connector>
 
 /// Google's error body: `{"error": {"code", "message", "errors": [{"reason", …}]}}`.
 /// Rate limits arrive as 403 with a reason, so the status alone would misclassify them.
-fn classify(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &str) -> ConnectorError {
+fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError {
     let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     let reason = parsed
         .pointer("/error/errors/0/reason")
@@ -419,7 +393,6 @@ fn random_password() -> Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderMap;
 
     #[test]
     fn google_rate_limits_are_retryable_with_a_one_second_floor() {

@@ -12,14 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{json, Map, Value};
 
 use crate::connectors::gate::Gate;
-use crate::connectors::http::{build_client, error_body, json_body, status_error, transport_error};
+use crate::connectors::http::{build_client, json_body, status_error};
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
-use crate::connectors::oauth::{request_token, Token, TokenCache};
+use crate::connectors::oauth::{request_jwt_bearer_token, request_token, send_authorised, Target, Token, TokenCache};
 use crate::connectors::salesforce::settings::{SalesforceAuth, SalesforceSettings};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
 use crate::domain::{Operation, Outcome, UserChange};
@@ -320,34 +321,19 @@ impl SalesforceConnector {
     /// Sends with the cached token against its `instance_url`; `INVALID_SESSION_ID`
     /// renews the token once and retries.
     async fn send(&self, build: impl Fn(&reqwest::Client, &str) -> RequestBuilder) -> Result<Value, ConnectorError> {
-        let mut renewed = false;
-        loop {
-            let token = self.token().await?;
-            let instance = token.instance_url.clone().unwrap_or_default();
-            let base = instance.trim_end_matches('/');
-            let response = build(&self.http, base)
-                .bearer_auth(token.access_token.expose())
-                .send()
-                .await
-                .map_err(transport_error)?;
-            self.record_limit_info(response.headers());
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !renewed {
-                self.tokens.invalidate(&token).await;
-                renewed = true;
-                continue;
-            }
-            if status.is_success() {
-                return json_body(response).await;
-            }
-            let headers = response.headers().clone();
-            let body = error_body(response).await;
-            return Err(classify(status, &headers, &body));
-        }
+        let token = || async { self.token().await.map(Some) };
+        let request = |token: Option<&Token>| {
+            let instance = token
+                .and_then(|token| token.instance_url.as_deref())
+                .unwrap_or_default();
+            build(&self.http, instance.trim_end_matches('/'))
+        };
+        let response = send_authorised(&self.tokens, token, request, self).await?;
+        json_body(response).await
     }
 
     /// `Sforce-Limit-Info: api-usage=25/15000` → gauges, to pace by and alert on.
-    fn record_limit_info(&self, headers: &reqwest::header::HeaderMap) {
+    fn record_limit_info(&self, headers: &HeaderMap) {
         let Some(info) = headers.get("sforce-limit-info").and_then(|value| value.to_str().ok()) else {
             return;
         };
@@ -390,30 +376,14 @@ impl SalesforceConnector {
                         client_id, username, ..
                     } => {
                         let now = chrono::Utc::now().timestamp();
-                        let assertion = self
-                            .signer
-                            .as_ref()
-                            .expect("a JWT-bearer connector has a signer")
-                            .sign(&json!({
-                                "iss": client_id,
-                                "sub": username,
-                                "aud": self.settings.login_url.as_str().trim_end_matches('/'),
-                                "exp": now + 180,
-                            }))
-                            .map_err(|message| ConnectorError::Auth {
-                                status: None,
-                                message: format!("cannot sign the token request: {message}"),
-                            })?;
-                        request_token(
-                            &self.http,
-                            &self.token_url,
-                            &[
-                                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-                                ("assertion", assertion.as_str()),
-                            ],
-                            None,
-                        )
-                        .await?
+                        let claims = json!({
+                            "iss": client_id,
+                            "sub": username,
+                            "aud": self.settings.login_url.as_str().trim_end_matches('/'),
+                            "exp": now + 180,
+                        });
+                        let signer = self.signer.as_ref().expect("a JWT-bearer connector has a signer");
+                        request_jwt_bearer_token(&self.http, &self.token_url, signer, &claims).await?
                     }
                     SalesforceAuth::Password {
                         client_id,
@@ -455,6 +425,22 @@ impl SalesforceConnector {
     }
 }
 
+impl Target for SalesforceConnector {
+    /// Salesforce's session-expired signal is `401 INVALID_SESSION_ID`; another 401 is
+    /// not cured by a new token, so it is not renewed for.
+    fn session_expired(&self, status: StatusCode, body: &str) -> bool {
+        status == StatusCode::UNAUTHORIZED && error_code(body).as_deref() == Some("INVALID_SESSION_ID")
+    }
+
+    fn observe(&self, headers: &HeaderMap) {
+        self.record_limit_info(headers);
+    }
+
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError {
+        classify(status, headers, body)
+    }
+}
+
 impl Connector for SalesforceConnector {
     fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
         Box::pin(async move { self.apply_change(&change).await })
@@ -470,8 +456,17 @@ pub fn build(
     Ok(Arc::new(SalesforceConnector::new(name, settings, metrics, gate)?))
 }
 
+/// The first `errorCode` of Salesforce's error array, when the body is one.
+fn error_code(body: &str) -> Option<String> {
+    let parsed: Value = serde_json::from_str(body).ok()?;
+    parsed
+        .pointer("/0/errorCode")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
 /// Salesforce's error array: `[{"message", "errorCode", "fields"}]`.
-fn classify(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &str) -> ConnectorError {
+fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError {
     let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     let first = parsed.as_array().and_then(|errors| errors.first());
     let error_code = first
@@ -603,7 +598,6 @@ fn record_id(record: &Value) -> Result<String, ConnectorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderMap;
 
     #[test]
     fn soql_literals_cannot_be_escaped() {
@@ -659,6 +653,9 @@ mod tests {
             error.to_string(),
             "the target rejected the call with HTTP 400: REQUIRED_FIELD_MISSING: Required fields are missing: [LastName] (fields: LastName)"
         );
+        let expired = r#"[{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]"#;
+        assert_eq!(error_code(expired).as_deref(), Some("INVALID_SESSION_ID"));
+        assert_eq!(error_code("not json"), None);
         assert_eq!(parse_limit_info("api-usage=25/15000"), Some((25, 15000)));
         assert_eq!(
             parse_limit_info("per-app-api-usage=1/10, api-usage=7/100"),
