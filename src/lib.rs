@@ -21,6 +21,7 @@ pub mod app;
 pub mod cli;
 pub mod client;
 pub mod connectors;
+pub mod dead_letter;
 #[cfg(feature = "devtools")]
 pub mod devtools;
 pub mod domain;

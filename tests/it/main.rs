@@ -18,6 +18,7 @@ mod faults;
 #[cfg(feature = "devtools")]
 mod google;
 mod kafka_roundtrip;
+mod layering;
 mod pipeline;
 #[cfg(feature = "devtools")]
 mod salesforce;
