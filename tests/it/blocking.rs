@@ -160,9 +160,7 @@ async fn dead_letters_can_be_replayed_after_the_cause_is_fixed() {
     let app = TestApp::spawn(settings.clone(), vec![("directory", directory.clone())]).await;
     let producer = crate::support::app::producer();
     let failing = event_json("e-outage", "user.created", "acme", "u-outage", serde_json::json!({}));
-    // One at a time, so each dead letter is its own batch: tansu 0.6.0 reports the high
-    // watermark of a multi-record batch as its base offset + 1, which would hide records
-    // from the replay's end-of-topic snapshot. Real Kafka has no such bug.
+    // One at a time, so that the first dead letter is known to be the failed create.
     let mut dead_letters = TopicReader::new(&names.dead_letters, 1);
     crate::support::app::publish(&producer, &names.events, Some("acme/u-outage"), &failing, &[]).await;
     dead_letters

@@ -1,6 +1,6 @@
 //! Fault injection. Each test runs a workload with a known end state through the real
-//! service and a real broker (tansu, or librdkafka's mock cluster where a broker must go
-//! down and come back), injects one fault, and checks the target's final state against
+//! service and a real broker (Apache Kafka; librdkafka's mock cluster for the broker
+//! outage, where the broker must stop answering without a clean shutdown), injects one fault, and checks the target's final state against
 //! the oracle: no missing effect, no per-user reordering. Each prints a `FAULT-REPORT`
 //! line with its figures (`cargo test -- --nocapture` shows them).
 
@@ -208,8 +208,10 @@ async fn sigterm_drains_and_a_restart_redoes_nothing() {
     );
 }
 
-/// 2. Stop the broker and bring it back (librdkafka's mock cluster: tansu keeps its
-/// data in memory, so stopping it would lose the topic).
+/// 2. Stop the broker and bring it back. This uses librdkafka's mock cluster, whose
+/// `broker_down` drops connections at once, mid-request, as a crashed broker or a network
+/// partition would. `kafka_broker::the_service_rides_out_a_restart_of_the_broker_process`
+/// stops and restarts a real Apache Kafka process instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_goes_down_and_comes_back() {
     let cluster = MockCluster::new(1).unwrap();

@@ -1,11 +1,15 @@
 //! The integration suite, built as one test binary.
 //!
-//! Tests that need Kafka use a real tansu broker started by `support::broker()` on
-//! 127.0.0.1 (install it with `scripts/test`, or point `TANSU_BIN` at a binary).
-
+//! Tests that need Kafka use Apache Kafka itself: a single-node KRaft broker started by
+//! `support::broker()` on 127.0.0.1 from the jars `scripts/test` fetches from Maven Central
+//! (or point `KAFKA_LIBS` at a directory holding them). Tests that stop and restart a
+//! broker start one of their own (`Broker::start_own`); tests that need a broker to vanish
+//! without a clean shutdown use librdkafka's mock cluster and say so.
+//!
 //! Modules that use the emulators or run `provisioner demo` need the `devtools` feature
 //! (on by default); without it they are left out, and the rest still builds and runs.
 
+mod backpressure;
 mod bad_input;
 mod blocking;
 mod config;
@@ -17,6 +21,7 @@ mod deploy;
 mod faults;
 #[cfg(feature = "devtools")]
 mod google;
+mod kafka_broker;
 mod kafka_roundtrip;
 mod layering;
 mod pipeline;

@@ -18,7 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::broker::broker;
+use crate::support::broker::{broker, Broker};
 use crate::support::unique_topic;
 
 /// Topic and group names unique to one test.
@@ -188,7 +188,12 @@ pub struct TopicReader {
 
 impl TopicReader {
     pub fn new(topic: &str, partitions: i32) -> TopicReader {
-        let consumer: StreamConsumer = broker()
+        TopicReader::on(broker(), topic, partitions)
+    }
+
+    /// Reads `topic` on a broker other than the shared one.
+    pub fn on(broker: &Broker, topic: &str, partitions: i32) -> TopicReader {
+        let consumer: StreamConsumer = broker
             .client_config()
             .set("group.id", unique_topic("reader"))
             .set("enable.auto.commit", "false")

@@ -37,6 +37,7 @@ pub struct RecordingConnector {
     sequence: AtomicU64,
     current: AtomicUsize,
     most_at_once: AtomicUsize,
+    waiting: AtomicUsize,
 }
 
 impl RecordingConnector {
@@ -54,6 +55,11 @@ impl RecordingConnector {
         let gate = Arc::new(Semaphore::new(0));
         *self.gate.lock().unwrap() = Some(gate.clone());
         gate
+    }
+
+    /// Calls waiting at the gate now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 
     pub fn fail_next(&self, user_key: &str, errors: Vec<ConnectorError>) {
@@ -85,7 +91,9 @@ impl RecordingConnector {
         let operation = change.operation;
         let gate = self.gate.lock().unwrap().clone();
         if let Some(gate) = gate {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
             gate.acquire().await.expect("gate open").forget();
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         self.attempts.fetch_add(1, Ordering::SeqCst);
         let now = self.current.fetch_add(1, Ordering::SeqCst) + 1;

@@ -1,4 +1,4 @@
-//! Test harness: a real Kafka broker (tansu) on 127.0.0.1, topic helpers, and polling.
+//! Test harness: a real Apache Kafka broker on 127.0.0.1, topic helpers, and polling.
 
 pub mod app;
 pub mod broker;
