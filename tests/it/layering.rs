@@ -10,6 +10,9 @@
 //!
 //! The one exception the rule makes: a parent module and its own children may import
 //! each other (a cycle made only of a `mod.rs` and files directly under it).
+//!
+//! It also checks the layers ARCHITECTURE.md states: a top-level module imports only
+//! modules of lower layers ([`LAYERS`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -18,6 +21,50 @@ use std::path::{Path, PathBuf};
 type Modules = BTreeMap<Vec<String>, String>;
 /// File → files it imports.
 type Graph = BTreeMap<String, BTreeSet<String>>;
+
+/// Top-level modules by layer, lowest first; ARCHITECTURE.md states the same list.
+const LAYERS: &[&[&str]] = &[
+    &["domain", "dead_letter", "retry", "secret", "shutdown"],
+    &["event"],
+    &["result"],
+    &["metrics"],
+    &["connectors", "kafka"],
+    &["settings"],
+    &["admin", "client", "telemetry", "pipeline"],
+    &["app"],
+    &["devtools"],
+    &["cli"],
+];
+
+#[test]
+fn top_level_modules_import_only_lower_layers() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let graph = file_graph(&read_sources(&root));
+    let layer = |module: &str| LAYERS.iter().position(|layer| layer.contains(&module));
+    let mut problems = BTreeSet::new();
+    for (file, imports) in &graph {
+        let Some(from) = module_path(file).first().cloned() else {
+            continue; // lib.rs only declares the modules.
+        };
+        let Some(from_layer) = layer(&from) else {
+            problems.insert(format!("`{from}` has no layer: add it to LAYERS and ARCHITECTURE.md"));
+            continue;
+        };
+        for import in imports {
+            let Some(to) = module_path(import).first().cloned() else {
+                continue;
+            };
+            if to != from && layer(&to).is_none_or(|to_layer| to_layer >= from_layer) {
+                problems.insert(format!("{file} imports {import}: `{from}` may not import `{to}`"));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "layering:\n  {}",
+        problems.into_iter().collect::<Vec<_>>().join("\n  ")
+    );
+}
 
 #[test]
 fn no_import_cycle_between_files_or_top_level_modules() {
