@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Readiness};
 use crate::connectors::{BuildError, ConnectorSet};
-use crate::kafka::consumer::{ConsumeError, EventConsumer};
+use crate::kafka::consumer::{AssignmentObserver, ConsumeError, EventConsumer};
 use crate::kafka::producer::{EventProducer, ProduceError};
 use crate::metrics::Metrics;
 use crate::pipeline::offsets::OffsetTracker;
@@ -49,7 +49,7 @@ impl Application {
     /// Builds the service with the connectors its settings describe.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let metrics = Arc::new(Metrics::new());
-        let connectors = ConnectorSet::from_settings(&settings, &metrics)?;
+        let connectors = ConnectorSet::from_settings(&settings.connectors, &metrics)?;
         Self::build_with(settings, connectors, metrics).await
     }
 
@@ -150,6 +150,14 @@ impl Application {
         }
         tracing::info!("Stopped.");
         Ok(())
+    }
+}
+
+/// The consumer tells the readiness probe about its assignment through this; `kafka`
+/// does not know `admin`.
+impl AssignmentObserver for Readiness {
+    fn set_consumer_assigned(&self, assigned: bool) {
+        Readiness::set_consumer_assigned(self, assigned);
     }
 }
 

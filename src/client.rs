@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use crate::event::{self, DecodeError, UserEvent, CORRELATION_ID_HEADER, REPLY_TO_HEADER};
 use crate::kafka::base_client_config;
+use crate::kafka::settings::KafkaSettings;
 use crate::result::ProvisioningResult;
-use crate::settings::KafkaSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

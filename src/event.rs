@@ -9,10 +9,12 @@
 //! goes to the dead-letter topic with [`DecodeError::reason`] as the reason code.
 //! Unknown fields are ignored so producers can add claims without breaking us.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::domain::{Operation, UserChange};
+// The user is a domain type; the event carries it as `data.user`.
+pub use crate::domain::{Email, Name, User};
 
 /// The only CloudEvents version we speak.
 pub const SPEC_VERSION: &str = "1.0";
@@ -58,6 +60,15 @@ impl EventType {
         }
     }
 
+    /// What a connector is asked to do for this kind of event.
+    pub fn operation(self) -> Operation {
+        match self {
+            EventType::UserCreated | EventType::UserSelfSignedUp | EventType::UserJitProvisioned => Operation::Create,
+            EventType::UserUpdated => Operation::Update,
+            EventType::UserDeleted => Operation::Delete,
+        }
+    }
+
     pub fn parse(text: &str) -> Option<EventType> {
         EventType::ALL
             .into_iter()
@@ -87,6 +98,17 @@ impl UserEvent {
     pub fn user_key(&self) -> String {
         format!("{}/{}", self.data.tenant, self.data.user.id)
     }
+
+    /// This event's user, as a connector is asked to change it.
+    pub fn change(&self, operation: Operation) -> UserChange<'_> {
+        UserChange {
+            operation,
+            event_id: &self.id,
+            tenant: &self.data.tenant,
+            identity_provider: self.data.identity_provider.as_deref(),
+            user: &self.data.user,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,55 +122,6 @@ pub struct UserEventData {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_provider: Option<String>,
     pub user: User,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct User {
-    /// Stable source id; sent to targets as `externalId` / `FederationIdentifier`.
-    pub id: String,
-    #[serde(rename = "userName")]
-    pub user_name: String,
-    #[serde(rename = "userStoreDomain", default, skip_serializing_if = "Option::is_none")]
-    pub user_store_domain: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<Name>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub emails: Vec<Email>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub active: Option<bool>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub roles: Vec<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub groups: Vec<String>,
-    /// Other claims, by name.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub attributes: BTreeMap<String, serde_json::Value>,
-}
-
-impl User {
-    /// The primary email, else the first one.
-    pub fn primary_email(&self) -> Option<&str> {
-        self.emails
-            .iter()
-            .find(|email| email.primary == Some(true))
-            .or_else(|| self.emails.first())
-            .map(|email| email.value.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Name {
-    #[serde(rename = "givenName", default, skip_serializing_if = "Option::is_none")]
-    pub given_name: Option<String>,
-    #[serde(rename = "familyName", default, skip_serializing_if = "Option::is_none")]
-    pub family_name: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Email {
-    pub value: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub primary: Option<bool>,
 }
 
 /// Where a blocking caller wants its answer.

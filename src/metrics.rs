@@ -253,8 +253,8 @@ impl Metrics {
             self.events_completed.with_label_values(&[status]);
         }
         for reason in crate::event::DecodeError::REASONS.iter().chain(&[
-            crate::pipeline::process::CONNECTOR_FAILED_REASON,
-            crate::pipeline::process::INTERNAL_ERROR_REASON,
+            crate::dead_letter::CONNECTOR_FAILED_REASON,
+            crate::dead_letter::INTERNAL_ERROR_REASON,
         ]) {
             self.dead_letters.with_label_values(&[reason]);
         }

@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::event::EventType;
+// The domain words the results carry.
+pub use crate::domain::{Operation, Outcome};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProvisioningResult {
@@ -95,74 +97,6 @@ pub struct ConnectorResult {
     pub error: Option<ResultError>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Operation {
-    Create,
-    Update,
-    Delete,
-}
-
-impl Operation {
-    pub fn for_event(event_type: EventType) -> Operation {
-        match event_type {
-            EventType::UserCreated | EventType::UserSelfSignedUp | EventType::UserJitProvisioned => Operation::Create,
-            EventType::UserUpdated => Operation::Update,
-            EventType::UserDeleted => Operation::Delete,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Create => "create",
-            Operation::Update => "update",
-            Operation::Delete => "delete",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Created,
-    /// The account already existed (409 on create) and was taken over and converged.
-    Adopted,
-    Updated,
-    Deleted,
-    Deactivated,
-    /// Nothing to delete: the target had no such account.
-    AlreadyAbsent,
-    /// The binding did not apply (rule false, JIT not enabled, …).
-    Skipped,
-    Failed,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 8] = [
-        Outcome::Created,
-        Outcome::Adopted,
-        Outcome::Updated,
-        Outcome::Deleted,
-        Outcome::Deactivated,
-        Outcome::AlreadyAbsent,
-        Outcome::Skipped,
-        Outcome::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Created => "created",
-            Outcome::Adopted => "adopted",
-            Outcome::Updated => "updated",
-            Outcome::Deleted => "deleted",
-            Outcome::Deactivated => "deactivated",
-            Outcome::AlreadyAbsent => "already_absent",
-            Outcome::Skipped => "skipped",
-            Outcome::Failed => "failed",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,9 +1,9 @@
 //! Retries, in one place: full-jitter exponential backoff (backon) that honours
 //! `Retry-After`, bounded by attempts and by elapsed time.
 //!
-//! Connectors decide *what* is retryable ([`ConnectorError::is_retryable`]); this module
-//! decides *how*. We use `backon` rather than `backoff`, which is unmaintained
-//! (RUSTSEC-2025-0012).
+//! Errors decide *what* is retryable (they implement [`RetryClass`]; connectors' errors
+//! do); this module decides *how*. It knows no caller's types, so anything may use it.
+//! We use `backon` rather than `backoff`, which is unmaintained (RUSTSEC-2025-0012).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -11,8 +11,18 @@ use std::time::{Duration, Instant};
 use backon::Retryable;
 use rand::Rng;
 
-use crate::connectors::ConnectorError;
-use crate::settings::DeliverySettings;
+/// How an error classifies itself for retrying. (Not `Retryable`: that is backon's
+/// extension trait for futures, imported here too.)
+pub trait RetryClass {
+    /// Whether trying again may succeed. Implementations match exhaustively, so a new
+    /// error variant must decide.
+    fn is_retryable(&self) -> bool;
+
+    /// The target's own wait hint (`Retry-After`), a floor for the next sleep.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -20,17 +30,6 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub max_elapsed: Duration,
-}
-
-impl RetryPolicy {
-    pub fn from_settings(delivery: &DeliverySettings) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: delivery.max_attempts,
-            initial_backoff: delivery.initial_backoff,
-            max_backoff: delivery.max_backoff,
-            max_elapsed: delivery.max_elapsed,
-        }
-    }
 }
 
 /// AWS-style full jitter: sleep n is uniform in [0, min(max, initial * 2^n)].
@@ -59,8 +58,8 @@ impl Iterator for FullJitterBackoff {
 }
 
 /// What a retried operation came to.
-pub struct RetryOutcome<T> {
-    pub result: Result<T, ConnectorError>,
+pub struct RetryOutcome<T, E> {
+    pub result: Result<T, E>,
     /// Calls made, the first included.
     pub attempts: u32,
     /// Whether retrying stopped because attempts or time ran out (the last error was retryable).
@@ -69,14 +68,15 @@ pub struct RetryOutcome<T> {
 
 /// Runs `operation` until it succeeds, fails permanently, or the policy runs out.
 /// `on_retry` is told about every retry (for logs and metrics) before the sleep.
-pub async fn run_with_retries<T, F, Fut>(
+pub async fn run_with_retries<T, E, F, Fut>(
     policy: RetryPolicy,
     mut operation: F,
-    mut on_retry: impl FnMut(&ConnectorError, Duration, u32),
-) -> RetryOutcome<T>
+    mut on_retry: impl FnMut(&E, Duration, u32),
+) -> RetryOutcome<T, E>
 where
+    E: RetryClass,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ConnectorError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let started = Instant::now();
     let attempts = AtomicU32::new(0);
@@ -89,7 +89,7 @@ where
         sleeps_given: 0,
     })
     .sleep(tokio::time::sleep)
-    .when(ConnectorError::is_retryable)
+    .when(|error: &E| error.is_retryable())
     .adjust(|error, backoff| {
         let backoff = backoff?;
         // A server's Retry-After is a floor, not a suggestion.
@@ -113,6 +113,30 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in for a caller's error type.
+    #[derive(Debug)]
+    enum TestError {
+        Busy,
+        Throttled(Duration),
+        Bad,
+    }
+
+    impl RetryClass for TestError {
+        fn is_retryable(&self) -> bool {
+            match self {
+                TestError::Busy | TestError::Throttled(_) => true,
+                TestError::Bad => false,
+            }
+        }
+
+        fn retry_after(&self) -> Option<Duration> {
+            match self {
+                TestError::Throttled(hint) => Some(*hint),
+                TestError::Busy | TestError::Bad => None,
+            }
+        }
+    }
 
     fn policy(max_attempts: u32) -> RetryPolicy {
         RetryPolicy {
@@ -144,11 +168,7 @@ mod tests {
             policy(5),
             || async {
                 if calls.fetch_add(1, Ordering::Relaxed) < 2 {
-                    Err(ConnectorError::Server {
-                        status: 503,
-                        message: "busy".into(),
-                        retry_after: None,
-                    })
+                    Err(TestError::Busy)
                 } else {
                     Ok("done")
                 }
@@ -162,17 +182,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn permanent_errors_fail_at_once() {
-        let outcome: RetryOutcome<()> = run_with_retries(
-            policy(5),
-            || async {
-                Err(ConnectorError::Rejected {
-                    status: 400,
-                    message: "bad".into(),
-                })
-            },
-            |_, _, _| {},
-        )
-        .await;
+        let outcome: RetryOutcome<(), TestError> =
+            run_with_retries(policy(5), || async { Err(TestError::Bad) }, |_, _, _| {}).await;
         assert_eq!(outcome.attempts, 1);
         assert!(!outcome.exhausted);
     }
@@ -185,11 +196,7 @@ mod tests {
             policy(3),
             || async {
                 if calls.fetch_add(1, Ordering::Relaxed) == 0 {
-                    Err(ConnectorError::Throttled {
-                        status: Some(429),
-                        message: "slow down".into(),
-                        retry_after: Some(Duration::from_secs(7)),
-                    })
+                    Err(TestError::Throttled(Duration::from_secs(7)))
                 } else {
                     Ok(())
                 }
@@ -203,8 +210,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn attempts_run_out_and_say_so() {
-        let outcome: RetryOutcome<()> =
-            run_with_retries(policy(4), || async { Err(ConnectorError::Timeout) }, |_, _, _| {}).await;
+        let outcome: RetryOutcome<(), TestError> =
+            run_with_retries(policy(4), || async { Err(TestError::Busy) }, |_, _, _| {}).await;
         assert_eq!(outcome.attempts, 4);
         assert!(outcome.exhausted);
     }

@@ -20,9 +20,9 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
+use crate::connectors::delivery::DeliverySettings;
 use crate::connectors::ConnectorError;
 use crate::metrics::Metrics;
-use crate::settings::DeliverySettings;
 
 const MAX_COOLDOWN: Duration = Duration::from_secs(300);
 /// Pace of a Salesforce org close to its daily allocation.

@@ -1,16 +1,52 @@
-//! HTTP plumbing shared by the connectors: the client, status classification,
-//! `Retry-After`, and turning transport failures into [`ConnectorError`]s.
+//! HTTP plumbing shared by the connectors: the client and its settings
+//! (`[connectors.<name>.http]`), status classification, `Retry-After`, and turning
+//! transport failures into [`ConnectorError`]s.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
 
 use crate::connectors::{BuildError, ConnectorError};
-use crate::settings::HttpSettings;
 
 /// Longest `Retry-After` we accept; a larger hint is capped (the retry budget decides).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// HTTP client settings shared by every connector type.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Extra PEM CA bundle to trust, on top of the built-in roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Skip TLS certificate verification. For labs only; logged at WARN on start.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: default_connect_timeout(),
+            request_timeout: default_request_timeout(),
+            ca_file: None,
+            insecure_skip_verify: false,
+        }
+    }
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 
 /// Builds the client for one connector: timeouts, TLS roots, user agent.
 pub fn build_client(name: &str, settings: &HttpSettings) -> Result<reqwest::Client, BuildError> {

@@ -1,4 +1,5 @@
-//! Outbound targets behind one [`Connector`] trait, one file per target type.
+//! Outbound targets behind one [`Connector`] trait, one folder per target type, each
+//! owning its settings (`<type>/settings.rs`).
 //!
 //! A connector turns one operation on one user into calls to its target and says how
 //! it went. It classifies its own errors ([`ConnectorError::is_retryable`]); the
@@ -7,6 +8,7 @@
 //! **Invariant:** connector calls are idempotent. Create on an existing account adopts
 //! it; delete of a missing account is `already_absent`. Redelivery is therefore harmless.
 
+pub mod delivery;
 pub mod gate;
 pub mod google;
 pub mod http;
@@ -15,19 +17,19 @@ pub mod naming;
 pub mod oauth;
 pub mod salesforce;
 pub mod scim;
+pub mod set;
+pub mod settings;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::connectors::gate::Gate;
-use crate::event::UserEvent;
-use crate::metrics::Metrics;
-use crate::result::{ErrorKind, Operation, Outcome};
-use crate::retry::RetryPolicy;
-use crate::settings::{ConnectorSettings, DeliverySettings, Settings};
+use crate::domain::{Outcome, UserChange};
+use crate::result::ErrorKind;
+use crate::retry::RetryClass;
+
+// Re-exported: what the rest of the service names when it builds or calls connectors.
+pub use set::{ConnectorHandle, ConnectorSet};
 
 /// What a successful operation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,13 +40,9 @@ pub struct Applied {
 }
 
 pub trait Connector: Send + Sync + 'static {
-    /// Applies `operation` for the event's user. Called again on retryable errors, so it
-    /// must converge rather than assume where a previous attempt stopped.
-    fn apply<'a>(
-        &'a self,
-        operation: Operation,
-        event: &'a UserEvent,
-    ) -> BoxFuture<'a, Result<Applied, ConnectorError>>;
+    /// Applies the change's operation to its user. Called again on retryable errors, so
+    /// it must converge rather than assume where a previous attempt stopped.
+    fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>>;
 }
 
 /// Why a connector call failed. Messages come from the target's error body and our own
@@ -137,86 +135,19 @@ impl ConnectorError {
     }
 }
 
+impl RetryClass for ConnectorError {
+    fn is_retryable(&self) -> bool {
+        ConnectorError::is_retryable(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        ConnectorError::retry_after(self)
+    }
+}
+
 /// Why the configured connectors could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("connector `{name}`: {message}")]
     Invalid { name: String, message: String },
-}
-
-/// A connector with the limits and retry policy it runs under.
-pub struct ConnectorHandle {
-    pub name: String,
-    pub connector: Arc<dyn Connector>,
-    /// Circuit breaker, slow-down, rate limit and concurrency cap; passed per attempt,
-    /// never held across backoff sleeps.
-    pub gate: Arc<Gate>,
-    pub retry: RetryPolicy,
-}
-
-/// Every configured connector, by name.
-#[derive(Default, Clone)]
-pub struct ConnectorSet {
-    handles: BTreeMap<String, Arc<ConnectorHandle>>,
-}
-
-impl ConnectorSet {
-    /// Builds every connector named in `settings.connectors`.
-    pub fn from_settings(settings: &Settings, metrics: &Arc<Metrics>) -> Result<ConnectorSet, BuildError> {
-        let mut set = ConnectorSet::default();
-        for (name, connector_settings) in &settings.connectors {
-            let delivery = connector_settings.delivery();
-            let gate = Arc::new(Gate::new(name, delivery, Some(metrics.clone())));
-            let connector = build_connector(name, connector_settings, metrics, &gate)?;
-            set.insert_with_gate(name, connector, gate, delivery);
-        }
-        Ok(set)
-    }
-
-    /// Adds (or replaces) a connector. Tests use it to plug in doubles.
-    pub fn insert(&mut self, name: &str, connector: Arc<dyn Connector>, delivery: &DeliverySettings) {
-        let gate = Arc::new(Gate::new(name, delivery, None));
-        self.insert_with_gate(name, connector, gate, delivery);
-    }
-
-    fn insert_with_gate(
-        &mut self,
-        name: &str,
-        connector: Arc<dyn Connector>,
-        gate: Arc<Gate>,
-        delivery: &DeliverySettings,
-    ) {
-        self.handles.insert(
-            name.to_string(),
-            Arc::new(ConnectorHandle {
-                name: name.to_string(),
-                connector,
-                gate,
-                retry: RetryPolicy::from_settings(delivery),
-            }),
-        );
-    }
-
-    pub fn get(&self, name: &str) -> Option<&Arc<ConnectorHandle>> {
-        self.handles.get(name)
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.handles.keys().map(String::as_str)
-    }
-}
-
-fn build_connector(
-    name: &str,
-    settings: &ConnectorSettings,
-    metrics: &Arc<Metrics>,
-    gate: &Arc<Gate>,
-) -> Result<Arc<dyn Connector>, BuildError> {
-    match settings {
-        ConnectorSettings::Scim2(scim) => scim::build(name, scim),
-        ConnectorSettings::Google(google) => google::build(name, google),
-        ConnectorSettings::Salesforce(salesforce) => {
-            salesforce::build(name, salesforce, metrics.clone(), Some(gate.clone()))
-        }
-    }
 }

@@ -7,16 +7,68 @@
 //! does not already end with `@domain`, any `@` becomes `.` and `@domain` is appended
 //! (WSO2's `buildUserId`). Characters an email local part cannot hold become `_`.
 
-use crate::event::UserEvent;
-use crate::settings::AccountNamePattern;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::UserChange;
+
+/// WSO2-compatible account-name pattern shared by Google and Salesforce.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountNamePattern {
+    /// Tokens: `{UN}` user name, `{UD}` user-store domain, `{TD}` tenant, `{IDP}` IdP.
+    #[serde(default = "default_pattern")]
+    pub pattern: String,
+    #[serde(default = "default_separator")]
+    pub separator: String,
+}
+
+impl Default for AccountNamePattern {
+    fn default() -> Self {
+        Self {
+            pattern: default_pattern(),
+            separator: default_separator(),
+        }
+    }
+}
+
+impl AccountNamePattern {
+    /// Problems serde cannot see, each with its full key under `key`.
+    pub fn check(&self, key: &str, problem: &mut impl FnMut(String, String)) {
+        if !self.pattern.contains("{UN}") {
+            problem(format!("{key}.pattern"), "must contain {UN}".into());
+        }
+        let mut rest = self.pattern.as_str();
+        while let Some(start) = rest.find('{') {
+            let Some(end) = rest[start..].find('}') else {
+                problem(format!("{key}.pattern"), "has an unclosed `{`".into());
+                break;
+            };
+            let token = &rest[start..start + end + 1];
+            if !["{UN}", "{UD}", "{TD}", "{IDP}"].contains(&token) {
+                problem(
+                    format!("{key}.pattern"),
+                    format!("unknown token {token}; use {{UN}}, {{UD}}, {{TD}} or {{IDP}}"),
+                );
+            }
+            rest = &rest[start + end + 1..];
+        }
+    }
+}
+
+fn default_pattern() -> String {
+    "{UN}".into()
+}
+fn default_separator() -> String {
+    "_".into()
+}
 
 /// The user name without a `DOMAIN/` prefix.
 pub fn bare_user_name(user_name: &str) -> &str {
     user_name.split_once('/').map_or(user_name, |(_, name)| name)
 }
 
-pub fn account_name(pattern: &AccountNamePattern, event: &UserEvent, domain: &str) -> String {
-    let user = &event.data.user;
+pub fn account_name(pattern: &AccountNamePattern, change: &UserChange<'_>, domain: &str) -> String {
+    let user = change.user;
     let separator = pattern.separator.as_str();
     let strip = |value: &str| {
         if separator.is_empty() {
@@ -38,11 +90,8 @@ pub fn account_name(pattern: &AccountNamePattern, event: &UserEvent, domain: &st
         let token_value = [
             ("{UN}", bare_user_name(&user.user_name).to_string()),
             ("{UD}", strip(&user_store_domain)),
-            ("{TD}", strip(&event.data.tenant)),
-            (
-                "{IDP}",
-                strip(event.data.identity_provider.as_deref().unwrap_or_default()),
-            ),
+            ("{TD}", strip(change.tenant)),
+            ("{IDP}", strip(change.identity_provider.unwrap_or_default())),
         ]
         .into_iter()
         .find(|(token, _)| rest.starts_with(token));
@@ -91,14 +140,32 @@ fn sanitize_local_part(local: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{Operation, User};
 
-    fn event(user_name: &str, domain: Option<&str>, idp: Option<&str>) -> UserEvent {
-        let document = serde_json::json!({
-            "specversion": "1.0", "id": "e", "source": "s", "type": "user.created",
-            "data": {"tenant": "carbon.super", "identity_provider": idp,
-                     "user": {"id": "u", "userName": user_name, "userStoreDomain": domain}}
-        });
-        crate::event::decode(Some(document.to_string().as_bytes()), &[], 1 << 16).unwrap()
+    /// A user of tenant `carbon.super`, federated through `idp` when given.
+    struct Subject {
+        user: User,
+        idp: Option<&'static str>,
+    }
+
+    impl Subject {
+        fn change(&self, operation: Operation) -> UserChange<'_> {
+            UserChange {
+                operation,
+                event_id: "e",
+                tenant: "carbon.super",
+                identity_provider: self.idp,
+                user: &self.user,
+            }
+        }
+    }
+
+    fn event(user_name: &str, domain: Option<&str>, idp: Option<&'static str>) -> Subject {
+        let user = serde_json::json!({"id": "u", "userName": user_name, "userStoreDomain": domain});
+        Subject {
+            user: serde_json::from_value(user).unwrap(),
+            idp,
+        }
     }
 
     fn pattern(pattern: &str, separator: &str) -> AccountNamePattern {
@@ -112,31 +179,47 @@ mod tests {
     fn wso2_patterns() {
         let alice = event("Alice", Some("PRIMARY"), None);
         assert_eq!(
-            account_name(&pattern("{UN}", "_"), &alice, "example.com"),
+            account_name(&pattern("{UN}", "_"), &alice.change(Operation::Create), "example.com"),
             "alice@example.com"
         );
         assert_eq!(
-            account_name(&pattern("{UD}{UN}", "_"), &alice, "example.com"),
+            account_name(
+                &pattern("{UD}{UN}", "_"),
+                &alice.change(Operation::Create),
+                "example.com"
+            ),
             "primary_alice@example.com"
         );
         assert_eq!(
-            account_name(&pattern("{UN}{TD}", "_"), &alice, "example.com"),
+            account_name(
+                &pattern("{UN}{TD}", "_"),
+                &alice.change(Operation::Create),
+                "example.com"
+            ),
             "alice_carbon.super@example.com"
         );
         let federated = event("bob@partner.org", None, Some("Partner_IdP"));
         assert_eq!(
-            account_name(&pattern("{UN}{IDP}", "_"), &federated, "example.com"),
+            account_name(
+                &pattern("{UN}{IDP}", "_"),
+                &federated.change(Operation::Create),
+                "example.com"
+            ),
             "bob.partner.org_partneridp@example.com",
             "@ becomes . and the separator is stripped from the IdP"
         );
         let already = event("carol@example.com", None, None);
         assert_eq!(
-            account_name(&pattern("{UN}", "_"), &already, "example.com"),
+            account_name(&pattern("{UN}", "_"), &already.change(Operation::Create), "example.com"),
             "carol@example.com"
         );
         let domain_prefixed = event("SECONDARY/dave", None, None);
         assert_eq!(
-            account_name(&pattern("{UD}.{UN}", "_"), &domain_prefixed, "example.com"),
+            account_name(
+                &pattern("{UD}.{UN}", "_"),
+                &domain_prefixed.change(Operation::Create),
+                "example.com"
+            ),
             "secondary.dave@example.com"
         );
     }
@@ -144,7 +227,11 @@ mod tests {
     #[test]
     fn hostile_characters_cannot_escape_the_local_part() {
         let hostile = event("eve smith'/../x\"@evil.com", None, Some("Evil IdP"));
-        let name = account_name(&pattern("{UN}{IDP}", "_"), &hostile, "example.com");
+        let name = account_name(
+            &pattern("{UN}{IDP}", "_"),
+            &hostile.change(Operation::Create),
+            "example.com",
+        );
         assert!(name.ends_with("@example.com"), "{name}");
         assert_eq!(name.matches('@').count(), 1, "{name}");
         assert!(

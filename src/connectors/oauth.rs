@@ -1,17 +1,29 @@
-//! OAuth 2.0 access tokens: fetching at a token endpoint, and caching them until
-//! shortly before they expire. Shared by the SCIM (client credentials), Google (JWT
-//! bearer) and Salesforce (three grants) connectors.
+//! OAuth 2.0 access tokens and the one authorised send every connector uses.
+//!
+//! - Tokens: fetched at a token endpoint ([`request_token`]; the RFC 7523 JWT-bearer
+//!   grant Google and Salesforce share is [`request_jwt_bearer_token`]) and cached until
+//!   shortly before they expire ([`TokenCache`]).
+//! - [`send_authorised`]: get the token, send, renew the token once and send again if
+//!   the target says the session expired, and classify a failed answer. What differs
+//!   between targets (the success statuses, the session-expired signal, the error
+//!   dialect) is a [`Target`].
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
+use reqwest::header::HeaderMap;
+use reqwest::{RequestBuilder, StatusCode};
 use serde::Deserialize;
 
 use crate::connectors::http::{error_body, status_error, transport_error};
+use crate::connectors::jwt::RsaSigner;
 use crate::connectors::ConnectorError;
 use crate::secret::Secret;
 
 /// Renew this long before the token expires, so a call never carries a dying token.
 const RENEW_BEFORE_EXPIRY: Duration = Duration::from_secs(60);
+/// RFC 7523 §2.1.
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// When the server does not say, assume tokens last this long.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
@@ -130,4 +142,86 @@ pub async fn request_token(
         instance_url: parsed.instance_url,
         renew_at: Instant::now() + renew_in,
     })
+}
+
+/// The RFC 7523 JWT-bearer grant: signs `claims` (RS256) and exchanges the assertion at
+/// `token_url`. Google and Salesforce differ only in their claims.
+pub async fn request_jwt_bearer_token(
+    http: &reqwest::Client,
+    token_url: &str,
+    signer: &RsaSigner,
+    claims: &serde_json::Value,
+) -> Result<Token, ConnectorError> {
+    let assertion = signer.sign(claims).map_err(|message| ConnectorError::Auth {
+        status: None,
+        message: format!("cannot sign the token request: {message}"),
+    })?;
+    request_token(
+        http,
+        token_url,
+        &[("grant_type", JWT_BEARER_GRANT), ("assertion", assertion.as_str())],
+        None,
+    )
+    .await
+}
+
+/// What differs between targets in [`send_authorised`].
+pub trait Target {
+    /// Whether `status` answers the request successfully.
+    fn is_success(&self, status: StatusCode) -> bool {
+        status.is_success()
+    }
+
+    /// Whether a failed answer says the token is no longer good, so that one renewal
+    /// and resend may succeed. By default any 401.
+    fn session_expired(&self, status: StatusCode, _body: &str) -> bool {
+        status == StatusCode::UNAUTHORIZED
+    }
+
+    /// Told about every answer's headers (Salesforce reads its API usage from them).
+    fn observe(&self, _headers: &HeaderMap) {}
+
+    /// The error for a failed answer, in the target's own dialect.
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError;
+}
+
+/// The one authorised send: gets the token from `token` (`None` when the target takes
+/// no OAuth token), builds the request with `request` (called again for the resend; the
+/// bearer header is added here), sends it, and when the target says the session expired
+/// renews the token once and sends again. A successful answer is returned unread; a
+/// failed one is classified by `target`.
+pub async fn send_authorised<Fut>(
+    tokens: &TokenCache,
+    token: impl Fn() -> Fut,
+    request: impl Fn(Option<&Token>) -> RequestBuilder,
+    target: &impl Target,
+) -> Result<reqwest::Response, ConnectorError>
+where
+    Fut: Future<Output = Result<Option<Token>, ConnectorError>>,
+{
+    let mut renewed = false;
+    loop {
+        let token = token().await?;
+        let mut builder = request(token.as_ref());
+        if let Some(token) = &token {
+            builder = builder.bearer_auth(token.access_token.expose());
+        }
+        let response = builder.send().await.map_err(transport_error)?;
+        target.observe(response.headers());
+        let status = response.status();
+        if target.is_success(status) {
+            return Ok(response);
+        }
+        let headers = response.headers().clone();
+        let body = error_body(response).await;
+        if let Some(token) = &token {
+            if !renewed && target.session_expired(status, &body) {
+                // Revoked or expired early: forget it, fetch a fresh one, send again once.
+                tokens.invalidate(token).await;
+                renewed = true;
+                continue;
+            }
+        }
+        return Err(target.classify(status, &headers, &body));
+    }
 }

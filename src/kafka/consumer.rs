@@ -15,10 +15,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 
-use crate::admin::Readiness;
+use crate::kafka::settings::KafkaSettings;
 use crate::kafka::{apply_overrides, base_client_config, InboundRecord};
 use crate::metrics::Metrics;
-use crate::settings::KafkaSettings;
 
 /// A topic and partition.
 pub type TopicPartition = (String, i32);
@@ -28,6 +27,13 @@ pub type TopicPartition = (String, i32);
 pub trait PartitionListener: Send + Sync + 'static {
     fn assigned(&self, partitions: &[TopicPartition]);
     fn revoked(&self, partitions: &[TopicPartition]);
+}
+
+/// Told whether the consumer holds an assignment, for the readiness probe. An empty
+/// assignment counts (more instances than partitions). The service passes its
+/// `admin::Readiness`; this module does not know it.
+pub trait AssignmentObserver: Send + Sync + 'static {
+    fn set_consumer_assigned(&self, assigned: bool);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +63,7 @@ impl ConsumeError {
 /// librdkafka callbacks: rebalances, commits and statistics.
 pub struct ConsumerHooks {
     metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
+    readiness: Arc<dyn AssignmentObserver>,
     listener: Arc<dyn PartitionListener>,
     assignment: Mutex<BTreeSet<TopicPartition>>,
 }
@@ -157,7 +163,7 @@ impl EventConsumer {
     pub fn new(
         settings: &KafkaSettings,
         metrics: Arc<Metrics>,
-        readiness: Arc<Readiness>,
+        readiness: Arc<dyn AssignmentObserver>,
         listener: Arc<dyn PartitionListener>,
     ) -> Result<EventConsumer, ConsumeError> {
         let mut config = base_client_config(settings);

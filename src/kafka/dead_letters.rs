@@ -14,9 +14,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::dead_letter::{HEADER_PREFIX, REASON_HEADER, SOURCE_TOPIC_HEADER};
 use crate::kafka::base_client_config;
-use crate::pipeline::process::{DEAD_LETTER_REASON_HEADER, DEAD_LETTER_TOPIC_HEADER};
-use crate::settings::KafkaSettings;
+use crate::kafka::settings::KafkaSettings;
 
 /// Which dead letters to replay. Empty criteria select nothing: `all` must be explicit.
 #[derive(Debug, Clone, Default)]
@@ -132,12 +132,12 @@ pub async fn replay(
         if dry_run {
             continue;
         }
-        let source_topic = header(&headers, DEAD_LETTER_TOPIC_HEADER)
+        let source_topic = header(&headers, SOURCE_TOPIC_HEADER)
             .filter(|source| settings.event_topics.contains(source))
             .unwrap_or_else(|| settings.event_topics[0].clone());
         let original_headers = headers
             .iter()
-            .filter(|(name, _)| !name.starts_with("x-provisioner-"))
+            .filter(|(name, _)| !name.starts_with(HEADER_PREFIX))
             .fold(OwnedHeaders::new(), |owned, (name, value)| {
                 owned.insert(Header {
                     key: name,
@@ -168,7 +168,7 @@ fn header(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
 
 fn selected(selection: &ReplaySelection, headers: &[(String, Vec<u8>)], payload: Option<&[u8]>) -> bool {
     if let Some(reason) = &selection.reason {
-        if header(headers, DEAD_LETTER_REASON_HEADER).as_deref() != Some(reason.as_str()) {
+        if header(headers, REASON_HEADER).as_deref() != Some(reason.as_str()) {
             return false;
         }
     }

@@ -7,6 +7,7 @@
 pub mod consumer;
 pub mod dead_letters;
 pub mod producer;
+pub mod settings;
 pub mod state_topic;
 
 use std::time::Instant;
@@ -14,7 +15,7 @@ use std::time::Instant;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
-use crate::settings::{KafkaSettings, SaslMechanism, SecurityProtocol};
+use crate::kafka::settings::{KafkaSettings, SaslMechanism, SecurityProtocol};
 
 /// An input record, detached from librdkafka's buffers so it can move between tasks.
 #[derive(Debug, Clone)]

@@ -10,8 +10,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 
+use crate::kafka::settings::KafkaSettings;
 use crate::kafka::{apply_overrides, base_client_config};
-use crate::settings::KafkaSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {

@@ -12,7 +12,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::kafka::base_client_config;
-use crate::settings::KafkaSettings;
+use crate::kafka::settings::KafkaSettings;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -13,6 +13,7 @@ use chrono::Utc;
 use tracing::Instrument;
 
 use crate::connectors::{ConnectorError, ConnectorHandle, ConnectorSet};
+use crate::dead_letter::{self, CONNECTOR_FAILED_REASON, INTERNAL_ERROR_REASON};
 use crate::event::{self, DecodeError, ReplyRoute, UserEvent};
 use crate::kafka::producer::{EventProducer, OutboundRecord};
 use crate::kafka::InboundRecord;
@@ -22,18 +23,6 @@ use crate::result::{
     ConnectorResult, ErrorKind, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status,
 };
 use crate::retry::run_with_retries;
-
-/// Dead-letter headers, on top of the original record's own.
-pub const DEAD_LETTER_REASON_HEADER: &str = "x-provisioner-reason";
-pub const DEAD_LETTER_ERROR_HEADER: &str = "x-provisioner-error";
-pub const DEAD_LETTER_TOPIC_HEADER: &str = "x-provisioner-source-topic";
-pub const DEAD_LETTER_PARTITION_HEADER: &str = "x-provisioner-source-partition";
-pub const DEAD_LETTER_OFFSET_HEADER: &str = "x-provisioner-source-offset";
-pub const DEAD_LETTER_TIME_HEADER: &str = "x-provisioner-failed-at";
-/// Reason code for events some binding failed on for good.
-pub const CONNECTOR_FAILED_REASON: &str = "connector_failed";
-/// Reason code for events whose processing panicked.
-pub const INTERNAL_ERROR_REASON: &str = "internal_error";
 
 /// Everything a worker needs, shared by all workers.
 pub struct Worker {
@@ -82,7 +71,7 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
         .inc();
     let reply_route = allowed_reply_route(worker, record);
     let correlation_id = reply_route.as_ref().map(|route| route.correlation_id.clone());
-    let operation = Operation::for_event(event.event_type);
+    let operation = event.event_type.operation();
     let received_at = Utc::now() - chrono::Duration::from_std(record.received_at.elapsed()).unwrap_or_default();
 
     let (provider, steps) = match worker.router.route(&event) {
@@ -265,7 +254,7 @@ async fn call_connector(
                 .connector_request_duration
                 .with_label_values(&[name, operation.as_str()])
                 .start_timer();
-            let result = handle.connector.apply(operation, event).await;
+            let result = handle.connector.apply(event.change(operation)).await;
             timer.observe_duration();
             admission.finish(&result);
             result
@@ -443,16 +432,16 @@ async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &s
     let mut headers: Vec<(&str, &[u8])> = record
         .headers
         .iter()
-        .filter(|(name, _)| !name.starts_with("x-provisioner-"))
+        .filter(|(name, _)| !name.starts_with(dead_letter::HEADER_PREFIX))
         .map(|(name, value)| (name.as_str(), value.as_slice()))
         .collect();
     headers.extend([
-        (DEAD_LETTER_REASON_HEADER, reason.as_bytes()),
-        (DEAD_LETTER_ERROR_HEADER, message.as_bytes()),
-        (DEAD_LETTER_TOPIC_HEADER, record.topic.as_bytes()),
-        (DEAD_LETTER_PARTITION_HEADER, partition.as_bytes()),
-        (DEAD_LETTER_OFFSET_HEADER, offset.as_bytes()),
-        (DEAD_LETTER_TIME_HEADER, failed_at.as_bytes()),
+        (dead_letter::REASON_HEADER, reason.as_bytes()),
+        (dead_letter::ERROR_HEADER, message.as_bytes()),
+        (dead_letter::SOURCE_TOPIC_HEADER, record.topic.as_bytes()),
+        (dead_letter::SOURCE_PARTITION_HEADER, partition.as_bytes()),
+        (dead_letter::SOURCE_OFFSET_HEADER, offset.as_bytes()),
+        (dead_letter::FAILED_AT_HEADER, failed_at.as_bytes()),
     ]);
     produce_durably(
         worker,

@@ -118,7 +118,9 @@ impl LocalStore {
     /// Empties the store and records which topic it now caches.
     fn reset(&self, identity: &str) -> Result<(), StoreError> {
         let mut write = self.database.begin_write().map_err(StoreError::storage)?;
-        write.set_durability(Durability::Immediate).map_err(StoreError::storage)?;
+        write
+            .set_durability(Durability::Immediate)
+            .map_err(StoreError::storage)?;
         write.delete_table(RECORDS).map_err(StoreError::storage)?;
         write.delete_table(CHECKPOINTS).map_err(StoreError::storage)?;
         {
@@ -201,7 +203,9 @@ impl LocalStore {
     /// `next_offset` (and so everything before it written earlier without durability).
     pub fn set_checkpoint(&self, partition: i32, next_offset: i64) -> Result<(), StoreError> {
         let mut write = self.database.begin_write().map_err(StoreError::storage)?;
-        write.set_durability(Durability::Immediate).map_err(StoreError::storage)?;
+        write
+            .set_durability(Durability::Immediate)
+            .map_err(StoreError::storage)?;
         {
             let mut table = write.open_table(CHECKPOINTS).map_err(StoreError::storage)?;
             table
@@ -217,7 +221,9 @@ impl LocalStore {
     pub fn clear_partition(&self, partition: i32) -> Result<(), StoreError> {
         let partition = partition as u32;
         let mut write = self.database.begin_write().map_err(StoreError::storage)?;
-        write.set_durability(Durability::Immediate).map_err(StoreError::storage)?;
+        write
+            .set_durability(Durability::Immediate)
+            .map_err(StoreError::storage)?;
         {
             let mut table = write.open_table(RECORDS).map_err(StoreError::storage)?;
             table
@@ -242,7 +248,9 @@ impl LocalStore {
 
     /// The store file's size on disk.
     pub fn file_bytes(&self) -> u64 {
-        std::fs::metadata(&self.path).map(|metadata| metadata.len()).unwrap_or(0)
+        std::fs::metadata(&self.path)
+            .map(|metadata| metadata.len())
+            .unwrap_or(0)
     }
 }
 
@@ -275,14 +283,21 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         {
             let store = LocalStore::open(directory.path(), "state-topic").unwrap();
-            store.put(0, "directory:acme/u1", &record(1, AccountState::Present)).unwrap();
-            store.put(1, "directory:acme/u1", &record(2, AccountState::Deleted)).unwrap();
+            store
+                .put(0, "directory:acme/u1", &record(1, AccountState::Present))
+                .unwrap();
+            store
+                .put(1, "directory:acme/u1", &record(2, AccountState::Deleted))
+                .unwrap();
             store.set_checkpoint(0, 17).unwrap();
             assert_eq!(store.len().unwrap(), 2);
         }
         let store = LocalStore::open(directory.path(), "state-topic").unwrap();
         assert_eq!(store.get(0, "directory:acme/u1").unwrap().unwrap().version.offset, 1);
-        assert_eq!(store.get(1, "directory:acme/u1").unwrap().unwrap().account, AccountState::Deleted);
+        assert_eq!(
+            store.get(1, "directory:acme/u1").unwrap().unwrap().account,
+            AccountState::Deleted
+        );
         assert_eq!(store.checkpoint(0).unwrap(), Some(17));
         assert_eq!(store.checkpoint(1).unwrap(), None);
         store.clear_partition(0).unwrap();
@@ -317,7 +332,9 @@ mod tests {
         std::fs::write(directory.path().join(FILE_NAME), b"not a redb file at all").unwrap();
         let store = LocalStore::open(directory.path(), "state-topic").unwrap();
         assert!(store.is_empty().unwrap());
-        store.put(0, "directory:acme/u1", &record(1, AccountState::Present)).unwrap();
+        store
+            .put(0, "directory:acme/u1", &record(1, AccountState::Present))
+            .unwrap();
         store.set_checkpoint(0, 3).unwrap();
         drop(store);
         let other = LocalStore::open(directory.path(), "another-state-topic").unwrap();
@@ -332,7 +349,9 @@ mod tests {
         let mut write = store.database.begin_write().unwrap();
         {
             let mut table = write.open_table(RECORDS).unwrap();
-            table.insert((0u32, "directory:acme/u1"), b"{garbage".as_slice()).unwrap();
+            table
+                .insert((0u32, "directory:acme/u1"), b"{garbage".as_slice())
+                .unwrap();
         }
         write.set_durability(Durability::Immediate).unwrap();
         write.commit().unwrap();

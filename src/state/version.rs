@@ -80,7 +80,11 @@ impl EventVersion {
 
 impl std::fmt::Display for EventVersion {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(formatter, "epoch {} partition {} offset {}", self.epoch, self.partition, self.offset)?;
+        write!(
+            formatter,
+            "epoch {} partition {} offset {}",
+            self.epoch, self.partition, self.offset
+        )?;
         if let Some(sequence) = &self.sequence {
             write!(formatter, " sequence {} of {}", sequence.value, sequence.source)?;
         }
@@ -144,19 +148,34 @@ mod tests {
         assert_eq!(late.relation_to(&early), Relation::Older);
         assert_eq!(early.relation_to(&late), Relation::Newer);
         // The same sequence at another offset is the same event, re-published.
-        assert_eq!(sequenced(12, "/wso2", "7").relation_to(&sequenced(4, "/wso2", "7")), Relation::Same);
+        assert_eq!(
+            sequenced(12, "/wso2", "7").relation_to(&sequenced(4, "/wso2", "7")),
+            Relation::Same
+        );
     }
 
     #[test]
     fn numeric_sequences_compare_as_numbers_padded_or_not() {
-        assert_eq!(sequenced(1, "/s", "10").relation_to(&sequenced(2, "/s", "9")), Relation::Newer);
-        assert_eq!(sequenced(1, "/s", "0010").relation_to(&sequenced(2, "/s", "9")), Relation::Newer);
-        assert_eq!(sequenced(1, "/s", "b").relation_to(&sequenced(2, "/s", "a")), Relation::Newer);
+        assert_eq!(
+            sequenced(1, "/s", "10").relation_to(&sequenced(2, "/s", "9")),
+            Relation::Newer
+        );
+        assert_eq!(
+            sequenced(1, "/s", "0010").relation_to(&sequenced(2, "/s", "9")),
+            Relation::Newer
+        );
+        assert_eq!(
+            sequenced(1, "/s", "b").relation_to(&sequenced(2, "/s", "a")),
+            Relation::Newer
+        );
     }
 
     #[test]
     fn other_sources_or_a_missing_sequence_fall_back_to_offsets() {
-        assert_eq!(sequenced(5, "/a", "1").relation_to(&sequenced(4, "/b", "9")), Relation::Newer);
+        assert_eq!(
+            sequenced(5, "/a", "1").relation_to(&sequenced(4, "/b", "9")),
+            Relation::Newer
+        );
         assert_eq!(at(5).relation_to(&sequenced(6, "/a", "1")), Relation::Older);
         assert_eq!(sequenced(7, "/a", "1").relation_to(&at(6)), Relation::Newer);
     }

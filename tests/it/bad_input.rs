@@ -8,7 +8,7 @@ use provisioner::event;
 
 use crate::support::app::{producer, publish, Names, TopicReader};
 use crate::support::doubles::event_json;
-use crate::support::service::{free_port, ServiceProcess};
+use crate::support::service::ServiceProcess;
 
 /// (name, value, headers, expected reason)
 type BadInput<'a> = (&'a str, Vec<u8>, Vec<(&'a str, &'a str)>, &'a str);
@@ -25,11 +25,8 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason() {
     let names = Names::new("bad-input");
     names.create(1).await;
     let directory = tempfile::tempdir().unwrap();
-    let admin_port = free_port();
     let config = directory.path().join("provisioner.toml");
-    let kafka = names
-        .kafka_toml()
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{admin_port}"));
+    let kafka = names.kafka_toml();
     std::fs::write(
         &config,
         format!("{kafka}\n[pipeline]\nmax_event_bytes = 4096\n[tenants.acme.resident]\n"),

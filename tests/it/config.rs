@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use provisioner::settings::{ConnectorSettings, ScimAuth, Settings, SettingsError};
+use provisioner::connectors::scim::settings::ScimAuth;
+use provisioner::connectors::settings::ConnectorSettings;
+use provisioner::settings::{Settings, SettingsError};
 
 const MINIMAL: &str = r#"
 [kafka]

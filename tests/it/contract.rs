@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::Utc;
 use provisioner::event::{self, EventType};
-use provisioner::result::{
-    ConnectorResult, ErrorKind, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status,
-};
+use provisioner::result::{ConnectorResult, ErrorKind, Outcome, ProvisioningResult, ResultError, ResultScope, Status};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -138,7 +136,7 @@ fn every_result_the_code_can_emit_is_schema_valid() {
         let kind = kinds[index % kinds.len()];
         let results = vec![ConnectorResult {
             connector: "c".into(),
-            operation: Operation::for_event(event_type),
+            operation: event_type.operation(),
             outcome,
             blocking: index % 2 == 0,
             remote_id: Some("r".into()),

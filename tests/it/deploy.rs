@@ -217,6 +217,29 @@ fn the_compose_file_parses_and_everything_it_references_exists() {
             );
             let dockerfile = context.join(dockerfile);
             assert!(dockerfile.is_file(), "{name}: {} is missing", dockerfile.display());
+            // The default stage is the service alone; dev-tool commands need `devtools`.
+            let stages: Vec<String> = std::fs::read_to_string(&dockerfile)
+                .unwrap()
+                .lines()
+                .filter(|line| line.starts_with("FROM "))
+                .filter_map(|line| line.split(" AS ").nth(1).map(|stage| stage.trim().to_string()))
+                .collect();
+            let target = build.get("target").and_then(Value::as_str);
+            if let Some(target) = target {
+                assert!(
+                    stages.iter().any(|stage| stage == target),
+                    "{name}: build target {target} is not a stage of {}",
+                    dockerfile.display()
+                );
+            }
+            let command = strings(&service["command"]).join(" ");
+            if command.starts_with("emulate") {
+                assert_eq!(
+                    target,
+                    Some("devtools"),
+                    "{name}: `{command}` needs the image's devtools stage"
+                );
+            }
         }
         for (host, _) in compose_mounts(service) {
             assert!(root().join(&host).exists(), "{name}: volume source {host} is missing");
@@ -541,6 +564,7 @@ fn scan(expression: &str) -> Expression {
 
 /// Every `provisioner_*` token, as the names a `# TYPE` line would carry (histogram
 /// `_bucket`, `_sum` and `_count` series stripped to their base name).
+#[cfg(feature = "devtools")]
 fn metric_names(expression: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = expression;
@@ -859,7 +883,8 @@ fn the_dashboard_is_well_formed_and_covers_the_service() {
 /// `provisioner demo --users 8 --dump-metrics`, left running: the dumped `/metrics` text,
 /// or, if it lacks something `complete` wants, the live `/metrics` once it has it (up to
 /// 30 s). Consumer lag comes from librdkafka's statistics, once a second, which a short
-/// demo on a busy machine can finish before.
+/// demo on a busy machine can finish before. Needs the dev tools, like its one caller.
+#[cfg(feature = "devtools")]
 fn demo_metrics(complete: impl Fn(&Exposition) -> bool) -> Exposition {
     struct Running(std::process::Child);
     impl Drop for Running {
@@ -945,6 +970,7 @@ fn demo_metrics(complete: impl Fn(&Exposition) -> bool) -> Exposition {
 }
 
 /// `GET /metrics` from `address` (host:port), the body.
+#[cfg(feature = "devtools")]
 fn scrape(address: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address).ok()?;
@@ -956,6 +982,8 @@ fn scrape(address: &str) -> Option<String> {
     (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_string())
 }
 
+/// Runs `provisioner demo`, so it needs the dev tools.
+#[cfg(feature = "devtools")]
 #[test]
 fn every_metric_and_label_in_the_dashboard_and_alerts_is_exported() {
     let mut queries = dashboard_queries(&dashboard());

@@ -5,24 +5,20 @@
 //! line with its figures (`cargo test -- --nocapture` shows them).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use provisioner::app::Application;
-use provisioner::emulators::scim::{self as scim_emulator, ScimEmulator, ScimEmulatorSettings};
-use provisioner::emulators::Faults;
-use provisioner::metrics::Metrics;
+use provisioner::devtools::emulators::scim::{self as scim_emulator, ScimEmulator, ScimEmulatorSettings};
+use provisioner::devtools::emulators::Faults;
 use provisioner::settings::Settings;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::app::{producer, publish, Names, TopicReader};
+use crate::support::app::{producer, publish, Names, TestApp, TopicReader};
 use crate::support::doubles::event_json;
 use crate::support::eventually;
-use crate::support::service::{free_port, ServiceProcess};
+use crate::support::service::ServiceProcess;
 use crate::support::workload::{converge, Workload};
 
 const CONVERGE: Duration = Duration::from_secs(120);
@@ -79,37 +75,6 @@ fn service_toml(kafka_and_admin: &str, scim_url: &str) -> String {
     )
 }
 
-struct RunningApp {
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-    task: JoinHandle<()>,
-}
-
-impl RunningApp {
-    async fn start(settings: Settings) -> RunningApp {
-        let application = Application::build(settings).await.expect("service builds");
-        let metrics = application.metrics();
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            application.run_until_stopped(token).await.expect("service runs");
-        });
-        RunningApp {
-            metrics,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("stops within 60 s")
-            .expect("no panic");
-    }
-}
-
 async fn wait_for_requests(emulator: &ScimEmulator, at_least: u64) {
     eventually("target progress", Duration::from_secs(60), || async {
         (emulator.control.stats.report().requests >= at_least).then_some(())
@@ -126,11 +91,9 @@ async fn sigkill_mid_stream_then_restart_completes_the_run() {
     let workload = Workload::new(60, "acme");
     workload.publish(&producer(), &names.events).await;
     let directory = tempfile::tempdir().unwrap();
-    let admin_port = free_port();
     let config = directory.path().join("provisioner.toml");
-    let kafka = names
-        .kafka_toml()
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{admin_port}"));
+    // Admin on port 0: each run of the service gets its own port from the OS.
+    let kafka = names.kafka_toml();
     std::fs::write(&config, service_toml(&kafka, &emulator.base_url())).unwrap();
     let log = directory.path().join("service.log");
 
@@ -162,11 +125,9 @@ async fn sigterm_drains_and_a_restart_redoes_nothing() {
     let workload = Workload::new(50, "acme");
     workload.publish(&producer(), &names.events).await;
     let directory = tempfile::tempdir().unwrap();
-    let admin_port = free_port();
     let config = directory.path().join("provisioner.toml");
-    let kafka = names
-        .kafka_toml()
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{admin_port}"));
+    // Admin on port 0: each run of the service gets its own port from the OS.
+    let kafka = names.kafka_toml();
     std::fs::write(&config, service_toml(&kafka, &emulator.base_url())).unwrap();
     let log = directory.path().join("service.log");
 
@@ -236,7 +197,7 @@ async fn the_broker_goes_down_and_comes_back() {
         "#
     );
     let settings = Settings::from_toml_str(&service_toml(&kafka, &emulator.base_url())).unwrap();
-    let app = RunningApp::start(settings).await;
+    let app = TestApp::spawn_configured(settings).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("message.timeout.ms", "60000")
@@ -280,7 +241,7 @@ async fn a_failing_target_recovers_and_the_circuit_holds_work_meanwhile() {
         ..Faults::default()
     });
     let settings = Settings::from_toml_str(&service_toml(&names.kafka_toml(), &emulator.base_url())).unwrap();
-    let app = RunningApp::start(settings).await;
+    let app = TestApp::spawn_configured(settings).await;
     let workload = Workload::new(60, "acme");
     workload.publish(&producer(), &names.events).await;
     wait_for_requests(&emulator, 100).await;
@@ -334,7 +295,7 @@ async fn a_429_pauses_calls_for_at_least_its_retry_after() {
         ..Faults::default()
     });
     let settings = Settings::from_toml_str(&service_toml(&names.kafka_toml(), &emulator.base_url())).unwrap();
-    let app = RunningApp::start(settings).await;
+    let app = TestApp::spawn_configured(settings).await;
     let workload = Workload::new(20, "acme");
     workload.publish(&producer(), &names.events).await;
     let first_429 = eventually("a 429", Duration::from_secs(30), || async {
@@ -387,12 +348,12 @@ async fn instances_joining_and_leaving_mid_stream_lose_nothing() {
     let toml =
         service_toml(&names.kafka_toml(), &emulator.base_url()).replace("max_in_flight = 16", "max_in_flight = 3");
     let settings = Settings::from_toml_str(&toml).unwrap();
-    let first = RunningApp::start(settings.clone()).await;
+    let first = TestApp::spawn_configured(settings.clone()).await;
     let workload = Workload::new(90, "acme");
     workload.publish(&producer(), &names.events).await;
     wait_for_requests(&emulator, 60).await;
 
-    let second = RunningApp::start(settings).await;
+    let second = TestApp::spawn_configured(settings).await;
     eventually(
         "the second instance to get partitions",
         Duration::from_secs(60),
@@ -430,7 +391,7 @@ async fn an_outage_longer_than_the_retry_time_fails_events_for_good() {
     });
     let toml = service_toml(&names.kafka_toml(), &emulator.base_url())
         .replace("max_elapsed = \"90s\"", "max_elapsed = \"2s\"");
-    let app = RunningApp::start(Settings::from_toml_str(&toml).unwrap()).await;
+    let app = TestApp::spawn_configured(Settings::from_toml_str(&toml).unwrap()).await;
     let producer = producer();
     for user in ["u1", "u2", "u3"] {
         let event = event_json(user, "user.created", "acme", user, serde_json::json!({}));

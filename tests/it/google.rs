@@ -5,15 +5,16 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use provisioner::connectors::google::settings::GoogleSettings;
 use provisioner::connectors::google::GoogleConnector;
 use provisioner::connectors::jwt::RsaSigner;
 use provisioner::connectors::{Connector, ConnectorError};
-use provisioner::emulators::google::{self as google_emulator, GoogleEmulator, GoogleEmulatorSettings};
-use provisioner::emulators::Faults;
+use provisioner::devtools::emulators::google::{self as google_emulator, GoogleEmulator, GoogleEmulatorSettings};
+use provisioner::devtools::emulators::Faults;
 use provisioner::event::{self, UserEvent};
 use provisioner::result::{Operation, Outcome, Status};
 use provisioner::retry::{run_with_retries, RetryPolicy};
-use provisioner::settings::{GoogleSettings, Settings};
+use provisioner::settings::Settings;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -104,7 +105,7 @@ async fn create_update_suspend_and_delete() {
         "u-1",
         json!({"userName": "PRIMARY/Alice", "name": {"givenName": "Alice", "familyName": "Adams"}}),
     );
-    let applied = connector.apply(Operation::Create, &created).await.unwrap();
+    let applied = connector.apply(created.change(Operation::Create)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::Created);
     let remote = fixture.emulator.user_by_email("alice@example.com").expect("created");
     assert_eq!(
@@ -125,7 +126,11 @@ async fn create_update_suspend_and_delete() {
         json!({"userName": "PRIMARY/Alice", "name": {"givenName": "Alice", "familyName": "Adams-Smith"}}),
     );
     assert_eq!(
-        connector.apply(Operation::Update, &updated).await.unwrap().outcome,
+        connector
+            .apply(updated.change(Operation::Update))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::Updated
     );
     let patch = fixture.emulator.requests().last().unwrap().clone();
@@ -136,26 +141,34 @@ async fn create_update_suspend_and_delete() {
         "only what changed, and never the password"
     );
     let unchanged = fixture.emulator.requests().len();
-    connector.apply(Operation::Update, &updated).await.unwrap();
+    connector.apply(updated.change(Operation::Update)).await.unwrap();
     assert_eq!(fixture.emulator.requests().len(), unchanged, "no change, no PATCH");
 
     let deleted = user_event("user.deleted", "u-1", json!({"userName": "PRIMARY/Alice"}));
     assert_eq!(
-        connector.apply(Operation::Delete, &deleted).await.unwrap().outcome,
+        connector
+            .apply(deleted.change(Operation::Delete))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::Deleted
     );
     assert!(fixture.emulator.user_by_email("alice@example.com").is_none());
     assert_eq!(
-        connector.apply(Operation::Delete, &deleted).await.unwrap().outcome,
+        connector
+            .apply(deleted.change(Operation::Delete))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::AlreadyAbsent
     );
 
     let suspending = fixture.connector(json!({"deprovision": "suspend"}));
     let bob = user_event("user.created", "u-2", json!({"userName": "bob"}));
-    suspending.apply(Operation::Create, &bob).await.unwrap();
+    suspending.apply(bob.change(Operation::Create)).await.unwrap();
     let gone = user_event("user.deleted", "u-2", json!({"userName": "bob"}));
     assert_eq!(
-        suspending.apply(Operation::Delete, &gone).await.unwrap().outcome,
+        suspending.apply(gone.change(Operation::Delete)).await.unwrap().outcome,
         Outcome::Deactivated
     );
     assert_eq!(
@@ -176,7 +189,7 @@ async fn a_duplicate_is_adopted_and_found_by_id_after_a_rename() {
         "u-carol",
         json!({"userName": "carol", "name": {"givenName": "Carol", "familyName": "Cole"}}),
     );
-    let applied = connector.apply(Operation::Create, &created).await.unwrap();
+    let applied = connector.apply(created.change(Operation::Create)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::Adopted);
     assert_eq!(applied.remote_id.as_deref(), Some(existing_id.as_str()));
     let remote = fixture.emulator.user_by_email("carol@example.com").unwrap();
@@ -188,7 +201,7 @@ async fn a_duplicate_is_adopted_and_found_by_id_after_a_rename() {
 
     // Renamed at the source: found through the link, not the old email, and renamed.
     let renamed = user_event("user.updated", "u-carol", json!({"userName": "carol.cole"}));
-    let applied = connector.apply(Operation::Update, &renamed).await.unwrap();
+    let applied = connector.apply(renamed.change(Operation::Update)).await.unwrap();
     assert_eq!(applied.remote_id.as_deref(), Some(existing_id.as_str()));
     assert!(fixture.emulator.user_by_email("carol.cole@example.com").is_some());
     assert_eq!(fixture.emulator.users().len(), 1);
@@ -200,12 +213,12 @@ async fn tokens_are_cached_renewed_on_401_and_checked() {
     let connector = fixture.connector(json!({}));
     for index in 0..4 {
         let event = user_event("user.created", &format!("u-{index}"), json!({}));
-        connector.apply(Operation::Create, &event).await.unwrap();
+        connector.apply(event.change(Operation::Create)).await.unwrap();
     }
     assert_eq!(fixture.emulator.tokens_issued(), 1);
     fixture.emulator.expire_tokens();
     let event = user_event("user.created", "u-after", json!({}));
-    connector.apply(Operation::Create, &event).await.unwrap();
+    connector.apply(event.change(Operation::Create)).await.unwrap();
     assert_eq!(fixture.emulator.tokens_issued(), 2, "renewed once after the 401");
 
     // A key Google does not know, and an admin the account may not impersonate.
@@ -214,13 +227,13 @@ async fn tokens_are_cached_renewed_on_401_and_checked() {
     wrong_key.service_account_key = provisioner::secret::Secret::new(fixture.key_json(&stranger));
     let error = GoogleConnector::new("g", &wrong_key)
         .unwrap()
-        .apply(Operation::Create, &event)
+        .apply(event.change(Operation::Create))
         .await
         .unwrap_err();
     assert!(matches!(error, ConnectorError::Auth { .. }), "{error:?}");
     assert!(error.to_string().contains("Signature"), "{error}");
     let wrong_admin = fixture.connector(json!({"admin_email": "someone@example.com"}));
-    let error = wrong_admin.apply(Operation::Create, &event).await.unwrap_err();
+    let error = wrong_admin.apply(event.change(Operation::Create)).await.unwrap_err();
     assert!(
         matches!(error, ConnectorError::Auth { .. }) && !error.is_retryable(),
         "{error:?}"
@@ -233,13 +246,13 @@ async fn rate_limits_are_retried_after_at_least_a_second() {
     let fixture = Fixture::start().await;
     let connector = fixture.connector(json!({}));
     let warm_up = user_event("user.deleted", "u-warm", json!({}));
-    connector.apply(Operation::Delete, &warm_up).await.unwrap();
+    connector.apply(warm_up.change(Operation::Delete)).await.unwrap();
     fixture.emulator.set_faults(Faults {
         rate_429: 1.0,
         ..Faults::default()
     });
     let event = user_event("user.created", "u-limited", json!({}));
-    let error = connector.apply(Operation::Create, &event).await.unwrap_err();
+    let error = connector.apply(event.change(Operation::Create)).await.unwrap_err();
     assert!(error.is_retryable() && error.http_status() == Some(403), "{error:?}");
     assert!(error.to_string().contains("userRateLimitExceeded"));
 
@@ -253,7 +266,7 @@ async fn rate_limits_are_retried_after_at_least_a_second() {
             max_elapsed: Duration::from_secs(30),
         },
         || async {
-            let result = connector.apply(Operation::Create, &event).await;
+            let result = connector.apply(event.change(Operation::Create)).await;
             if calls.fetch_add(1, Ordering::SeqCst) == 0 {
                 fixture.emulator.set_faults(Faults::default());
             }
@@ -273,7 +286,7 @@ async fn rate_limits_are_retried_after_at_least_a_second() {
         ..Faults::default()
     });
     let error = connector
-        .apply(Operation::Create, &user_event("user.created", "u-503", json!({})))
+        .apply(user_event("user.created", "u-503", json!({})).change(Operation::Create))
         .await
         .unwrap_err();
     assert!(error.is_retryable() && error.http_status() == Some(503), "{error:?}");
@@ -285,7 +298,7 @@ async fn a_permanent_error_carries_googles_reason() {
     // The connector's domain is not the Workspace's: Google refuses the address.
     let connector = fixture.connector(json!({"domain": "not-ours.example"}));
     let error = connector
-        .apply(Operation::Create, &user_event("user.created", "u-x", json!({})))
+        .apply(user_event("user.created", "u-x", json!({})).change(Operation::Create))
         .await
         .unwrap_err();
     assert!(!error.is_retryable(), "{error:?}");
@@ -410,9 +423,9 @@ async fn every_request_body_fits_googles_discovery_document() {
         ("user.deleted", "u-2", json!({"userName": "two"})),
     ];
     for (event_type, user, data) in scenarios {
-        let operation = Operation::for_event(event::EventType::parse(event_type).unwrap());
+        let operation = event::EventType::parse(event_type).unwrap().operation();
         connector
-            .apply(operation, &user_event(event_type, user, data))
+            .apply(user_event(event_type, user, data).change(operation))
             .await
             .unwrap();
     }
@@ -482,7 +495,7 @@ async fn an_event_on_kafka_becomes_a_workspace_user() {
     ))
     .unwrap();
     let connectors = provisioner::connectors::ConnectorSet::from_settings(
-        &settings,
+        &settings.connectors,
         &std::sync::Arc::new(provisioner::metrics::Metrics::new()),
     )
     .unwrap();

@@ -7,15 +7,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provisioner::connectors::jwt::RsaSigner;
+use provisioner::connectors::salesforce::settings::SalesforceSettings;
 use provisioner::connectors::salesforce::SalesforceConnector;
 use provisioner::connectors::{Connector, ConnectorError};
-use provisioner::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulator, SalesforceEmulatorSettings};
-use provisioner::emulators::Faults;
+use provisioner::devtools::emulators::salesforce::{
+    self as salesforce_emulator, SalesforceEmulator, SalesforceEmulatorSettings,
+};
+use provisioner::devtools::emulators::Faults;
 use provisioner::event::{self, UserEvent};
 use provisioner::metrics::Metrics;
 use provisioner::result::{Operation, Outcome, Status};
 use provisioner::retry::{run_with_retries, RetryPolicy};
-use provisioner::settings::{SalesforceSettings, Settings};
+use provisioner::settings::Settings;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -116,7 +119,7 @@ async fn all_three_grants_get_a_token() {
             SalesforceConnector::new("crm", &fixture.settings(auth, json!({})), fixture.metrics.clone(), None).unwrap();
         let event = user_event("user.created", &format!("u-grant-{index}"), json!({}));
         assert_eq!(
-            connector.apply(Operation::Create, &event).await.unwrap().outcome,
+            connector.apply(event.change(Operation::Create)).await.unwrap().outcome,
             Outcome::Created
         );
     }
@@ -130,7 +133,7 @@ async fn all_three_grants_get_a_token() {
         let connector =
             SalesforceConnector::new("crm", &fixture.settings(auth, json!({})), fixture.metrics.clone(), None).unwrap();
         let error = connector
-            .apply(Operation::Create, &user_event("user.created", "u-denied", json!({})))
+            .apply(user_event("user.created", "u-denied", json!({})).change(Operation::Create))
             .await
             .unwrap_err();
         assert!(
@@ -152,7 +155,7 @@ async fn create_update_and_deactivate_with_username_freeing() {
         json!({"userName": "Alice", "name": {"givenName": "Alice", "familyName": "Adams-Smith"},
                "attributes": {"title": "AE"}}),
     );
-    let applied = connector.apply(Operation::Create, &created).await.unwrap();
+    let applied = connector.apply(created.change(Operation::Create)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::Created);
     let user = fixture.emulator.user_by_federation_id("u-1").expect("created");
     assert_eq!(applied.remote_id.as_deref(), user["Id"].as_str());
@@ -169,7 +172,11 @@ async fn create_update_and_deactivate_with_username_freeing() {
         json!({"userName": "Alice", "name": {"givenName": "Alice", "familyName": "Baker"}, "attributes": {"title": "AE"}}),
     );
     assert_eq!(
-        connector.apply(Operation::Update, &updated).await.unwrap().outcome,
+        connector
+            .apply(updated.change(Operation::Update))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::Updated
     );
     assert_eq!(
@@ -179,7 +186,11 @@ async fn create_update_and_deactivate_with_username_freeing() {
 
     let deleted = user_event("user.deleted", "u-1", json!({"userName": "Alice"}));
     assert_eq!(
-        connector.apply(Operation::Delete, &deleted).await.unwrap().outcome,
+        connector
+            .apply(deleted.change(Operation::Delete))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::Deactivated
     );
     let user = fixture.emulator.user_by_federation_id("u-1").unwrap();
@@ -190,13 +201,17 @@ async fn create_update_and_deactivate_with_username_freeing() {
         "{freed}"
     );
     assert_eq!(
-        connector.apply(Operation::Delete, &deleted).await.unwrap().outcome,
+        connector
+            .apply(deleted.change(Operation::Delete))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::AlreadyAbsent,
         "already inactive"
     );
     let never = user_event("user.deleted", "u-never", json!({"userName": "nobody"}));
     assert_eq!(
-        connector.apply(Operation::Delete, &never).await.unwrap().outcome,
+        connector.apply(never.change(Operation::Delete)).await.unwrap().outcome,
         Outcome::AlreadyAbsent
     );
     let usage = fixture.metrics.salesforce_api_usage.with_label_values(&["crm"]).get();
@@ -228,7 +243,7 @@ async fn our_duplicate_is_adopted_and_reactivated_but_a_foreign_one_fails() {
         "u-bob",
         json!({"userName": "bob", "name": {"familyName": "Builder"}}),
     );
-    let applied = connector.apply(Operation::Create, &bob).await.unwrap();
+    let applied = connector.apply(bob.change(Operation::Create)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::Adopted);
     assert_eq!(applied.remote_id.as_deref(), Some(existing.as_str()));
     let user = fixture.emulator.user_by_federation_id("u-bob").unwrap();
@@ -244,7 +259,7 @@ async fn our_duplicate_is_adopted_and_reactivated_but_a_foreign_one_fails() {
     }
     fixture.emulator.insert_directly(someone_else);
     let carol = user_event("user.created", "u-carol", json!({"userName": "carol"}));
-    let error = connector.apply(Operation::Create, &carol).await.unwrap_err();
+    let error = connector.apply(carol.change(Operation::Create)).await.unwrap_err();
     assert!(
         matches!(error, ConnectorError::Conflict { .. }) && !error.is_retryable(),
         "{error:?}"
@@ -252,7 +267,7 @@ async fn our_duplicate_is_adopted_and_reactivated_but_a_foreign_one_fails() {
     assert!(error.to_string().contains("belongs to another user"), "{error}");
 
     let taken = user_event("user.created", "u-taken", json!({"userName": "taken"}));
-    let error = connector.apply(Operation::Create, &taken).await.unwrap_err();
+    let error = connector.apply(taken.change(Operation::Create)).await.unwrap_err();
     assert!(error.to_string().contains("another Salesforce org"), "{error}");
 }
 
@@ -261,11 +276,11 @@ async fn an_expired_session_is_renewed_once() {
     let fixture = Fixture::start(Vec::new()).await;
     let connector = fixture.connector(json!({}));
     connector
-        .apply(Operation::Create, &user_event("user.created", "u-a", json!({})))
+        .apply(user_event("user.created", "u-a", json!({})).change(Operation::Create))
         .await
         .unwrap();
     connector
-        .apply(Operation::Create, &user_event("user.created", "u-b", json!({})))
+        .apply(user_event("user.created", "u-b", json!({})).change(Operation::Create))
         .await
         .unwrap();
     assert_eq!(
@@ -275,7 +290,7 @@ async fn an_expired_session_is_renewed_once() {
     );
     fixture.emulator.expire_sessions();
     connector
-        .apply(Operation::Create, &user_event("user.created", "u-c", json!({})))
+        .apply(user_event("user.created", "u-c", json!({})).change(Operation::Create))
         .await
         .unwrap();
     assert_eq!(fixture.emulator.tokens_issued(), 2);
@@ -286,7 +301,7 @@ async fn request_limits_are_retried_with_a_long_backoff() {
     let fixture = Fixture::start(Vec::new()).await;
     let connector = fixture.connector(json!({}));
     connector
-        .apply(Operation::Delete, &user_event("user.deleted", "u-warm", json!({})))
+        .apply(user_event("user.deleted", "u-warm", json!({})).change(Operation::Delete))
         .await
         .unwrap();
     fixture.emulator.set_faults(Faults {
@@ -294,7 +309,7 @@ async fn request_limits_are_retried_with_a_long_backoff() {
         ..Faults::default()
     });
     let event = user_event("user.created", "u-limit", json!({}));
-    let error = connector.apply(Operation::Create, &event).await.unwrap_err();
+    let error = connector.apply(event.change(Operation::Create)).await.unwrap_err();
     assert!(error.is_retryable(), "{error:?}");
     assert!(
         error.retry_after().unwrap() >= Duration::from_secs(30),
@@ -316,7 +331,7 @@ async fn request_limits_are_retried_with_a_long_backoff() {
         },
         || async {
             calls.fetch_add(1, Ordering::SeqCst);
-            connector.apply(Operation::Create, &event).await
+            connector.apply(event.change(Operation::Create)).await
         },
         |_, _, _| {},
     )
@@ -330,11 +345,11 @@ async fn hostile_usernames_are_escaped_in_soql() {
     let fixture = Fixture::start(Vec::new()).await;
     let connector = fixture.connector(json!({}));
     let victim = user_event("user.created", "u-victim", json!({"userName": "victim"}));
-    connector.apply(Operation::Create, &victim).await.unwrap();
+    connector.apply(victim.change(Operation::Create)).await.unwrap();
     // Ids land in SOQL literals: a quote must not end the literal.
     for hostile in [r"x' OR Username != 'y", r"back\slash'", "double\"quote"] {
         let event = user_event("user.deleted", hostile, json!({"userName": "h"}));
-        let applied = connector.apply(Operation::Delete, &event).await.unwrap();
+        let applied = connector.apply(event.change(Operation::Delete)).await.unwrap();
         assert_eq!(applied.outcome, Outcome::AlreadyAbsent, "{hostile}");
     }
     assert_eq!(
@@ -353,7 +368,7 @@ async fn a_missing_required_field_is_a_permanent_error() {
     let fixture = Fixture::start(Vec::new()).await;
     let connector = fixture.connector(json!({"profile_id": ""}));
     let error = connector
-        .apply(Operation::Create, &user_event("user.created", "u-x", json!({})))
+        .apply(user_event("user.created", "u-x", json!({})).change(Operation::Create))
         .await
         .unwrap_err();
     assert!(!error.is_retryable());

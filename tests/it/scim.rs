@@ -4,14 +4,15 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use provisioner::connectors::scim::settings::Scim2Settings;
 use provisioner::connectors::scim::ScimConnector;
 use provisioner::connectors::{Connector, ConnectorError};
-use provisioner::emulators::scim::{self as scim_emulator, ScimEmulator, ScimEmulatorSettings};
-use provisioner::emulators::Faults;
+use provisioner::devtools::emulators::scim::{self as scim_emulator, ScimEmulator, ScimEmulatorSettings};
+use provisioner::devtools::emulators::Faults;
 use provisioner::event::{self, UserEvent};
 use provisioner::result::{Operation, Outcome, Status};
 use provisioner::retry::{run_with_retries, RetryPolicy};
-use provisioner::settings::{Scim2Settings, Settings};
+use provisioner::settings::Settings;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +53,7 @@ async fn create_update_and_delete_against_a_real_scim_server() {
         "u-1",
         json!({"userName": "alice", "name": {"givenName": "Alice", "familyName": "Adams"}}),
     );
-    let applied = connector.apply(Operation::Create, &created).await.unwrap();
+    let applied = connector.apply(created.change(Operation::Create)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::Created);
     let remote = server.user_by_external_id("u-1").await.expect("created on the server");
     assert_eq!(applied.remote_id.as_deref(), remote["id"].as_str());
@@ -76,17 +77,17 @@ async fn create_update_and_delete_against_a_real_scim_server() {
         "u-1",
         json!({"userName": "alice", "name": {"givenName": "Alice", "familyName": "Adams-Smith"}}),
     );
-    let applied = connector.apply(Operation::Update, &updated).await.unwrap();
+    let applied = connector.apply(updated.change(Operation::Update)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::Updated);
     let remote = server.user_by_external_id("u-1").await.unwrap();
     assert_eq!(remote["name"]["familyName"], "Adams-Smith");
     assert_eq!(remote["nickName"], "Ali", "an attribute we do not manage was wiped");
 
     let deleted = user_event("user.deleted", "u-1", json!({"userName": "alice"}));
-    let applied = connector.apply(Operation::Delete, &deleted).await.unwrap();
+    let applied = connector.apply(deleted.change(Operation::Delete)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::Deleted);
     assert!(server.user_by_external_id("u-1").await.is_none());
-    let again = connector.apply(Operation::Delete, &deleted).await.unwrap();
+    let again = connector.apply(deleted.change(Operation::Delete)).await.unwrap();
     assert_eq!(again.outcome, Outcome::AlreadyAbsent, "delete is idempotent");
 }
 
@@ -103,7 +104,7 @@ async fn an_existing_account_is_adopted_on_conflict() {
         "u-bob",
         json!({"userName": "bob", "name": {"givenName": "Bob", "familyName": "Baker"}}),
     );
-    let applied = connector.apply(Operation::Create, &event).await.unwrap();
+    let applied = connector.apply(event.change(Operation::Create)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::Adopted);
     assert_eq!(applied.remote_id.as_deref(), existing["id"].as_str());
     let remote = server.user_by_external_id("u-bob").await.expect("externalId now set");
@@ -112,7 +113,7 @@ async fn an_existing_account_is_adopted_on_conflict() {
     assert_eq!(server.users().await.len(), 1, "no duplicate was created");
 
     // A replayed create finds the account again and changes nothing else.
-    let replayed = connector.apply(Operation::Create, &event).await.unwrap();
+    let replayed = connector.apply(event.change(Operation::Create)).await.unwrap();
     assert_eq!(replayed.outcome, Outcome::Adopted);
     assert_eq!(server.users().await.len(), 1);
 }
@@ -122,15 +123,15 @@ async fn deactivate_mode_keeps_the_account_and_turns_it_off() {
     let server = Scim2Server::start().await;
     let connector = scim_connector(json!({"base_url": server.base_url, "deprovision": "deactivate"}));
     let created = user_event("user.created", "u-carol", json!({"userName": "carol"}));
-    connector.apply(Operation::Create, &created).await.unwrap();
+    connector.apply(created.change(Operation::Create)).await.unwrap();
     let deleted = user_event("user.deleted", "u-carol", json!({"userName": "carol"}));
-    let applied = connector.apply(Operation::Delete, &deleted).await.unwrap();
+    let applied = connector.apply(deleted.change(Operation::Delete)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::Deactivated);
     let remote = server.user_by_external_id("u-carol").await.expect("still there");
     assert_eq!(remote["active"], false);
 
     let never_seen = user_event("user.deleted", "u-nobody", json!({"userName": "nobody"}));
-    let applied = connector.apply(Operation::Delete, &never_seen).await.unwrap();
+    let applied = connector.apply(never_seen.change(Operation::Delete)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::AlreadyAbsent);
 }
 
@@ -141,10 +142,10 @@ async fn hostile_user_names_are_escaped_in_filters() {
     // Without escaping, this userName would turn the lookup into `userName pr`,
     // matching (and then deleting) some other user.
     let victim = user_event("user.created", "u-victim", json!({"userName": "victim"}));
-    connector.apply(Operation::Create, &victim).await.unwrap();
+    connector.apply(victim.change(Operation::Create)).await.unwrap();
     let hostile_name = r#"x" or userName pr or userName eq "y"#;
     let hostile = user_event("user.deleted", "u-hostile", json!({"userName": hostile_name}));
-    let applied = connector.apply(Operation::Delete, &hostile).await.unwrap();
+    let applied = connector.apply(hostile.change(Operation::Delete)).await.unwrap();
     assert_eq!(applied.outcome, Outcome::AlreadyAbsent);
     assert!(
         server.user_by_external_id("u-victim").await.is_some(),
@@ -172,7 +173,7 @@ async fn an_event_on_kafka_becomes_a_user_on_the_scim_server_and_a_reply() {
     ))
     .unwrap();
     let connectors = provisioner::connectors::ConnectorSet::from_settings(
-        &settings,
+        &settings.connectors,
         &std::sync::Arc::new(provisioner::metrics::Metrics::new()),
     )
     .unwrap();
@@ -214,7 +215,7 @@ async fn throttling_carries_retry_after_and_is_retryable() {
     .await;
     let connector = scim_connector(json!({"base_url": emulator.base_url()}));
     let error = connector
-        .apply(Operation::Create, &user_event("user.created", "u", json!({})))
+        .apply(user_event("user.created", "u", json!({})).change(Operation::Create))
         .await
         .unwrap_err();
     assert!(error.is_retryable(), "{error:?}");
@@ -228,7 +229,7 @@ async fn a_429_is_waited_out_for_at_least_its_retry_after() {
     let connector = scim_connector(json!({"base_url": emulator.base_url()}));
     let event = user_event("user.created", "u-wait", json!({}));
     // Discovery first, so the 429 below hits the create itself.
-    connector.apply(Operation::Delete, &event).await.unwrap();
+    connector.apply(event.change(Operation::Delete)).await.unwrap();
     emulator.set_faults(Faults {
         rate_429: 1.0,
         retry_after_seconds: 1,
@@ -244,7 +245,7 @@ async fn a_429_is_waited_out_for_at_least_its_retry_after() {
             max_elapsed: Duration::from_secs(30),
         },
         || async {
-            let result = connector.apply(Operation::Create, &event).await;
+            let result = connector.apply(event.change(Operation::Create)).await;
             if calls.fetch_add(1, Ordering::SeqCst) == 0 {
                 emulator.set_faults(Faults::default());
             }
@@ -266,7 +267,7 @@ async fn a_500_then_success_is_retried_to_success() {
     let (emulator, _shutdown) = emulator(ScimEmulatorSettings::default()).await;
     let connector = scim_connector(json!({"base_url": emulator.base_url()}));
     let event = user_event("user.created", "u-500", json!({}));
-    connector.apply(Operation::Delete, &event).await.unwrap();
+    connector.apply(event.change(Operation::Delete)).await.unwrap();
     emulator.set_faults(Faults {
         rate_500: 1.0,
         ..Faults::default()
@@ -280,7 +281,7 @@ async fn a_500_then_success_is_retried_to_success() {
             max_elapsed: Duration::from_secs(30),
         },
         || async {
-            let result = connector.apply(Operation::Create, &event).await;
+            let result = connector.apply(event.change(Operation::Create)).await;
             if calls.fetch_add(1, Ordering::SeqCst) == 1 {
                 emulator.set_faults(Faults::default());
             }
@@ -299,19 +300,19 @@ async fn a_hanging_target_times_out_and_a_reset_is_a_transport_error() {
     let (emulator, _shutdown) = emulator(ScimEmulatorSettings::default()).await;
     let connector = scim_connector(json!({"base_url": emulator.base_url(), "http": {"request_timeout": "300ms"}}));
     let event = user_event("user.created", "u-hang", json!({}));
-    connector.apply(Operation::Delete, &event).await.unwrap();
+    connector.apply(event.change(Operation::Delete)).await.unwrap();
     emulator.set_faults(Faults {
         rate_hang: 1.0,
         ..Faults::default()
     });
-    let error = connector.apply(Operation::Create, &event).await.unwrap_err();
+    let error = connector.apply(event.change(Operation::Create)).await.unwrap_err();
     assert_eq!(error, ConnectorError::Timeout);
     assert!(error.is_retryable());
     emulator.set_faults(Faults {
         rate_reset: 1.0,
         ..Faults::default()
     });
-    let error = connector.apply(Operation::Create, &event).await.unwrap_err();
+    let error = connector.apply(event.change(Operation::Create)).await.unwrap_err();
     assert!(matches!(error, ConnectorError::Transport { .. }), "{error:?}");
     assert!(error.is_retryable());
 }
@@ -329,7 +330,7 @@ async fn a_400_with_scim_type_is_permanent_and_explained() {
         "attributes": {"active": "attributes.active"}
     }));
     let error = connector_with_bad_mapping
-        .apply(Operation::Create, &bad)
+        .apply(bad.change(Operation::Create))
         .await
         .unwrap_err();
     assert!(!error.is_retryable(), "{error:?}");
@@ -350,13 +351,13 @@ async fn oauth_tokens_are_cached_and_renewed_once_on_401() {
     }));
     for index in 0..5 {
         let event = user_event("user.created", &format!("u-oauth-{index}"), json!({}));
-        connector.apply(Operation::Create, &event).await.unwrap();
+        connector.apply(event.change(Operation::Create)).await.unwrap();
     }
     assert_eq!(emulator.tokens_issued(), 1, "one token for many calls");
     emulator.expire_tokens();
     let event = user_event("user.created", "u-oauth-after", json!({}));
     assert_eq!(
-        connector.apply(Operation::Create, &event).await.unwrap().outcome,
+        connector.apply(event.change(Operation::Create)).await.unwrap().outcome,
         Outcome::Created
     );
     assert_eq!(emulator.tokens_issued(), 2, "renewed exactly once after the 401");
@@ -365,7 +366,7 @@ async fn oauth_tokens_are_cached_and_renewed_once_on_401() {
         "base_url": emulator.base_url(),
         "auth": {"mode": "oauth2", "token_url": emulator.token_url(), "client_id": "provisioner", "client_secret": "wrong"}
     }));
-    let error = wrong.apply(Operation::Create, &event).await.unwrap_err();
+    let error = wrong.apply(event.change(Operation::Create)).await.unwrap_err();
     assert!(matches!(error, ConnectorError::Auth { .. }), "{error:?}");
     assert!(!error.is_retryable());
     assert!(!error.to_string().contains("wrong"), "the secret leaked into the error");
@@ -384,14 +385,18 @@ async fn without_patch_updates_read_modify_write_and_keep_other_attributes() {
         "u-put",
         json!({"name": {"givenName": "Fay", "familyName": "Fox"}}),
     );
-    connector.apply(Operation::Create, &created).await.unwrap();
+    connector.apply(created.change(Operation::Create)).await.unwrap();
     let updated = user_event(
         "user.updated",
         "u-put",
         json!({"name": {"givenName": "Fay", "familyName": "Fox-Hill"}, "active": false}),
     );
     assert_eq!(
-        connector.apply(Operation::Update, &updated).await.unwrap().outcome,
+        connector
+            .apply(updated.change(Operation::Update))
+            .await
+            .unwrap()
+            .outcome,
         Outcome::Updated
     );
     let remote = emulator.user_by_external_id("u-put").unwrap();

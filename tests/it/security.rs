@@ -8,15 +8,15 @@
 use std::time::Duration;
 
 use provisioner::connectors::jwt::RsaSigner;
-use provisioner::emulators::google::{self as google_emulator, GoogleEmulatorSettings};
-use provisioner::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulatorSettings};
-use provisioner::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
-use provisioner::emulators::Faults;
+use provisioner::devtools::emulators::google::{self as google_emulator, GoogleEmulatorSettings};
+use provisioner::devtools::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulatorSettings};
+use provisioner::devtools::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
+use provisioner::devtools::emulators::Faults;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::app::{producer, publish, Names, TopicReader};
 use crate::support::doubles::event_json;
-use crate::support::service::{free_port, ServiceProcess};
+use crate::support::service::ServiceProcess;
 
 const OAUTH_SECRET: &str = "PLANTED-oauth-secret-7f3a21";
 const BASIC_PASSWORD: &str = "PLANTED-basic-password-19d2c8";
@@ -98,10 +98,7 @@ async fn planted_secrets_appear_in_no_output() {
         .expect("a PEM body line")
         .to_string();
 
-    let admin_port = free_port();
-    let kafka = names
-        .kafka_toml()
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{admin_port}"));
+    let kafka = names.kafka_toml();
     let connectors = format!(
         r#"
         [telemetry]
@@ -196,9 +193,11 @@ async fn planted_secrets_appear_in_no_output() {
     );
     let config = directory.path().join("provisioner.toml");
     std::fs::write(&config, format!("{kafka}\n{connectors}")).unwrap();
-    std::env::set_var("PLANTED_API_KEY", API_KEY);
-
-    let mut service = ServiceProcess::start(&config, directory.path().join("service.log"));
+    let mut service = ServiceProcess::start_with_environment(
+        &config,
+        directory.path().join("service.log"),
+        &[("PLANTED_API_KEY", API_KEY)],
+    );
     let producer = producer();
     for user in ["u1", "u2"] {
         let event = event_json(user, "user.created", "acme", user, serde_json::json!({}));
@@ -225,7 +224,8 @@ async fn planted_secrets_appear_in_no_output() {
     replies
         .read_until("both replies", Duration::from_secs(60), |records| records.len() >= 2)
         .await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+    let admin = service.admin_address().await;
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
         .await
         .unwrap()
         .text()

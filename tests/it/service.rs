@@ -1,28 +1,11 @@
 //! The `provisioner run` binary as an operator meets it: probes, metrics, SIGTERM.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::support::app::{producer, publish, Names, TopicReader};
 use crate::support::doubles::event_json;
 use crate::support::eventually;
-
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::support::service::ServiceProcess;
 
 async fn get(url: String) -> Option<(u16, String)> {
     let response = reqwest::get(&url).await.ok()?;
@@ -34,27 +17,18 @@ async fn get(url: String) -> Option<(u16, String)> {
 async fn the_binary_serves_probes_processes_events_and_stops_cleanly_on_sigterm() {
     let names = Names::new("binary");
     names.create(1).await;
-    let admin_port = free_port();
     let directory = tempfile::tempdir().unwrap();
     let config = directory.path().join("provisioner.toml");
-    let kafka = names
-        .kafka_toml()
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{admin_port}"));
+    // Admin on port 0: the OS picks it, the service logs it, the test reads it back.
+    let kafka = names.kafka_toml();
     std::fs::write(
         &config,
         format!("{kafka}\n[telemetry]\nformat = \"json\"\n[tenants.acme.resident]\n"),
     )
     .unwrap();
 
-    let child = Command::new(env!("CARGO_BIN_EXE_provisioner"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let mut service = Service(child);
-    let base = format!("http://127.0.0.1:{admin_port}");
+    let mut service = ServiceProcess::start(&config, directory.path().join("service.log"));
+    let base = format!("http://{}", service.admin_address().await);
 
     let (status, _) = eventually("/healthz", Duration::from_secs(30), || get(format!("{base}/healthz"))).await;
     assert_eq!(status, 200);
@@ -81,17 +55,10 @@ async fn the_binary_serves_probes_processes_events_and_stops_cleanly_on_sigterm(
         "{metrics}"
     );
 
-    let pid = service.0.id().to_string();
-    let signalled = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(signalled.success());
-    let status = eventually("the process to exit after SIGTERM", Duration::from_secs(60), || {
-        let exited = service.0.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
+    service.signal("TERM");
+    let status = service.wait(Duration::from_secs(60)).await;
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(service.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let stderr = service.log_text();
     assert!(stderr.contains("Shutdown signal received"), "{stderr}");
     assert!(
         stderr

@@ -100,6 +100,18 @@ impl TestApp {
         let application = Application::build_with_connectors(settings, set)
             .await
             .expect("service builds");
+        Self::run(application)
+    }
+
+    /// Starts the service with the connectors its settings configure (real targets;
+    /// the fault tests point them at the emulators, hence the feature).
+    #[cfg(feature = "devtools")]
+    pub async fn spawn_configured(settings: Settings) -> TestApp {
+        let application = Application::build(settings).await.expect("service builds");
+        Self::run(application)
+    }
+
+    fn run(application: Application) -> TestApp {
         let admin_address = application.admin_address();
         let metrics = application.metrics();
         let shutdown = CancellationToken::new();

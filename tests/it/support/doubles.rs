@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use provisioner::connectors::{Applied, Connector, ConnectorError};
-use provisioner::event::UserEvent;
-use provisioner::result::{Operation, Outcome};
+use provisioner::domain::{Operation, Outcome, UserChange};
 use rand::Rng;
 use tokio::sync::Semaphore;
 
@@ -88,7 +87,8 @@ impl RecordingConnector {
         self.accounts.lock().unwrap().contains_key(user_key)
     }
 
-    async fn call(&self, operation: Operation, event: &UserEvent) -> Result<Applied, ConnectorError> {
+    async fn call(&self, change: UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let operation = change.operation;
         let gate = self.gate.lock().unwrap().clone();
         if let Some(gate) = gate {
             self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -104,7 +104,7 @@ impl RecordingConnector {
             let millis = rand::rng().random_range(min.as_millis() as u64..=max.as_millis() as u64);
             tokio::time::sleep(Duration::from_millis(millis)).await;
         }
-        let user_key = event.user_key();
+        let user_key = format!("{}/{}", change.tenant, change.user.id);
         let scripted = self
             .scripted_errors
             .lock()
@@ -122,7 +122,7 @@ impl RecordingConnector {
                     Operation::Delete if accounts.remove(&user_key).is_some() => Outcome::Deleted,
                     Operation::Delete => Outcome::AlreadyAbsent,
                 };
-                let remote_id = format!("remote-{}", event.data.user.id);
+                let remote_id = format!("remote-{}", change.user.id);
                 if operation != Operation::Delete {
                     accounts.insert(user_key.clone(), remote_id.clone());
                 }
@@ -136,7 +136,7 @@ impl RecordingConnector {
         if let Ok(applied) = &result {
             self.calls.lock().unwrap().push(Call {
                 user_key,
-                event_id: event.id.clone(),
+                event_id: change.event_id.to_string(),
                 operation,
                 outcome: applied.outcome,
                 started,
@@ -148,12 +148,8 @@ impl RecordingConnector {
 }
 
 impl Connector for RecordingConnector {
-    fn apply<'a>(
-        &'a self,
-        operation: Operation,
-        event: &'a UserEvent,
-    ) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
-        Box::pin(self.call(operation, event))
+    fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(self.call(change))
     }
 }
 

@@ -3,8 +3,11 @@
 pub mod app;
 pub mod broker;
 pub mod doubles;
+// Only the SCIM tests use it, and they need the emulators (`devtools`) too.
+#[cfg(feature = "devtools")]
 pub mod scim2_server;
 pub mod service;
+#[cfg(feature = "devtools")]
 pub mod workload;
 
 use std::time::{Duration, Instant};

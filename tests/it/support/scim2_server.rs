@@ -39,21 +39,33 @@ fn binary() -> PathBuf {
         })
 }
 
+/// Runs `scim2-server`'s own `main`, telling us the port the OS picked: the command
+/// prints the port it was given (`0`), not the one it bound.
+const PORT_REPORTING_MAIN: &str = r#"
+import sys
+import scim2_server.testserver.cli as cli
+bind = cli.make_server
+def make_server(*args, **kwargs):
+    server = bind(*args, **kwargs)
+    print(f"LISTENING {server.server_port}", flush=True)
+    return server
+cli.make_server = make_server
+sys.argv[0] = "scim2-server"
+cli.main()
+"#;
+
 impl Scim2Server {
+    /// Starts a server on a port the OS picks (`--port 0`), read back from its output.
     pub async fn start() -> Scim2Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let process = Command::new("sh")
+        let python = binary().with_file_name("python");
+        let mut process = Command::new("sh")
             .arg("-c")
             .arg(r#""$@" </dev/null & child=$!; cat >/dev/null; kill $child 2>/dev/null; wait $child"#)
             .arg("sh")
-            .arg(binary())
-            .args(["--hostname", "127.0.0.1", "--port", &port.to_string()])
+            .arg(&python)
+            .args(["-c", PORT_REPORTING_MAIN, "--hostname", "127.0.0.1", "--port", "0"])
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(if std::env::var_os("TEST_LOG").is_some() {
                 Stdio::inherit()
             } else {
@@ -61,6 +73,19 @@ impl Scim2Server {
             })
             .spawn()
             .expect("scim2-server starts");
+        let stdout = process.stdout.take().expect("piped stdout");
+        let port = tokio::task::spawn_blocking(move || {
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+            let port = lines.find_map(|line| line.ok()?.strip_prefix("LISTENING ")?.trim().parse::<u16>().ok());
+            // Keep reading (and discarding) so the server never writes into a closed pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            port
+        });
+        let port = tokio::time::timeout(Duration::from_secs(30), port)
+            .await
+            .expect("scim2-server reported its port within 30 s")
+            .expect("the reader did not panic")
+            .unwrap_or_else(|| panic!("scim2-server ({}) exited without reporting its port", python.display()));
         let base_url = format!("http://127.0.0.1:{port}");
         let server = Scim2Server { base_url, process };
         let deadline = Instant::now() + Duration::from_secs(30);

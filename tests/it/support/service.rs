@@ -1,6 +1,7 @@
 //! `provisioner run` as a child process, for faults that need a real process: SIGKILL
 //! and SIGTERM.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -13,6 +14,13 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts the binary with `config`; its JSON logs go to `log`.
     pub fn start(config: &Path, log: PathBuf) -> ServiceProcess {
+        Self::start_with_environment(config, log, &[])
+    }
+
+    /// [`ServiceProcess::start`] with extra environment variables for the child only
+    /// (never `std::env::set_var`: the tests run on many threads). `RUST_LOG` is
+    /// removed so the configured level holds.
+    pub fn start_with_environment(config: &Path, log: PathBuf, environment: &[(&str, &str)]) -> ServiceProcess {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -21,6 +29,8 @@ impl ServiceProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_provisioner"))
             .args(["run", "--config"])
             .arg(config)
+            .env_remove("RUST_LOG")
+            .envs(environment.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -51,6 +61,19 @@ impl ServiceProcess {
         }
     }
 
+    /// Where the admin server listens. Configure `admin.listen = "127.0.0.1:0"` and the
+    /// OS picks the port; the service logs it in its `Started.` line, read back here.
+    pub async fn admin_address(&self) -> SocketAddr {
+        crate::support::eventually("the service's Started. line", Duration::from_secs(60), || async {
+            self.log_text()
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|entry| entry["message"] == "Started.")
+                .find_map(|entry| entry["admin"].as_str()?.parse().ok())
+        })
+        .await
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -61,12 +84,4 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

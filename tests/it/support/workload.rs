@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use provisioner::emulators::scim::ScimEmulator;
+use provisioner::devtools::emulators::scim::ScimEmulator;
 use rdkafka::producer::FutureProducer;
 use serde_json::{json, Value};
 

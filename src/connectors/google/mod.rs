@@ -8,24 +8,26 @@
 //! `externalIds`, which carry the source user id), updates PATCH only what changed and
 //! never touch the password, and the key never touches the disk.
 
+pub mod settings;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use url::Url;
 
-use crate::connectors::http::{build_client, error_body, json_body, retry_after, status_error, transport_error};
+use crate::connectors::google::settings::{GoogleDeprovision, GoogleSettings};
+use crate::connectors::http::{build_client, json_body, retry_after, status_error};
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
-use crate::connectors::oauth::{request_token, Token, TokenCache};
+use crate::connectors::oauth::{request_jwt_bearer_token, send_authorised, Target, Token, TokenCache};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
-use crate::event::UserEvent;
-use crate::result::{Operation, Outcome};
+use crate::domain::{Operation, Outcome, UserChange};
 use crate::secret::Secret;
-use crate::settings::{GoogleDeprovision, GoogleSettings};
 
 /// Google's limit for `name.givenName` and `name.familyName`.
 pub const MAX_NAME_CHARACTERS: usize = 60;
@@ -96,22 +98,22 @@ impl GoogleConnector {
         })
     }
 
-    async fn apply_operation(&self, operation: Operation, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        match operation {
-            Operation::Create => self.create(event).await,
-            Operation::Update => match self.find(event).await? {
-                Some(remote) => self.patch_changes(&remote, event).await.map(|()| Applied {
+    async fn apply_change(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        match change.operation {
+            Operation::Create => self.create(change).await,
+            Operation::Update => match self.find(change).await? {
+                Some(remote) => self.patch_changes(&remote, change).await.map(|()| Applied {
                     outcome: Outcome::Updated,
                     remote_id: Some(remote.id),
                 }),
-                None => self.create(event).await,
+                None => self.create(change).await,
             },
-            Operation::Delete => self.delete(event).await,
+            Operation::Delete => self.delete(change).await,
         }
     }
 
-    async fn create(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let mut body = self.desired(event);
+    async fn create(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let mut body = self.desired(change);
         // A fresh strong password per user, never reused, never logged. Users sign in
         // through the identity platform (SSO) or reset it.
         body["password"] = Value::String(random_password().expose().to_string());
@@ -124,7 +126,7 @@ impl GoogleConnector {
             }),
             Err(ConnectorError::Rejected { status: 409, .. }) => {
                 // `duplicate`: the account exists. Take it over.
-                let primary_email = self.primary_email(event);
+                let primary_email = self.primary_email(change);
                 let remote = self
                     .get(&primary_email)
                     .await?
@@ -132,7 +134,7 @@ impl GoogleConnector {
                         status: Some(409),
                         message: format!("Google reports {primary_email} exists, but it cannot be read"),
                     })?;
-                self.patch_changes(&remote, event).await?;
+                self.patch_changes(&remote, change).await?;
                 Ok(Applied {
                     outcome: Outcome::Adopted,
                     remote_id: Some(remote.id),
@@ -142,8 +144,8 @@ impl GoogleConnector {
         }
     }
 
-    async fn delete(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let Some(remote) = self.find(event).await? else {
+    async fn delete(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let Some(remote) = self.find(change).await? else {
             return Ok(Applied {
                 outcome: Outcome::AlreadyAbsent,
                 remote_id: None,
@@ -175,8 +177,8 @@ impl GoogleConnector {
 
     /// PATCHes the fields whose desired value differs from the directory's. Never the
     /// password (WSO2 reset it on every update).
-    async fn patch_changes(&self, remote: &RemoteUser, event: &UserEvent) -> Result<(), ConnectorError> {
-        let desired = self.desired(event);
+    async fn patch_changes(&self, remote: &RemoteUser, change: &UserChange<'_>) -> Result<(), ConnectorError> {
+        let desired = self.desired(change);
         let mut changes = Map::new();
         if let Value::Object(fields) = &desired {
             for (field, value) in fields {
@@ -208,9 +210,9 @@ impl GoogleConnector {
 
     /// By the immutable link first (`externalIds` holds our user id), then by the
     /// primary email the pattern gives.
-    async fn find(&self, event: &UserEvent) -> Result<Option<RemoteUser>, ConnectorError> {
+    async fn find(&self, change: &UserChange<'_>) -> Result<Option<RemoteUser>, ConnectorError> {
         let url = self.users_url.clone();
-        let query = format!("externalId:{}", search_literal(&event.data.user.id));
+        let query = format!("externalId:{}", search_literal(&change.user.id));
         let list = self
             .send(|http| {
                 http.get(url.clone()).query(&[
@@ -230,7 +232,7 @@ impl GoogleConnector {
                 resource: found.clone(),
             }));
         }
-        self.get(&self.primary_email(event)).await
+        self.get(&self.primary_email(change)).await
     }
 
     async fn get(&self, user_key: &str) -> Result<Option<RemoteUser>, ConnectorError> {
@@ -246,8 +248,8 @@ impl GoogleConnector {
     }
 
     /// The fields we own, as a Directory API User body (no password).
-    fn desired(&self, event: &UserEvent) -> Value {
-        let user = &event.data.user;
+    fn desired(&self, change: &UserChange<'_>) -> Value {
+        let user = &change.user;
         let bare_name = bare_user_name(&user.user_name);
         let pick = |value: Option<&String>, fallback: &str| {
             let chosen = value
@@ -259,7 +261,7 @@ impl GoogleConnector {
         };
         let name = user.name.as_ref();
         json!({
-            "primaryEmail": self.primary_email(event),
+            "primaryEmail": self.primary_email(change),
             "name": {
                 "givenName": pick(name.and_then(|name| name.given_name.as_ref()), &self.settings.given_name_fallback),
                 "familyName": pick(name.and_then(|name| name.family_name.as_ref()), &self.settings.family_name_fallback),
@@ -270,8 +272,8 @@ impl GoogleConnector {
         })
     }
 
-    fn primary_email(&self, event: &UserEvent) -> String {
-        account_name(&self.settings.primary_email, event, &self.settings.domain)
+    fn primary_email(&self, change: &UserChange<'_>) -> String {
+        account_name(&self.settings.primary_email, change, &self.settings.domain)
     }
 
     fn user_url(&self, user_key: &str) -> Url {
@@ -284,69 +286,38 @@ impl GoogleConnector {
 
     /// Sends with a bearer token; a 401 renews the token once and retries.
     async fn send(&self, build: impl Fn(&reqwest::Client) -> RequestBuilder) -> Result<Value, ConnectorError> {
-        let mut renewed = false;
-        loop {
-            let token = self.token().await?;
-            let response = build(&self.http)
-                .bearer_auth(token.access_token.expose())
-                .send()
-                .await
-                .map_err(transport_error)?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !renewed {
-                self.tokens.invalidate(&token).await;
-                renewed = true;
-                continue;
-            }
-            if status.is_success() {
-                return json_body(response).await;
-            }
-            let headers = response.headers().clone();
-            let body = error_body(response).await;
-            return Err(classify(status, &headers, &body));
-        }
+        let token = || async { self.token().await.map(Some) };
+        let response = send_authorised(&self.tokens, token, |_| build(&self.http), self).await?;
+        json_body(response).await
     }
 
     async fn token(&self) -> Result<Token, ConnectorError> {
         self.tokens
-            .get(|| async {
+            .get(|| {
                 let now = chrono::Utc::now().timestamp();
-                let assertion = self
-                    .signer
-                    .sign(&json!({
-                        "iss": self.client_email,
-                        "sub": self.settings.admin_email,
-                        "scope": self.settings.scopes.join(" "),
-                        "aud": self.token_url,
-                        "iat": now,
-                        "exp": now + 3600,
-                    }))
-                    .map_err(|message| ConnectorError::Auth {
-                        status: None,
-                        message: format!("cannot sign the token request: {message}"),
-                    })?;
-                request_token(
-                    &self.http,
-                    &self.token_url,
-                    &[
-                        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-                        ("assertion", assertion.as_str()),
-                    ],
-                    None,
-                )
-                .await
+                let claims = json!({
+                    "iss": self.client_email,
+                    "sub": self.settings.admin_email,
+                    "scope": self.settings.scopes.join(" "),
+                    "aud": self.token_url,
+                    "iat": now,
+                    "exp": now + 3600,
+                });
+                async move { request_jwt_bearer_token(&self.http, &self.token_url, &self.signer, &claims).await }
             })
             .await
     }
 }
 
+impl Target for GoogleConnector {
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError {
+        classify(status, headers, body)
+    }
+}
+
 impl Connector for GoogleConnector {
-    fn apply<'a>(
-        &'a self,
-        operation: Operation,
-        event: &'a UserEvent,
-    ) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
-        Box::pin(self.apply_operation(operation, event))
+    fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_change(&change).await })
     }
 }
 
@@ -356,7 +327,7 @@ pub fn build(name: &str, settings: &GoogleSettings) -> Result<Arc<dyn Connector>
 
 /// Google's error body: `{"error": {"code", "message", "errors": [{"reason", …}]}}`.
 /// Rate limits arrive as 403 with a reason, so the status alone would misclassify them.
-fn classify(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &str) -> ConnectorError {
+fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError {
     let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     let reason = parsed
         .pointer("/error/errors/0/reason")
@@ -422,7 +393,6 @@ fn random_password() -> Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderMap;
 
     #[test]
     fn google_rate_limits_are_retryable_with_a_one_second_floor() {

@@ -20,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 use crate::app::Application;
 use crate::client::Client;
 use crate::connectors::jwt::RsaSigner;
-use crate::emulators::google::{self as google_emulator, GoogleEmulatorSettings};
-use crate::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulatorSettings};
-use crate::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
-use crate::emulators::Faults;
+use crate::devtools::emulators::google::{self as google_emulator, GoogleEmulatorSettings};
+use crate::devtools::emulators::salesforce::{self as salesforce_emulator, SalesforceEmulatorSettings};
+use crate::devtools::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
+use crate::devtools::emulators::Faults;
 use crate::result::{Outcome, ProvisioningResult};
 use crate::settings::Settings;
 
@@ -201,7 +201,7 @@ fn workload(users: usize) -> Vec<DemoEvent> {
                 "userStoreDomain": "PRIMARY",
                 "name": {"givenName": format!("Given{user}"), "familyName": format!("Family{user}")},
                 "emails": [{"value": format!("user{user:03}@example.com"), "primary": true}],
-                "groups": if user % 3 == 0 { json!(["sales"]) } else { json!(["engineering"]) },
+                "groups": if user.is_multiple_of(3) { json!(["sales"]) } else { json!(["engineering"]) },
             }
         });
         if let serde_json::Value::Object(extra) = extra {

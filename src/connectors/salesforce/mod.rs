@@ -6,23 +6,25 @@
 //! Salesforce users cannot be deleted: deprovisioning deactivates them, optionally
 //! renaming the globally unique `Username` so it can be used again.
 
+pub mod settings;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use reqwest::header::HeaderMap;
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{json, Map, Value};
 
 use crate::connectors::gate::Gate;
-use crate::connectors::http::{build_client, error_body, json_body, status_error, transport_error};
+use crate::connectors::http::{build_client, json_body, status_error};
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
-use crate::connectors::oauth::{request_token, Token, TokenCache};
+use crate::connectors::oauth::{request_jwt_bearer_token, request_token, send_authorised, Target, Token, TokenCache};
+use crate::connectors::salesforce::settings::{SalesforceAuth, SalesforceSettings};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
-use crate::event::UserEvent;
+use crate::domain::{Operation, Outcome, UserChange};
 use crate::metrics::Metrics;
-use crate::result::{Operation, Outcome};
-use crate::settings::{SalesforceAuth, SalesforceSettings};
 
 /// `REQUEST_LIMIT_EXCEEDED` carries no Retry-After; the allocation is per 24 hours or
 /// per concurrent long call, so wait long before trying again.
@@ -89,25 +91,25 @@ impl SalesforceConnector {
         })
     }
 
-    async fn apply_operation(&self, operation: Operation, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        match operation {
-            Operation::Create => self.create(event).await,
-            Operation::Update => match self.find_by_federation_id(&event.data.user.id).await? {
+    async fn apply_change(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        match change.operation {
+            Operation::Create => self.create(change).await,
+            Operation::Update => match self.find_by_federation_id(&change.user.id).await? {
                 Some(remote) => {
-                    self.patch_changes(&remote, self.desired(event)).await?;
+                    self.patch_changes(&remote, self.desired(change)).await?;
                     Ok(Applied {
                         outcome: Outcome::Updated,
                         remote_id: Some(remote.id),
                     })
                 }
-                None => self.create(event).await,
+                None => self.create(change).await,
             },
-            Operation::Delete => self.deactivate(event).await,
+            Operation::Delete => self.deactivate(change).await,
         }
     }
 
-    async fn create(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let body = Value::Object(self.desired(event));
+    async fn create(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let body = Value::Object(self.desired(change));
         let url = self.api_path("sobjects/User/");
         match self
             .send(|http, base| http.post(format!("{base}{url}")).json(&body))
@@ -118,7 +120,7 @@ impl SalesforceConnector {
                 remote_id: Some(record_id(&created)?),
             }),
             Err(ConnectorError::Rejected { message, .. }) if message.starts_with("DUPLICATE_USERNAME") => {
-                self.adopt(event).await
+                self.adopt(change).await
             }
             Err(error) => Err(error),
         }
@@ -126,8 +128,8 @@ impl SalesforceConnector {
 
     /// The Username is taken. Ours (same FederationIdentifier): adopt and reactivate.
     /// Anyone else's, or another org's (Usernames are global): a permanent failure.
-    async fn adopt(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let username = self.username(event);
+    async fn adopt(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let username = self.username(change);
         let found = self
             .query_one(&format!(
                 "SELECT Id, FederationIdentifier, IsActive FROM User WHERE Username = {}",
@@ -147,17 +149,17 @@ impl SalesforceConnector {
             .get("FederationIdentifier")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if owner != event.data.user.id {
+        if owner != change.user.id {
             return Err(ConnectorError::Conflict {
                 status: Some(400),
                 message: format!(
                     "Username {username} belongs to another user (FederationIdentifier `{owner}`), not to {}",
-                    event.data.user.id
+                    change.user.id
                 ),
             });
         }
         // Converge everything we own; IsActive from the event reactivates it.
-        let mut desired = self.desired(event);
+        let mut desired = self.desired(change);
         desired.remove("Username");
         self.write(&remote.id, Value::Object(desired)).await?;
         Ok(Applied {
@@ -166,8 +168,8 @@ impl SalesforceConnector {
         })
     }
 
-    async fn deactivate(&self, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let Some(remote) = self.find_by_federation_id(&event.data.user.id).await? else {
+    async fn deactivate(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let Some(remote) = self.find_by_federation_id(&change.user.id).await? else {
             return Ok(Applied {
                 outcome: Outcome::AlreadyAbsent,
                 remote_id: None,
@@ -261,8 +263,8 @@ impl SalesforceConnector {
     }
 
     /// The User fields we own.
-    fn desired(&self, event: &UserEvent) -> Map<String, Value> {
-        let user = &event.data.user;
+    fn desired(&self, change: &UserChange<'_>) -> Map<String, Value> {
+        let user = &change.user;
         let settings = &self.settings;
         let bare_name = bare_user_name(&user.user_name);
         let given_name = user.name.as_ref().and_then(|name| name.given_name.clone());
@@ -272,7 +274,7 @@ impl SalesforceConnector {
             .and_then(|name| name.family_name.clone())
             .filter(|name| !name.trim().is_empty())
             .unwrap_or_else(|| bare_name.to_string());
-        let username = self.username(event);
+        let username = self.username(change);
         let email = user
             .primary_email()
             .map(str::to_string)
@@ -307,8 +309,8 @@ impl SalesforceConnector {
         fields
     }
 
-    fn username(&self, event: &UserEvent) -> String {
-        account_name(&self.settings.username, event, &self.settings.provisioning_domain)
+    fn username(&self, change: &UserChange<'_>) -> String {
+        account_name(&self.settings.username, change, &self.settings.provisioning_domain)
     }
 
     /// `/services/data/vNN.0/{path}`; the host comes from the token's `instance_url`.
@@ -319,34 +321,19 @@ impl SalesforceConnector {
     /// Sends with the cached token against its `instance_url`; `INVALID_SESSION_ID`
     /// renews the token once and retries.
     async fn send(&self, build: impl Fn(&reqwest::Client, &str) -> RequestBuilder) -> Result<Value, ConnectorError> {
-        let mut renewed = false;
-        loop {
-            let token = self.token().await?;
-            let instance = token.instance_url.clone().unwrap_or_default();
-            let base = instance.trim_end_matches('/');
-            let response = build(&self.http, base)
-                .bearer_auth(token.access_token.expose())
-                .send()
-                .await
-                .map_err(transport_error)?;
-            self.record_limit_info(response.headers());
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !renewed {
-                self.tokens.invalidate(&token).await;
-                renewed = true;
-                continue;
-            }
-            if status.is_success() {
-                return json_body(response).await;
-            }
-            let headers = response.headers().clone();
-            let body = error_body(response).await;
-            return Err(classify(status, &headers, &body));
-        }
+        let token = || async { self.token().await.map(Some) };
+        let request = |token: Option<&Token>| {
+            let instance = token
+                .and_then(|token| token.instance_url.as_deref())
+                .unwrap_or_default();
+            build(&self.http, instance.trim_end_matches('/'))
+        };
+        let response = send_authorised(&self.tokens, token, request, self).await?;
+        json_body(response).await
     }
 
     /// `Sforce-Limit-Info: api-usage=25/15000` → gauges, to pace by and alert on.
-    fn record_limit_info(&self, headers: &reqwest::header::HeaderMap) {
+    fn record_limit_info(&self, headers: &HeaderMap) {
         let Some(info) = headers.get("sforce-limit-info").and_then(|value| value.to_str().ok()) else {
             return;
         };
@@ -389,30 +376,14 @@ impl SalesforceConnector {
                         client_id, username, ..
                     } => {
                         let now = chrono::Utc::now().timestamp();
-                        let assertion = self
-                            .signer
-                            .as_ref()
-                            .expect("a JWT-bearer connector has a signer")
-                            .sign(&json!({
-                                "iss": client_id,
-                                "sub": username,
-                                "aud": self.settings.login_url.as_str().trim_end_matches('/'),
-                                "exp": now + 180,
-                            }))
-                            .map_err(|message| ConnectorError::Auth {
-                                status: None,
-                                message: format!("cannot sign the token request: {message}"),
-                            })?;
-                        request_token(
-                            &self.http,
-                            &self.token_url,
-                            &[
-                                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-                                ("assertion", assertion.as_str()),
-                            ],
-                            None,
-                        )
-                        .await?
+                        let claims = json!({
+                            "iss": client_id,
+                            "sub": username,
+                            "aud": self.settings.login_url.as_str().trim_end_matches('/'),
+                            "exp": now + 180,
+                        });
+                        let signer = self.signer.as_ref().expect("a JWT-bearer connector has a signer");
+                        request_jwt_bearer_token(&self.http, &self.token_url, signer, &claims).await?
                     }
                     SalesforceAuth::Password {
                         client_id,
@@ -454,13 +425,25 @@ impl SalesforceConnector {
     }
 }
 
+impl Target for SalesforceConnector {
+    /// Salesforce's session-expired signal is `401 INVALID_SESSION_ID`; another 401 is
+    /// not cured by a new token, so it is not renewed for.
+    fn session_expired(&self, status: StatusCode, body: &str) -> bool {
+        status == StatusCode::UNAUTHORIZED && error_code(body).as_deref() == Some("INVALID_SESSION_ID")
+    }
+
+    fn observe(&self, headers: &HeaderMap) {
+        self.record_limit_info(headers);
+    }
+
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError {
+        classify(status, headers, body)
+    }
+}
+
 impl Connector for SalesforceConnector {
-    fn apply<'a>(
-        &'a self,
-        operation: Operation,
-        event: &'a UserEvent,
-    ) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
-        Box::pin(self.apply_operation(operation, event))
+    fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_change(&change).await })
     }
 }
 
@@ -473,8 +456,17 @@ pub fn build(
     Ok(Arc::new(SalesforceConnector::new(name, settings, metrics, gate)?))
 }
 
+/// The first `errorCode` of Salesforce's error array, when the body is one.
+fn error_code(body: &str) -> Option<String> {
+    let parsed: Value = serde_json::from_str(body).ok()?;
+    parsed
+        .pointer("/0/errorCode")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
 /// Salesforce's error array: `[{"message", "errorCode", "fields"}]`.
-fn classify(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &str) -> ConnectorError {
+fn classify(status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError {
     let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     let first = parsed.as_array().and_then(|errors| errors.first());
     let error_code = first
@@ -606,7 +598,6 @@ fn record_id(record: &Value) -> Result<String, ConnectorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::HeaderMap;
 
     #[test]
     fn soql_literals_cannot_be_escaped() {
@@ -662,6 +653,9 @@ mod tests {
             error.to_string(),
             "the target rejected the call with HTTP 400: REQUIRED_FIELD_MISSING: Required fields are missing: [LastName] (fields: LastName)"
         );
+        let expired = r#"[{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]"#;
+        assert_eq!(error_code(expired).as_deref(), Some("INVALID_SESSION_ID"));
+        assert_eq!(error_code("not json"), None);
         assert_eq!(parse_limit_info("api-usage=25/15000"), Some((25, 15000)));
         assert_eq!(
             parse_limit_info("per-app-api-usage=1/10, api-usage=7/100"),

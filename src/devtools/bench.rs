@@ -34,8 +34,8 @@ use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
-use crate::emulators::Faults;
+use crate::devtools::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
+use crate::devtools::emulators::Faults;
 use crate::result::ProvisioningResult;
 
 #[derive(Debug, Clone)]
@@ -525,7 +525,7 @@ fn result_id(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<String> 
 /// Event `index`: even indexes create user `index/2 mod users`, odd ones delete it.
 fn bench_event(index: usize, users: usize) -> (String, String, Vec<u8>) {
     let user = (index / 2) % users;
-    let (event_type, verb) = if index % 2 == 0 {
+    let (event_type, verb) = if index.is_multiple_of(2) {
         ("user.created", "c")
     } else {
         ("user.deleted", "d")

@@ -6,23 +6,26 @@
 //! the server advertises PATCH; otherwise they read the resource, overlay the mapped
 //! attributes and PUT it back, so attributes we do not manage are never wiped.
 
+pub mod settings;
+
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use rand::distr::{Distribution, Uniform};
-use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE, ETAG, IF_MATCH};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, ETAG, IF_MATCH};
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{json, Map, Value};
 use tokio::sync::OnceCell;
 use url::Url;
 
-use crate::connectors::http::{build_client, error_body, json_body, status_error, transport_error};
-use crate::connectors::oauth::{request_token, Token, TokenCache};
+use crate::connectors::http::{build_client, json_body, status_error};
+use crate::connectors::oauth::{request_token, send_authorised, Target, Token, TokenCache};
+use crate::connectors::scim::settings::{
+    PasswordProvisioning, Scim2Settings, ScimAuth, ScimDeprovision, UserStoreDomainHandling,
+};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
-use crate::event::{User, UserEvent};
-use crate::result::{Operation, Outcome};
+use crate::domain::{Operation, Outcome, User, UserChange};
 use crate::secret::Secret;
-use crate::settings::{PasswordProvisioning, Scim2Settings, ScimAuth, ScimDeprovision, UserStoreDomainHandling};
 
 const SCIM_JSON: &str = "application/scim+json";
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
@@ -95,9 +98,9 @@ impl ScimConnector {
         })
     }
 
-    async fn apply_operation(&self, operation: Operation, event: &UserEvent) -> Result<Applied, ConnectorError> {
-        let user = &event.data.user;
-        match operation {
+    async fn apply_change(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
+        let user = change.user;
+        match change.operation {
             Operation::Create => self.create(user).await,
             Operation::Update => match self.find(user).await? {
                 Some(remote) => self.converge(remote, user).await.map(|id| Applied {
@@ -360,35 +363,19 @@ impl ScimConnector {
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
         expected: &[StatusCode],
     ) -> Result<(Value, Option<String>), ConnectorError> {
-        let mut renewed = false;
-        loop {
-            let token = self.token().await?;
-            let mut request = build(&self.http)
+        let request = |token: Option<&Token>| {
+            let request = build(&self.http)
                 .header(ACCEPT, SCIM_JSON)
                 .header(CONTENT_TYPE, SCIM_JSON);
-            request = self.authorize(request, token.as_ref());
-            let response = request.send().await.map_err(transport_error)?;
-            let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !renewed {
-                if let Some(token) = &token {
-                    // The token may have been revoked or expired early: renew once.
-                    self.tokens.invalidate(token).await;
-                    renewed = true;
-                    continue;
-                }
-            }
-            if expected.contains(&status) {
-                let etag = response
-                    .headers()
-                    .get(ETAG)
-                    .and_then(|value| value.to_str().ok())
-                    .map(str::to_string);
-                return Ok((json_body(response).await?, etag));
-            }
-            let headers = response.headers().clone();
-            let body = error_body(response).await;
-            return Err(status_error(status, &headers, scim_error_message(status, &body)));
-        }
+            self.authorize(request, token)
+        };
+        let response = send_authorised(&self.tokens, || self.token(), request, &Expecting(expected)).await?;
+        let etag = response
+            .headers()
+            .get(ETAG)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string);
+        Ok((json_body(response).await?, etag))
     }
 
     async fn token(&self) -> Result<Option<Token>, ConnectorError> {
@@ -414,9 +401,11 @@ impl ScimConnector {
         Ok(Some(token))
     }
 
+    /// Adds the configured static credentials; an OAuth token's bearer header is added
+    /// by the send itself.
     fn authorize(&self, request: RequestBuilder, token: Option<&Token>) -> RequestBuilder {
         match (&self.settings.auth, token) {
-            (_, Some(token)) => request.bearer_auth(token.access_token.expose()),
+            (_, Some(_)) => request,
             (ScimAuth::None, None) | (ScimAuth::Oauth2 { .. }, None) => request,
             (ScimAuth::Basic { username, password }, None) => request.basic_auth(username, Some(password.expose())),
             (ScimAuth::Bearer { token }, None) => request.bearer_auth(token.expose()),
@@ -520,13 +509,23 @@ impl ScimConnector {
     }
 }
 
+/// A SCIM answer: success is one of the statuses the request expects; errors carry the
+/// SCIM Error schema.
+struct Expecting<'a>(&'a [StatusCode]);
+
+impl Target for Expecting<'_> {
+    fn is_success(&self, status: StatusCode) -> bool {
+        self.0.contains(&status)
+    }
+
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &str) -> ConnectorError {
+        status_error(status, headers, scim_error_message(status, body))
+    }
+}
+
 impl Connector for ScimConnector {
-    fn apply<'a>(
-        &'a self,
-        operation: Operation,
-        event: &'a UserEvent,
-    ) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
-        Box::pin(self.apply_operation(operation, event))
+    fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_change(&change).await })
     }
 }
 

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::connectors::jwt;
-use crate::emulators::{bearer_token, spawn, with_faults, Control, Dialect, Faults, TokenStore};
+use crate::devtools::emulators::{bearer_token, spawn, with_faults, Control, Dialect, Faults, TokenStore};
 
 const USER_SCOPE: &str = "https://www.googleapis.com/auth/admin.directory.user";
 

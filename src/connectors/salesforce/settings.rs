@@ -1,0 +1,100 @@
+//! The `type = "salesforce"` connector's settings, their defaults and their checks.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::connectors::delivery::DeliverySettings;
+use crate::connectors::http::HttpSettings;
+use crate::connectors::naming::AccountNamePattern;
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesforceSettings {
+    /// `https://login.salesforce.com`, `https://test.salesforce.com` or a My Domain URL.
+    #[serde(default = "default_salesforce_login_url")]
+    pub login_url: Url,
+    #[serde(default = "default_salesforce_api_version")]
+    pub api_version: String,
+    pub auth: SalesforceAuth,
+    #[serde(default)]
+    pub username: AccountNamePattern,
+    /// Appended to usernames that do not already end with it (they must be email-shaped).
+    pub provisioning_domain: String,
+    pub profile_id: String,
+    #[serde(default = "default_time_zone")]
+    pub time_zone_sid_key: String,
+    #[serde(default = "default_locale")]
+    pub locale_sid_key: String,
+    #[serde(default = "default_email_encoding")]
+    pub email_encoding_key: String,
+    #[serde(default = "default_locale")]
+    pub language_locale_key: String,
+    /// Salesforce field → event path, added to or overriding the defaults.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+    /// On deactivation also rename `Username` so it can be reused (as WSO2 does).
+    #[serde(default)]
+    pub free_username_on_deactivate: bool,
+    #[serde(default)]
+    pub http: HttpSettings,
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "grant", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SalesforceAuth {
+    /// Recommended: an External Client App with a run-as integration user.
+    ClientCredentials { client_id: String, client_secret: Secret },
+    /// RS256 assertion signed with the app's certificate key.
+    JwtBearer {
+        client_id: String,
+        username: String,
+        private_key: Secret,
+    },
+    /// Legacy, for WSO2 parity. Salesforce advises against it.
+    Password {
+        client_id: String,
+        client_secret: Secret,
+        username: String,
+        password: Secret,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        security_token: Option<Secret>,
+    },
+}
+
+impl SalesforceSettings {
+    /// Problems serde cannot see, each with its full key under `key`.
+    pub fn check(&self, key: &str, problem: &mut impl FnMut(String, String)) {
+        let version = self.api_version.trim_start_matches('v');
+        if !self.api_version.starts_with('v') || version.parse::<f32>().is_err() {
+            problem(format!("{key}.api_version"), "must look like v62.0".into());
+        }
+        if self.provisioning_domain.is_empty() || self.provisioning_domain.contains('@') {
+            problem(
+                format!("{key}.provisioning_domain"),
+                "must be a bare domain such as example.com".into(),
+            );
+        }
+        self.username.check(&format!("{key}.username"), problem);
+    }
+}
+
+fn default_salesforce_login_url() -> Url {
+    Url::parse("https://login.salesforce.com").expect("constant URL")
+}
+fn default_salesforce_api_version() -> String {
+    "v62.0".into()
+}
+fn default_time_zone() -> String {
+    "America/Los_Angeles".into()
+}
+fn default_locale() -> String {
+    "en_US".into()
+}
+fn default_email_encoding() -> String {
+    "UTF-8".into()
+}
