@@ -12,11 +12,13 @@ use crate::connectors::{BuildError, ConnectorSet};
 use crate::kafka::consumer::{AssignmentObserver, ConsumeError, EventConsumer};
 use crate::kafka::producer::{EventProducer, ProduceError};
 use crate::metrics::Metrics;
+use crate::pipeline::assignments::{AssignmentListener, Assignments};
 use crate::pipeline::offsets::OffsetTracker;
 use crate::pipeline::process::Worker;
 use crate::pipeline::router::Router;
 use crate::pipeline::Pipeline;
 use crate::settings::{Problem, Settings, SettingsError};
+use crate::state::{ProvisioningState, StateError};
 
 /// Why the service could not start. All of these are permanent: the process exits.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,8 @@ pub enum StartupError {
     Consumer(#[from] ConsumeError),
     #[error(transparent)]
     Producer(#[from] ProduceError),
+    #[error("provisioning state: {0}")]
+    State(#[from] StateError),
     #[error("cannot bind the admin server to {address}: {source}")]
     AdminBind {
         address: SocketAddr,
@@ -39,6 +43,8 @@ pub enum StartupError {
 
 pub struct Application {
     pipeline: Pipeline,
+    /// With the topics it must check before consuming: (input, dead letters).
+    state: Option<(Arc<ProvisioningState>, String, String)>,
     producer: EventProducer,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
@@ -70,8 +76,31 @@ impl Application {
         metrics.initialise_labels(connectors.names());
         let readiness = Arc::new(Readiness::default());
         let tracker = Arc::new(OffsetTracker::default());
+        let state = if settings.state.enabled {
+            Some(Arc::new(ProvisioningState::open(
+                &settings.state,
+                &settings.kafka,
+                metrics.clone(),
+            )?))
+        } else {
+            None
+        };
+        // A revoke waits for calls on the wire at most as long as the slowest
+        // connector's request timeout.
+        let revoke_wait = settings
+            .connectors
+            .values()
+            .map(|connector| connector.http().request_timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(10));
+        let (assignments, partition_events) = Assignments::new(tracker, state.clone(), revoke_wait);
         let producer = EventProducer::new(&settings.kafka)?;
-        let consumer = EventConsumer::new(&settings.kafka, metrics.clone(), readiness.clone(), tracker.clone())?;
+        let consumer = EventConsumer::new(
+            &settings.kafka,
+            metrics.clone(),
+            readiness.clone(),
+            Arc::new(AssignmentListener(assignments.clone())),
+        )?;
         let admin_listener = admin::bind(settings.admin.listen)
             .await
             .map_err(|source| StartupError::AdminBind {
@@ -87,19 +116,30 @@ impl Application {
             dead_letter_topic: settings.kafka.dead_letter_topic.clone(),
             reply_topic_allow_list: settings.reply_topic_allow_list(),
             max_event_bytes: settings.pipeline.max_event_bytes,
+            state: state.clone(),
+            assignments: assignments.clone(),
         });
         let pipeline = Pipeline {
             consumer,
             worker,
-            tracker,
+            assignments,
+            partition_events,
             metrics: metrics.clone(),
             max_in_flight: settings.pipeline.max_in_flight,
             max_buffered_events: settings.pipeline.max_buffered_events,
             shutdown_grace: settings.pipeline.shutdown_grace,
             ordering: settings.pipeline.ordering,
         };
+        let state = state.map(|state| {
+            (
+                state,
+                settings.kafka.event_topics[0].clone(),
+                settings.kafka.dead_letter_topic.clone(),
+            )
+        });
         Ok(Application {
             pipeline,
+            state,
             producer,
             metrics,
             readiness,
@@ -126,6 +166,7 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartupError> {
         let Application {
             pipeline,
+            state,
             producer,
             metrics,
             readiness,
@@ -140,6 +181,9 @@ impl Application {
             admin_shutdown.clone(),
         ));
         let connection_check = tokio::spawn(wait_for_broker(producer, readiness.clone(), shutdown.clone()));
+        if let Some((state, input, dead_letters)) = &state {
+            check_state_topics(state, input, dead_letters, &shutdown).await?;
+        }
         pipeline.consumer.subscribe()?;
         pipeline.run(shutdown.clone()).await;
         readiness.set_consumer_assigned(false);
@@ -163,6 +207,29 @@ impl AssignmentObserver for Readiness {
 
 fn invalid(problems: Vec<Problem>) -> StartupError {
     StartupError::Settings(SettingsError::Invalid(problems))
+}
+
+/// Checks the state topic before consuming, retrying while the brokers are unreachable;
+/// a topic that cannot be the state's source of truth stops the service.
+async fn check_state_topics(
+    state: &ProvisioningState,
+    input: &str,
+    dead_letters: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), StartupError> {
+    loop {
+        match state.check_topics(input, dead_letters).await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(error = %error, "Cannot check the state topic yet; retrying.");
+            }
+            Err(error) => return Err(error.into()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 /// Marks the producer side ready once a broker answers a metadata request.

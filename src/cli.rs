@@ -1,4 +1,4 @@
-//! The command line: `run`, `check-config`, `send` and `dlq replay`; with the `devtools`
+//! The command line: `run`, `check-config`, `send`, `dlq replay` and `state show`; with the `devtools`
 //! feature (on by default) also `demo`, `bench` and `emulate` (see `devtools/cli.rs`).
 
 use std::path::PathBuf;
@@ -64,10 +64,30 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Provisioning-state tools.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// The developer tools: `demo`, `bench`, `emulate` (the `devtools` feature).
     #[cfg(feature = "devtools")]
     #[command(flatten)]
     Devtools(crate::devtools::cli::DevCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Print what each connector's target holds for a user (remote id, account state,
+    /// the version and event that set it), read from the state topic.
+    Show {
+        #[arg(long, env = "PROVISIONER_CONFIG")]
+        config: PathBuf,
+        /// `tenant/user id`, the user's input key.
+        user: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +111,10 @@ pub enum DlqCommand {
         /// Count what would be replayed, publish nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Then wait up to this long for the replayed events' results, and report how
+        /// many were applied, stale (a newer event had been applied) or failed again.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
     },
 }
 
@@ -114,6 +138,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     event_ids,
                     limit,
                     dry_run,
+                    wait,
                 },
         } => replay_dead_letters(
             config,
@@ -124,7 +149,11 @@ pub fn run(cli: Cli) -> ExitCode {
                 limit,
             },
             dry_run,
+            wait,
         ),
+        Command::State {
+            command: StateCommand::Show { config, user, json },
+        } => show_state(config, &user, json),
         #[cfg(feature = "devtools")]
         Command::Devtools(command) => {
             let Some(runtime) = runtime() else {
@@ -272,7 +301,59 @@ fn send_error(error: ClientError) -> ExitCode {
     }
 }
 
-fn replay_dead_letters(config: PathBuf, selection: ReplaySelection, dry_run: bool) -> ExitCode {
+fn show_state(config: PathBuf, user: &str, json: bool) -> ExitCode {
+    let settings = match load_or_report(&config) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    if !user.contains('/') {
+        eprintln!("provisioner: the user must be given as tenant/user id, e.g. carbon.super/7d0c8c52");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let found = match crate::state::show::show(&settings.kafka, &settings.state.topic, user, Duration::from_secs(60)) {
+        Ok(found) => found,
+        Err(error) => {
+            eprintln!("provisioner: {error}");
+            return ExitCode::from(if error.is_retryable() {
+                EXIT_UNAVAILABLE
+            } else {
+                EXIT_CONFIG
+            });
+        }
+    };
+    if json {
+        let document: serde_json::Map<String, serde_json::Value> = found
+            .iter()
+            .map(|(connector, shown)| {
+                let mut value = serde_json::to_value(&shown.record).expect("state records serialise");
+                value["state_partition"] = shown.partition.into();
+                value["state_offset"] = shown.offset.into();
+                (connector.clone(), value)
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&document).expect("JSON"));
+        return ExitCode::SUCCESS;
+    }
+    if found.is_empty() {
+        println!("{user}: no provisioning state (never provisioned, or before the state existed)");
+        return ExitCode::SUCCESS;
+    }
+    println!("{user}");
+    for (connector, shown) in &found {
+        let record = &shown.record;
+        println!(
+            "  {connector:<20} {:<12} remote id {:<40} {} (event {}, {})",
+            record.account.as_str(),
+            record.remote_id.as_deref().unwrap_or("-"),
+            record.version,
+            record.event_id,
+            record.updated_at.to_rfc3339(),
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn replay_dead_letters(config: PathBuf, selection: ReplaySelection, dry_run: bool, wait: Option<Duration>) -> ExitCode {
     let settings = match load_or_report(&config) {
         Ok(settings) => settings,
         Err(code) => return code,
@@ -280,10 +361,40 @@ fn replay_dead_letters(config: PathBuf, selection: ReplaySelection, dry_run: boo
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
+    let results_from = match wait.filter(|_| !dry_run) {
+        Some(_) => match dead_letters::results_end(&settings.kafka) {
+            Ok(ends) => Some(ends),
+            Err(error) => {
+                eprintln!("provisioner: cannot read the results topic: {error}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        },
+        None => None,
+    };
     match runtime.block_on(dead_letters::replay(&settings.kafka, &selection, dry_run)) {
         Ok(report) => {
             let verb = if dry_run { "would replay" } else { "replayed" };
             println!("scanned {} dead letters, {verb} {}", report.scanned, report.replayed);
+            if let (Some(timeout), Some(from)) = (wait, results_from) {
+                match dead_letters::await_outcomes(&settings.kafka, &from, &report.event_ids, timeout) {
+                    Ok(outcomes) => {
+                        println!(
+                            "processed {} of {} replayed: {} stale (a newer event had been applied), {} failed again",
+                            outcomes.processed,
+                            report.event_ids.len(),
+                            outcomes.stale,
+                            outcomes.failed
+                        );
+                        if outcomes.processed < report.event_ids.len() {
+                            return ExitCode::from(EXIT_UNAVAILABLE);
+                        }
+                    }
+                    Err(error) => {
+                        eprintln!("provisioner: cannot read the results topic: {error}");
+                        return ExitCode::from(EXIT_UNAVAILABLE);
+                    }
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(error) => {

@@ -13,8 +13,37 @@ pub const SOURCE_OFFSET_HEADER: &str = "x-provisioner-source-offset";
 pub const FAILED_AT_HEADER: &str = "x-provisioner-failed-at";
 /// What every header provisioner adds begins with.
 pub const HEADER_PREFIX: &str = "x-provisioner-";
+/// An event's original position, `<partition>/<offset>` on the input topic where it was
+/// first published. Set on every dead letter (kept from the record when it already has
+/// one) and carried by `dlq replay`, so a replayed event keeps its version however
+/// often it is dead-lettered and replayed again.
+pub const ORIGIN_HEADER: &str = "x-provisioner-origin";
+
+/// Reads [`ORIGIN_HEADER`]'s value.
+pub fn parse_origin(value: &[u8]) -> Option<(i32, i64)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (partition, offset) = text.split_once('/')?;
+    Some((partition.parse().ok()?, offset.parse().ok()?))
+}
+
+/// Writes [`ORIGIN_HEADER`]'s value.
+pub fn format_origin(partition: i32, offset: i64) -> String {
+    format!("{partition}/{offset}")
+}
+
+/// The origin a record carries, else its own position.
+pub fn origin_of(headers: &[(String, Vec<u8>)], partition: i32, offset: i64) -> (i32, i64) {
+    headers
+        .iter()
+        .rev()
+        .find(|(name, _)| name == ORIGIN_HEADER)
+        .and_then(|(_, value)| parse_origin(value))
+        .unwrap_or((partition, offset))
+}
 
 /// Reason code for events some binding failed on for good.
 pub const CONNECTOR_FAILED_REASON: &str = "connector_failed";
 /// Reason code for events whose processing panicked.
 pub const INTERNAL_ERROR_REASON: &str = "internal_error";
+/// Reason code for events whose Kafka key is not their `tenant/user id`.
+pub const WRONG_KEY_REASON: &str = "wrong_key";

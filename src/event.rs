@@ -90,6 +90,10 @@ pub struct UserEvent {
     pub subject: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datacontenttype: Option<String>,
+    /// The CloudEvents `sequence` extension: the producer's own order of its events,
+    /// compared between events of the same `source` (see `domain::version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<String>,
     pub data: UserEventData,
 }
 
@@ -107,6 +111,7 @@ impl UserEvent {
             tenant: &self.data.tenant,
             identity_provider: self.data.identity_provider.as_deref(),
             user: &self.data.user,
+            remote_id: None,
         }
     }
 }
@@ -159,11 +164,15 @@ pub enum DecodeError {
     MissingField { path: String },
     #[error("field `data.{path}` is invalid: {message}")]
     InvalidField { path: String, message: String },
+    /// The provisioning state needs every event of a user on one partition, so input
+    /// records must be keyed `tenant/user id`.
+    #[error("the record's key is {found} but must be the event's `tenant/user id`, {expected:?}, so that all of a user's events share one partition")]
+    WrongKey { expected: String, found: String },
 }
 
 impl DecodeError {
     /// Every reason code [`DecodeError::reason`] can return.
-    pub const REASONS: [&'static str; 12] = [
+    pub const REASONS: [&'static str; 13] = [
         "oversized",
         "empty_value",
         "invalid_utf8",
@@ -176,6 +185,7 @@ impl DecodeError {
         "unsupported_content_type",
         "missing_field",
         "invalid_field",
+        "wrong_key",
     ];
 
     /// Closed set of reason codes, safe as a metric label.
@@ -193,8 +203,23 @@ impl DecodeError {
             DecodeError::UnsupportedContentType { .. } => "unsupported_content_type",
             DecodeError::MissingField { .. } => "missing_field",
             DecodeError::InvalidField { .. } => "invalid_field",
+            DecodeError::WrongKey { .. } => "wrong_key",
         }
     }
+}
+
+/// With the provisioning state on, the record's key must be the event's `tenant/user
+/// id`: the state of a user lives on the partition its events go to.
+pub fn check_key(event: UserEvent, key: Option<&[u8]>) -> Result<UserEvent, DecodeError> {
+    let expected = event.user_key();
+    if key == Some(expected.as_bytes()) {
+        return Ok(event);
+    }
+    let found = match key {
+        None => "absent".to_string(),
+        Some(key) => format!("{:?}", String::from_utf8_lossy(key)),
+    };
+    Err(DecodeError::WrongKey { expected, found })
 }
 
 /// Decodes one Kafka record (value plus headers) into a validated event.
@@ -297,6 +322,7 @@ fn decode_structured(document: serde_json::Value) -> Result<UserEvent, DecodeErr
         time: attribute("time")?,
         subject: attribute("subject")?,
         datacontenttype: attribute("datacontenttype")?,
+        sequence: attribute("sequence")?,
     };
     if object.contains_key("data_base64") {
         return Err(DecodeError::UnsupportedContentType {
@@ -322,6 +348,7 @@ fn decode_binary(
         time: header_text(headers, "ce_time")?,
         subject: header_text(headers, "ce_subject")?,
         datacontenttype: content_type,
+        sequence: header_text(headers, "ce_sequence")?,
     };
     attributes.into_event(data, "ce_")
 }
@@ -335,6 +362,7 @@ struct Attributes {
     time: Option<String>,
     subject: Option<String>,
     datacontenttype: Option<String>,
+    sequence: Option<String>,
 }
 
 impl Attributes {
@@ -375,6 +403,7 @@ impl Attributes {
             time,
             subject: self.subject,
             datacontenttype: self.datacontenttype,
+            sequence: self.sequence.filter(|sequence| !sequence.is_empty()),
             data,
         })
     }
@@ -558,6 +587,10 @@ mod tests {
             DecodeError::InvalidField {
                 path: String::new(),
                 message: String::new(),
+            },
+            DecodeError::WrongKey {
+                expected: String::new(),
+                found: String::new(),
             },
         ];
         let reasons: Vec<&str> = samples.iter().map(DecodeError::reason).collect();

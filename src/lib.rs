@@ -10,7 +10,10 @@
 //! * `settings`: the top of the configuration tree, loading, cross-references; each
 //!   section's types and checks live with their code (`kafka::settings`,
 //!   `connectors::<type>::settings`). `secret`: redaction and `*_env`/`*_file` references.
-//! * `domain`: `User`, `Operation`, `Outcome`, `UserChange` (what a connector is asked to do).
+//! * `domain`: `User`, `Operation`, `Outcome`, `UserChange` (what a connector is asked to do),
+//!   `EventVersion` (the order of a user's events).
+//! * `state`: the provisioning state (per user and connector: remote id, account state,
+//!   version) on a compacted topic with a local store; stale events make no call.
 //! * `event`, `result`: the inbound and outbound contracts (see `schemas/`);
 //!   `dead_letter`: dead-letter reason codes and headers.
 //! * `app`: wiring settings into a running service; `shutdown`: signals.
@@ -24,8 +27,8 @@
 //!
 //! # Layering
 //! Lowest first, each module importing only lower ones: `domain`, `dead_letter`, `retry`,
-//! `secret`, `shutdown` → `event` → `result` → `metrics` → `connectors`, `kafka` →
-//! `settings` → `admin`, `client`, `telemetry`, `pipeline` → `app` → `devtools` → `cli`.
+//! `secret`, `shutdown` → `event` → `result` → `metrics` → `connectors`, `kafka` → `state`
+//! → `settings` → `admin`, `client`, `telemetry`, `pipeline` → `app` → `devtools` → `cli`.
 //! `tests/it/layering.rs` keeps it so; `ARCHITECTURE.md` says why.
 
 pub mod admin;

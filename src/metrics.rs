@@ -58,6 +58,20 @@ pub struct Metrics {
     pub salesforce_api_usage: GaugeVec,
     /// That allocation.
     pub salesforce_api_limit: GaugeVec,
+    /// Events not applied because a newer one already was, by connector.
+    pub stale_events: IntCounterVec,
+    /// State records written (to the state topic, then the local store).
+    pub state_writes: IntCounter,
+    /// State records that could not be decoded (logged with their key and ignored).
+    pub state_records_ignored: IntCounter,
+    /// Time to restore one partition's state from the state topic.
+    pub state_restore_duration: HistogramVec,
+    /// Records read back from the state topic by restores.
+    pub state_records_restored: IntCounter,
+    /// Records in the local store.
+    pub state_store_records: IntGauge,
+    /// The local store's size on disk.
+    pub state_store_bytes: IntGauge,
     /// Constant 1, labelled with the version.
     pub build_info: GaugeVec,
     /// Seconds since the Unix epoch when the process started.
@@ -90,6 +104,33 @@ impl Metrics {
         };
 
         let metrics = Metrics {
+            stale_events: counter_vec(
+                "provisioner_stale_events_total",
+                "Events not applied to a connector because a newer event for the user already was.",
+                &["connector"],
+            ),
+            state_writes: counter(
+                "provisioner_state_writes_total",
+                "Provisioning-state records written to the state topic.",
+            ),
+            state_records_ignored: counter(
+                "provisioner_state_records_ignored_total",
+                "Provisioning-state records that could not be decoded and were ignored.",
+            ),
+            state_restore_duration: histogram_vec(
+                "provisioner_state_restore_duration_seconds",
+                "Time to restore one partition's provisioning state from the state topic.",
+                &["result"],
+            ),
+            state_records_restored: counter(
+                "provisioner_state_records_restored_total",
+                "Records read back from the state topic by restores.",
+            ),
+            state_store_records: gauge("provisioner_state_store_records", "Records in the local state store."),
+            state_store_bytes: gauge(
+                "provisioner_state_store_bytes",
+                "Size of the local state store on disk.",
+            ),
             events_consumed: counter_vec(
                 "provisioner_events_consumed_total",
                 "Events read from Kafka, by CloudEvents type (invalid when undecodable).",
@@ -264,8 +305,12 @@ impl Metrics {
         for result in ["ok", "error"] {
             self.offset_commits.with_label_values(&[result]);
         }
+        for result in ["ok", "error"] {
+            self.state_restore_duration.with_label_values(&[result]);
+        }
         for connector in connectors {
             self.connector_attempts.with_label_values(&[connector]);
+            self.stale_events.with_label_values(&[connector]);
             for outcome in crate::result::Outcome::ALL {
                 self.connector_results.with_label_values(&[connector, outcome.as_str()]);
             }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::EventType;
 // The domain words the results carry.
+pub use crate::domain::version::EventVersion;
 pub use crate::domain::{Operation, Outcome};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +29,10 @@ pub struct ProvisioningResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub results: Vec<ConnectorResult>,
+    /// The event's version (its place in the user's history), when the provisioning
+    /// state is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<EventVersion>,
     pub received_at: DateTime<Utc>,
     pub completed_at: DateTime<Utc>,
 }
@@ -42,12 +47,12 @@ pub enum Status {
 }
 
 impl Status {
-    /// `skipped` when nothing applied, `failed` when everything that applied failed,
+    /// `skipped` when nothing applied (every binding skipped or stale), `failed` when everything that applied failed,
     /// `partial` when some failed, `succeeded` otherwise.
     pub fn from_results(results: &[ConnectorResult]) -> Status {
         let applied: Vec<_> = results
             .iter()
-            .filter(|result| result.outcome != Outcome::Skipped)
+            .filter(|result| !matches!(result.outcome, Outcome::Skipped | Outcome::Stale))
             .collect();
         let failed = applied
             .iter()
@@ -95,8 +100,18 @@ pub struct ConnectorResult {
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ResultError>,
+    /// For `stale`: the newer event already applied on this connector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<Superseded>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+}
+
+/// The event that made another one stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Superseded {
+    pub event_id: String,
+    pub version: EventVersion,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +149,8 @@ pub enum ErrorKind {
     Exhausted,
     /// Our side could not do it (e.g. the result could not be produced).
     Internal,
+    /// The event's partition was revoked before the call; its new owner applies it.
+    Revoked,
 }
 
 impl ErrorKind {
@@ -158,6 +175,7 @@ impl ErrorKind {
             ErrorKind::Rule => "rule",
             ErrorKind::Exhausted => "exhausted",
             ErrorKind::Internal => "internal",
+            ErrorKind::Revoked => "revoked",
         }
     }
 }
@@ -176,6 +194,7 @@ mod tests {
             remote_id: None,
             attempts: 1,
             error: None,
+            superseded_by: None,
             started_at: now,
             finished_at: now,
         }

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::connectors::settings::ConnectorSettings;
 use crate::kafka::settings::KafkaSettings;
 use crate::secret::{resolve_secret_references, SecretReferenceError};
+use crate::state::settings::StateSettings;
 
 // === Errors ===
 
@@ -81,6 +82,9 @@ pub struct Settings {
     pub admin: AdminSettings,
     #[serde(default)]
     pub telemetry: TelemetrySettings,
+    /// The provisioning state (what each target holds for each user).
+    #[serde(default)]
+    pub state: StateSettings,
     /// Outbound targets, by name. The name is used in bindings, results and metric labels.
     #[serde(default)]
     pub connectors: BTreeMap<String, ConnectorSettings>,
@@ -279,6 +283,32 @@ impl Settings {
         let mut problem = |key: String, message: String| problems.push(Problem { key, message });
 
         self.kafka.check(&mut problem);
+        self.state.check(&mut problem);
+        if self.state.enabled {
+            // The state topic is partitioned exactly like the input, partition for
+            // partition, so it can follow one input topic only.
+            if self.kafka.event_topics.len() != 1 {
+                problem(
+                    "kafka.event_topics".into(),
+                    format!(
+                        "with [state] enabled there must be exactly one input topic (found {}): the state topic `{}` is partitioned like it; run one instance group per input topic, or set state.enabled = false",
+                        self.kafka.event_topics.len(),
+                        self.state.topic
+                    ),
+                );
+            }
+            let others = [
+                &self.kafka.results_topic,
+                &self.kafka.reply_topic,
+                &self.kafka.dead_letter_topic,
+            ];
+            if self.kafka.event_topics.contains(&self.state.topic) || others.contains(&&self.state.topic) {
+                problem(
+                    "state.topic".into(),
+                    format!("`{}` is already used for another purpose", self.state.topic),
+                );
+            }
+        }
 
         let pipeline = &self.pipeline;
         if pipeline.max_in_flight == 0 {

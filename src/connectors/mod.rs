@@ -77,6 +77,10 @@ pub enum ConnectorError {
     /// to wait) until the event's retry time ran out.
     #[error("the target stayed unavailable (circuit open or throttled) until the retry time ran out")]
     Held,
+    /// The call was never made: the event's input partition was revoked, and its new
+    /// owner applies the event.
+    #[error("the input partition was revoked; the new owner applies the event")]
+    Revoked,
 }
 
 impl ConnectorError {
@@ -91,7 +95,8 @@ impl ConnectorError {
             ConnectorError::Rejected { .. }
             | ConnectorError::Auth { .. }
             | ConnectorError::Conflict { .. }
-            | ConnectorError::InvalidResponse { .. } => false,
+            | ConnectorError::InvalidResponse { .. }
+            | ConnectorError::Revoked => false,
         }
     }
 
@@ -105,7 +110,8 @@ impl ConnectorError {
             | ConnectorError::Auth { .. }
             | ConnectorError::Conflict { .. }
             | ConnectorError::InvalidResponse { .. }
-            | ConnectorError::Held => None,
+            | ConnectorError::Held
+            | ConnectorError::Revoked => None,
         }
     }
 
@@ -120,6 +126,7 @@ impl ConnectorError {
             ConnectorError::Conflict { .. } => ErrorKind::Conflict,
             ConnectorError::InvalidResponse { .. } => ErrorKind::InvalidResponse,
             ConnectorError::Held => ErrorKind::Exhausted,
+            ConnectorError::Revoked => ErrorKind::Revoked,
         }
     }
 
@@ -130,7 +137,10 @@ impl ConnectorError {
             | ConnectorError::Auth { status, .. }
             | ConnectorError::Conflict { status, .. }
             | ConnectorError::InvalidResponse { status, .. } => *status,
-            ConnectorError::Transport { .. } | ConnectorError::Timeout | ConnectorError::Held => None,
+            ConnectorError::Transport { .. }
+            | ConnectorError::Timeout
+            | ConnectorError::Held
+            | ConnectorError::Revoked => None,
         }
     }
 }

@@ -156,6 +156,7 @@ mod tests {
                 tenant: "carbon.super",
                 identity_provider: self.idp,
                 user: &self.user,
+                remote_id: None,
             }
         }
     }

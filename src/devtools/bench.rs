@@ -241,6 +241,8 @@ impl Rig {
         let events = format!("bench-{}-events", self.run);
         let results = format!("bench-{}-results", self.run);
         self.cluster.create_topic(&events, partitions, 1)?;
+        self.cluster
+            .create_topic(&format!("bench-{}-state", self.run), partitions, 1)?;
         self.cluster.create_topic(&results, 1, 1)?;
         self.cluster
             .create_topic(&format!("bench-{}-replies", self.run), 1, 1)?;
@@ -259,6 +261,9 @@ impl Rig {
             results_topic = "bench-{run}-results"
             reply_topic = "bench-{run}-replies"
             dead_letter_topic = "bench-{run}-dlq"
+            [state]
+            topic = "bench-{run}-state"
+            dir = "{state_dir}"
             [kafka.properties]
             "queued.max.messages.kbytes" = "8192"
             "fetch.wait.max.ms" = "{fetch_wait}"
@@ -287,6 +292,7 @@ impl Rig {
             bootstrap = self.bootstrap,
             scim_url = self.scim_url,
             fetch_wait = self.fetch_wait.as_millis().max(1),
+            state_dir = self.directory.join(format!("state-{run}")).display(),
         );
         let path = self.directory.join(format!("bench-{run}.toml"));
         std::fs::write(&path, config)?;

@@ -116,6 +116,13 @@ pub enum EmulateTarget {
         /// Do not advertise or check ETags.
         #[arg(long)]
         no_etag: bool,
+        /// Say in /ServiceProviderConfig that filtering is unsupported (it still works,
+        /// as on several real servers).
+        #[arg(long)]
+        no_filter_advertised: bool,
+        /// Refuse `filter` with 400 invalidFilter: users can only be listed, page by page.
+        #[arg(long)]
+        no_filter: bool,
     },
     /// An in-memory Google Directory API at http://LISTEN/admin/directory/v1 with its
     /// token endpoint at http://LISTEN/token.
@@ -340,6 +347,8 @@ fn emulate(target: EmulateTarget, runtime: &Runtime) -> Result<(), Failure> {
                 token_lifetime,
                 no_patch,
                 no_etag,
+                no_filter_advertised,
+                no_filter,
             } => {
                 let settings = ScimEmulatorSettings {
                     faults: common.faults(),
@@ -349,6 +358,8 @@ fn emulate(target: EmulateTarget, runtime: &Runtime) -> Result<(), Failure> {
                         .map(|(id, secret)| (id, secret, token_lifetime)),
                     patch: !no_patch,
                     etag: !no_etag,
+                    filter_advertised: !(no_filter_advertised || no_filter),
+                    filter_works: !no_filter,
                 };
                 match emulators::scim::start(common.listen, settings, shutdown.clone()).await {
                     Ok(emulator) => {

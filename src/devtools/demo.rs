@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -28,6 +29,7 @@ use crate::result::{Outcome, ProvisioningResult};
 use crate::settings::Settings;
 
 const EVENT_TOPIC: &str = "identity.user-events";
+const STATE_TOPIC: &str = "provisioner.state";
 const RESULTS_TOPIC: &str = "provisioner.results";
 const REPLY_TOPIC: &str = "provisioner.replies";
 const DEAD_LETTER_TOPIC: &str = "provisioner.dead-letters";
@@ -88,7 +90,8 @@ struct DemoTargets {
 /// The demo configuration, pointed at the embedded broker and emulators: the resident
 /// provider and two applications; a blocking SCIM binding, a non-blocking Google
 /// binding with `jit_outbound`, and a Salesforce binding with a rule.
-fn demo_settings(bootstrap: &str, targets: &DemoTargets, admin: SocketAddr) -> Settings {
+fn demo_settings(bootstrap: &str, targets: &DemoTargets, admin: SocketAddr, state_dir: &Path) -> Settings {
+    let state_dir = state_dir.display();
     let DemoTargets {
         directory_url,
         google_api_url,
@@ -107,6 +110,10 @@ fn demo_settings(bootstrap: &str, targets: &DemoTargets, admin: SocketAddr) -> S
         commit_interval = "200ms"
         [kafka.properties]
         "statistics.interval.ms" = "1000"
+
+        [state]
+        topic = "{STATE_TOPIC}"
+        dir = "{state_dir}"
 
         [admin]
         listen = "{admin}"
@@ -254,6 +261,9 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let cluster = MockCluster::new(1)?;
     let bootstrap = cluster.bootstrap_servers();
     cluster.create_topic(EVENT_TOPIC, 4, 1)?;
+    // The provisioning state's topic, partitioned like the input. (The mock cluster
+    // cannot make it compacted; a real one must be.)
+    cluster.create_topic(STATE_TOPIC, 4, 1)?;
     for topic in [RESULTS_TOPIC, REPLY_TOPIC, DEAD_LETTER_TOPIC] {
         cluster.create_topic(topic, 1, 1)?;
     }
@@ -331,7 +341,9 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         Ok(listener) => listener.local_addr()?,
         Err(_) => loopback,
     };
-    let settings = demo_settings(&bootstrap, &targets, admin);
+    // The local state store lives only as long as the demo: its topic is in memory too.
+    let state_dir = std::env::temp_dir().join(format!("provisioner-demo-state-{}", std::process::id()));
+    let settings = demo_settings(&bootstrap, &targets, admin, &state_dir);
     let application = Application::build(settings.clone()).await?;
     let metrics = application.metrics();
     let readiness = application.readiness();
@@ -487,6 +499,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     drop(results_reader);
     drop(producer);
     drop(cluster);
+    let _ = std::fs::remove_dir_all(&state_dir);
     Ok(())
 }
 

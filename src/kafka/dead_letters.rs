@@ -3,7 +3,10 @@
 //! The dead-letter topic is read from its start to the end it had when the command
 //! began (so a replay that fails again cannot loop), without a consumer group. A chosen
 //! record goes back with its original key, value and headers (the `x-provisioner-*`
-//! diagnosis headers removed) to the topic it came from.
+//! diagnosis headers removed) to the topic **and partition** it came from, with its
+//! original position in `x-provisioner-origin`: it is judged by when it first happened
+//! (a replayed create older than the user's delete is `stale`), and the provisioning
+//! state of its user is on that partition.
 
 use std::time::Duration;
 
@@ -14,7 +17,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::dead_letter::{HEADER_PREFIX, REASON_HEADER, SOURCE_TOPIC_HEADER};
+use crate::dead_letter::{
+    format_origin, parse_origin, HEADER_PREFIX, ORIGIN_HEADER, REASON_HEADER, SOURCE_OFFSET_HEADER,
+    SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER,
+};
 use crate::kafka::base_client_config;
 use crate::kafka::settings::KafkaSettings;
 
@@ -40,6 +46,8 @@ impl ReplaySelection {
 pub struct ReplayReport {
     pub scanned: usize,
     pub replayed: usize,
+    /// The CloudEvents ids re-published, to follow their results.
+    pub event_ids: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +143,20 @@ pub async fn replay(
         let source_topic = header(&headers, SOURCE_TOPIC_HEADER)
             .filter(|source| settings.event_topics.contains(source))
             .unwrap_or_else(|| settings.event_topics[0].clone());
-        let original_headers = headers
+        // The event goes back to the partition it first came from, where its user's
+        // provisioning state lives (the default partitioner of this client may hash its
+        // key elsewhere), and carries that position, its version, with it.
+        let source = header(&headers, SOURCE_PARTITION_HEADER)
+            .and_then(|partition| partition.parse::<i32>().ok())
+            .zip(header(&headers, SOURCE_OFFSET_HEADER).and_then(|offset| offset.parse::<i64>().ok()));
+        let origin = headers
+            .iter()
+            .rev()
+            .find(|(name, _)| name == ORIGIN_HEADER)
+            .and_then(|(_, value)| parse_origin(value))
+            .or(source);
+        let origin_text = origin.map(|(partition, offset)| format_origin(partition, offset));
+        let mut original_headers = headers
             .iter()
             .filter(|(name, _)| !name.starts_with(HEADER_PREFIX))
             .fold(OwnedHeaders::new(), |owned, (name, value)| {
@@ -144,11 +165,23 @@ pub async fn replay(
                     value: Some(value),
                 })
             });
+        if let Some(origin_text) = &origin_text {
+            original_headers = original_headers.insert(Header {
+                key: ORIGIN_HEADER,
+                value: Some(origin_text.as_bytes()),
+            });
+        }
         let mut record = FutureRecord::to(&source_topic)
             .payload(message.payload().unwrap_or_default())
             .headers(original_headers);
         if let Some(key) = message.key() {
             record = record.key(key);
+        }
+        if let Some((partition, _)) = origin {
+            record = record.partition(partition);
+        }
+        if let Some(event_id) = event_id(&headers, message.payload()) {
+            report.event_ids.push(event_id);
         }
         producer
             .send(record, Timeout::After(Duration::from_secs(30)))
@@ -172,15 +205,104 @@ fn selected(selection: &ReplaySelection, headers: &[(String, Vec<u8>)], payload:
             return false;
         }
     }
-    if !selection.event_ids.is_empty() {
-        let event_id = header(headers, "ce_id").or_else(|| {
-            payload
-                .and_then(|payload| serde_json::from_slice::<serde_json::Value>(payload).ok())
-                .and_then(|document| document.get("id").and_then(|id| id.as_str()).map(str::to_string))
-        });
-        if !event_id.is_some_and(|event_id| selection.event_ids.contains(&event_id)) {
-            return false;
-        }
+    if !selection.event_ids.is_empty()
+        && !event_id(headers, payload).is_some_and(|id| selection.event_ids.contains(&id))
+    {
+        return false;
     }
     true
+}
+
+/// The CloudEvents id: the `ce_id` header (binary mode) or the payload's `id`.
+fn event_id(headers: &[(String, Vec<u8>)], payload: Option<&[u8]>) -> Option<String> {
+    header(headers, "ce_id").or_else(|| {
+        payload
+            .and_then(|payload| serde_json::from_slice::<serde_json::Value>(payload).ok())
+            .and_then(|document| document.get("id").and_then(|id| id.as_str()).map(str::to_string))
+    })
+}
+
+/// What became of replayed events, read from the results topic.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayOutcomes {
+    /// Replayed events whose complete result arrived.
+    pub processed: usize,
+    /// Of those, events that some connector found stale (a newer event had been applied).
+    pub stale: usize,
+    /// Of those, events some connector failed on again.
+    pub failed: usize,
+}
+
+/// The results topic's end offsets now: where a later [`await_outcomes`] starts reading.
+pub fn results_end(settings: &KafkaSettings) -> Result<Vec<(i32, i64)>, KafkaError> {
+    let consumer: BaseConsumer = base_client_config(settings).create()?;
+    let topic = &settings.results_topic;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut ends = Vec::new();
+    for partition in metadata
+        .topics()
+        .iter()
+        .filter(|found| found.name() == topic.as_str())
+        .flat_map(|found| found.partitions().iter().map(|partition| partition.id()))
+    {
+        let (_, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+        ends.push((partition, high));
+    }
+    Ok(ends)
+}
+
+/// Reads the results topic from `from` until every id in `event_ids` has a complete
+/// result, or `timeout` passes. Blocking.
+pub fn await_outcomes(
+    settings: &KafkaSettings,
+    from: &[(i32, i64)],
+    event_ids: &[String],
+    timeout: Duration,
+) -> Result<ReplayOutcomes, KafkaError> {
+    let mut outcomes = ReplayOutcomes::default();
+    if event_ids.is_empty() || from.is_empty() {
+        return Ok(outcomes);
+    }
+    let consumer: BaseConsumer = base_client_config(settings)
+        .set("group.id", format!("provisioner-dlq-replay-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for (partition, offset) in from {
+        assignment.add_partition_offset(&settings.results_topic, *partition, Offset::Offset(*offset))?;
+    }
+    consumer.assign(&assignment)?;
+    let mut waiting: std::collections::HashSet<&str> = event_ids.iter().map(String::as_str).collect();
+    let deadline = std::time::Instant::now() + timeout;
+    while !waiting.is_empty() && std::time::Instant::now() < deadline {
+        let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = polled?;
+        let Some(result) = message
+            .payload()
+            .and_then(|payload| serde_json::from_slice::<serde_json::Value>(payload).ok())
+        else {
+            continue;
+        };
+        let Some(id) = result.get("event_id").and_then(|id| id.as_str()) else {
+            continue;
+        };
+        if !waiting.remove(id) {
+            continue;
+        }
+        outcomes.processed += 1;
+        let outcomes_of = |wanted: &str| {
+            result["results"]
+                .as_array()
+                .is_some_and(|results| results.iter().any(|entry| entry["outcome"] == wanted))
+        };
+        if outcomes_of("stale") {
+            outcomes.stale += 1;
+        }
+        if outcomes_of("failed") {
+            outcomes.failed += 1;
+        }
+    }
+    Ok(outcomes)
 }

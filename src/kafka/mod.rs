@@ -6,6 +6,7 @@
 
 pub mod consumer;
 pub mod dead_letters;
+pub mod partitioners;
 pub mod producer;
 pub mod settings;
 pub mod state_topic;

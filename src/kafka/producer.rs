@@ -40,6 +40,9 @@ impl ProduceError {
 /// A record to produce. Borrowed, because the caller keeps the original bytes.
 pub struct OutboundRecord<'a> {
     pub topic: &'a str,
+    /// A partition of our choosing (state records go to their input record's number);
+    /// `None` lets the partitioner pick by key.
+    pub partition: Option<i32>,
     pub key: Option<&'a [u8]>,
     pub payload: &'a [u8],
     pub headers: Vec<(&'a str, &'a [u8])>,
@@ -82,6 +85,9 @@ impl EventProducer {
         let mut future_record = FutureRecord::to(record.topic).payload(record.payload).headers(headers);
         if let Some(key) = record.key {
             future_record = future_record.key(key);
+        }
+        if let Some(partition) = record.partition {
+            future_record = future_record.partition(partition);
         }
         // The queue timeout turns a full local queue into back-pressure, not an error.
         self.producer

@@ -16,6 +16,17 @@ use crate::kafka::settings::KafkaSettings;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A state-topic operation failed. The broker may come back: always retryable.
+#[derive(Debug, thiserror::Error)]
+#[error("Kafka: {0}")]
+pub struct StateTopicError(#[from] KafkaError);
+
+impl StateTopicError {
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
 /// A topic's partition count and the configs that matter for the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicFacts {
@@ -26,7 +37,7 @@ pub struct TopicFacts {
 }
 
 /// Partition count and configs of `topic`; `Ok(None)` when it does not exist.
-pub async fn describe_topic(settings: &KafkaSettings, topic: &str) -> Result<Option<TopicFacts>, KafkaError> {
+pub async fn describe_topic(settings: &KafkaSettings, topic: &str) -> Result<Option<TopicFacts>, StateTopicError> {
     let admin: AdminClient<DefaultClientContext> = base_client_config(settings).create()?;
     let partitions = {
         let name = topic.to_string();
@@ -46,12 +57,15 @@ pub async fn describe_topic(settings: &KafkaSettings, topic: &str) -> Result<Opt
     if partitions == 0 {
         return Ok(None);
     }
+    // A broker that cannot describe configs (librdkafka's mock cluster) leaves them
+    // unknown; the caller decides what unknown means.
     let described = admin
         .describe_configs(
             &[ResourceSpecifier::Topic(topic)],
             &AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT)),
         )
-        .await?;
+        .await
+        .unwrap_or_default();
     let mut facts = TopicFacts {
         partitions,
         cleanup_policy: None,
@@ -65,6 +79,18 @@ pub async fn describe_topic(settings: &KafkaSettings, topic: &str) -> Result<Opt
         facts.max_message_bytes = value("max.message.bytes").and_then(|value| value.parse().ok());
     }
     Ok(Some(facts))
+}
+
+/// How many partitions `topic` has (0 when it does not exist). Blocking.
+pub fn partition_count(settings: &KafkaSettings, topic: &str) -> Result<i32, StateTopicError> {
+    let consumer: BaseConsumer = base_client_config(settings).create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|found| found.name() == topic && found.error().is_none())
+        .map(|found| found.partitions().len() as i32)
+        .unwrap_or(0))
 }
 
 /// One record read back from the state topic.
@@ -85,9 +111,9 @@ pub struct ReadEnd {
 }
 
 /// The watermarks of one partition of `topic`.
-pub fn watermarks(settings: &KafkaSettings, topic: &str, partition: i32) -> Result<(i64, i64), KafkaError> {
+pub fn watermarks(settings: &KafkaSettings, topic: &str, partition: i32) -> Result<(i64, i64), StateTopicError> {
     let consumer: BaseConsumer = base_client_config(settings).create()?;
-    consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+    Ok(consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?)
 }
 
 /// Reads `partition` of `topic` from `from` (clamped to the low watermark) to the high
@@ -99,7 +125,7 @@ pub fn read_partition(
     from: i64,
     timeout: Duration,
     mut on_batch: impl FnMut(Vec<StateTopicRecord>),
-) -> Result<ReadEnd, KafkaError> {
+) -> Result<ReadEnd, StateTopicError> {
     let consumer: BaseConsumer = base_client_config(settings)
         .set("group.id", "provisioner-state-restore")
         .set("enable.auto.commit", "false")
@@ -125,7 +151,7 @@ pub fn read_partition(
     let mut batch = Vec::with_capacity(1024);
     loop {
         if Instant::now() > deadline {
-            return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+            return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut).into());
         }
         let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
             continue;
@@ -133,7 +159,7 @@ pub fn read_partition(
         let message = match polled {
             Ok(message) => message,
             Err(KafkaError::PartitionEOF(_)) => break,
-            Err(error) => return Err(error),
+            Err(error) => return Err(error.into()),
         };
         let offset = message.offset();
         if offset >= high {

@@ -11,6 +11,7 @@
 //! - an offset is stored only when it and every earlier offset of its partition are
 //!   finished with durable outputs ([`offsets::OffsetTracker`]).
 
+pub mod assignments;
 pub mod offsets;
 pub mod process;
 pub mod router;
@@ -19,6 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +28,8 @@ use crate::event::{self, DecodeError, UserEvent};
 use crate::kafka::consumer::EventConsumer;
 use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
-use crate::pipeline::offsets::{OffsetTracker, Ticket};
+use crate::pipeline::assignments::{Assignments, PartitionEvent};
+use crate::pipeline::offsets::Ticket;
 use crate::pipeline::process::Worker;
 use crate::settings::OrderingMode;
 
@@ -95,6 +98,23 @@ impl<J: Keyed> Scheduler<J> {
         Some(job)
     }
 
+    /// A started job must wait (its partition's state is being restored): it stays
+    /// buffered, holding its key, but no longer counts as running.
+    fn hold(&mut self) {
+        self.running -= 1;
+    }
+
+    /// A held job may run again.
+    fn release_held(&mut self, job: J) {
+        self.ready.push_back(job);
+    }
+
+    /// A held job was dropped unrun (its partition was revoked).
+    fn drop_held(&mut self, ordering_key: &str) {
+        self.running += 1;
+        self.finish(ordering_key);
+    }
+
     /// A started job is done (or was dropped unrun): its key's next job becomes ready.
     fn finish(&mut self, ordering_key: &str) {
         self.running -= 1;
@@ -113,7 +133,8 @@ impl<J: Keyed> Scheduler<J> {
 pub struct Pipeline {
     pub consumer: EventConsumer,
     pub worker: Arc<Worker>,
-    pub tracker: Arc<OffsetTracker>,
+    pub assignments: Arc<Assignments>,
+    pub partition_events: mpsc::UnboundedReceiver<PartitionEvent>,
     pub metrics: Arc<Metrics>,
     pub max_in_flight: usize,
     pub max_buffered_events: usize,
@@ -145,7 +166,8 @@ impl Pipeline {
         let Pipeline {
             consumer,
             worker,
-            tracker,
+            assignments,
+            mut partition_events,
             metrics,
             max_in_flight,
             max_buffered_events,
@@ -158,14 +180,18 @@ impl Pipeline {
         let mut running: HashMap<tokio::task::Id, RunningJob> = HashMap::new();
         let mut paused = false;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        let tracker = assignments.tracker().clone();
+        // Jobs waiting for their partition's state restore, by partition.
+        let mut held: HashMap<i32, VecDeque<Job>> = HashMap::new();
 
         loop {
             dispatch(
                 &mut scheduler,
                 &mut workers,
                 &mut running,
+                &mut held,
                 &worker,
-                &tracker,
+                &assignments,
                 max_in_flight,
             );
             metrics.events_buffered.set(scheduler.buffered as i64);
@@ -192,6 +218,27 @@ impl Pipeline {
                     tracing::warn!(abandoned = scheduler.buffered, "Shutdown grace ran out; unfinished events will be redelivered.");
                     workers.abort_all();
                     break;
+                }
+                Some(partition_event) = partition_events.recv() => {
+                    match partition_event {
+                        PartitionEvent::Restored { partition, restore } => {
+                            if assignments.finish_restore(partition, restore) {
+                                for job in held.remove(&partition).unwrap_or_default() {
+                                    scheduler.release_held(job);
+                                }
+                            }
+                        }
+                        PartitionEvent::RestoreFailed { partition, restore } => {
+                            if assignments.finish_restore(partition, restore) {
+                                assignments.start_restore(partition, Duration::from_secs(5));
+                            }
+                        }
+                        PartitionEvent::Revoked { partition } => {
+                            for job in held.remove(&partition).unwrap_or_default() {
+                                scheduler.drop_held(&job.ordering_key);
+                            }
+                        }
+                    }
                 }
                 Some(joined) = workers.join_next_with_id() => {
                     let finished = match joined {
@@ -231,7 +278,10 @@ impl Pipeline {
                         continue;
                     };
                     // Decoded here, once: the ordering key comes from the event.
-                    let decoded = event::decode(record.value.as_deref(), &record.headers, worker.max_event_bytes);
+                    let mut decoded = event::decode(record.value.as_deref(), &record.headers, worker.max_event_bytes);
+                    if worker.state.is_some() {
+                        decoded = decoded.and_then(|event| event::check_key(event, record.key.as_deref()));
+                    }
                     let ordering_key = match ordering {
                         OrderingMode::User => ordering_key_for(&record, &decoded),
                         OrderingMode::Partition => format!("{}/{}", record.topic, record.partition),
@@ -263,13 +313,19 @@ fn dispatch(
     scheduler: &mut Scheduler<Job>,
     workers: &mut JoinSet<Finished>,
     running: &mut HashMap<tokio::task::Id, RunningJob>,
+    held: &mut HashMap<i32, VecDeque<Job>>,
     worker: &Arc<Worker>,
-    tracker: &OffsetTracker,
+    assignments: &Assignments,
     max_in_flight: usize,
 ) {
     while let Some(job) = scheduler.start_next(max_in_flight) {
-        if !tracker.is_current(&job.ticket) {
+        if !assignments.is_current(&job.ticket) {
             scheduler.finish(&job.ordering_key);
+            continue;
+        }
+        if assignments.is_restoring(job.ticket.partition) {
+            scheduler.hold();
+            held.entry(job.ticket.partition).or_default().push_back(job);
             continue;
         }
         let Job {
@@ -283,7 +339,7 @@ fn dispatch(
         let task_ticket = ticket.clone();
         let task_key = ordering_key.clone();
         let handle = workers.spawn(async move {
-            process::process(task_worker, task_record, decoded).await;
+            process::process(task_worker, task_record, decoded, &task_ticket).await;
             Finished {
                 ticket: task_ticket,
                 ordering_key: task_key,

@@ -14,15 +14,22 @@ use tracing::Instrument;
 
 use crate::connectors::{ConnectorError, ConnectorHandle, ConnectorSet};
 use crate::dead_letter::{self, CONNECTOR_FAILED_REASON, INTERNAL_ERROR_REASON};
+use crate::domain::UserChange;
 use crate::event::{self, DecodeError, ReplyRoute, UserEvent};
 use crate::kafka::producer::{EventProducer, OutboundRecord};
 use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
+use crate::pipeline::assignments::Assignments;
+use crate::pipeline::offsets::Ticket;
 use crate::pipeline::router::{Decision, Router, Routing, Step};
 use crate::result::{
-    ConnectorResult, ErrorKind, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status,
+    ConnectorResult, ErrorKind, EventVersion, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status,
+    Superseded,
 };
 use crate::retry::run_with_retries;
+use crate::state::record::{AccountState, StateKey, StateRecord, STATE_SCHEMA_VERSION};
+use crate::state::version::Relation;
+use crate::state::ProvisioningState;
 
 /// Everything a worker needs, shared by all workers.
 pub struct Worker {
@@ -34,10 +41,27 @@ pub struct Worker {
     pub dead_letter_topic: String,
     pub reply_topic_allow_list: Vec<String>,
     pub max_event_bytes: usize,
+    /// The provisioning state, when `[state]` is enabled.
+    pub state: Option<Arc<ProvisioningState>>,
+    /// Which partitions are still ours: revoked work makes no new attempt.
+    pub assignments: Arc<Assignments>,
+}
+
+/// What the provisioning state needs to know about the event being applied.
+struct Versioned<'a> {
+    state: &'a ProvisioningState,
+    version: EventVersion,
+    /// The input partition: the state record goes to the same partition number.
+    partition: i32,
 }
 
 /// Runs one event to completion: when it returns, every output is durable.
-pub async fn process(worker: Arc<Worker>, record: Arc<InboundRecord>, decoded: Result<UserEvent, DecodeError>) {
+pub async fn process(
+    worker: Arc<Worker>,
+    record: Arc<InboundRecord>,
+    decoded: Result<UserEvent, DecodeError>,
+    ticket: &Ticket,
+) {
     let span = tracing::info_span!(
         "event",
         topic = %record.topic,
@@ -50,7 +74,7 @@ pub async fn process(worker: Arc<Worker>, record: Arc<InboundRecord>, decoded: R
     );
     async move {
         match decoded {
-            Ok(event) => process_event(&worker, &record, event).await,
+            Ok(event) => process_event(&worker, &record, event, ticket).await,
             Err(error) => reject_undecodable(&worker, &record, error).await,
         }
     }
@@ -58,7 +82,7 @@ pub async fn process(worker: Arc<Worker>, record: Arc<InboundRecord>, decoded: R
     .await
 }
 
-async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent) {
+async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent, ticket: &Ticket) {
     let span = tracing::Span::current();
     span.record("event_id", event.id.as_str());
     span.record("event_type", event.event_type.as_str());
@@ -73,12 +97,25 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
     let correlation_id = reply_route.as_ref().map(|route| route.correlation_id.clone());
     let operation = event.event_type.operation();
     let received_at = Utc::now() - chrono::Duration::from_std(record.received_at.elapsed()).unwrap_or_default();
+    let versioned = worker.state.as_deref().map(|state| Versioned {
+        state,
+        version: state.event_version(
+            record.partition,
+            record.offset,
+            &record.headers,
+            &event.source,
+            event.sequence.as_deref(),
+        ),
+        partition: record.partition,
+    });
+    let version = versioned.as_ref().map(|versioned| versioned.version.clone());
 
     let (provider, steps) = match worker.router.route(&event) {
         Routing::UnknownTenant => {
             let reason = format!("tenant `{}` is not configured", event.data.tenant);
             tracing::info!(reason = %reason, "Event skipped.");
             let result = summary(
+                &version,
                 &event,
                 correlation_id,
                 Vec::new(),
@@ -106,14 +143,15 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
         let results = futures::future::join_all(
             blocking_steps
                 .iter()
-                .map(|step| apply_step(worker, step, operation, &event)),
+                .map(|step| apply_step(worker, step, operation, &event, versioned.as_ref(), ticket)),
         )
         .await;
-        if let Some(route) = &reply_route {
+        if let Some(route) = reply_route.as_ref().filter(|_| worker.assignments.is_current(ticket)) {
             let reason = results
                 .is_empty()
                 .then(|| "no blocking binding applies; non-blocking bindings continue".to_string());
             let reply = summary(
+                &version,
                 &event,
                 correlation_id.clone(),
                 results.clone(),
@@ -133,10 +171,16 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
     let background_work = futures::future::join_all(
         background_steps
             .iter()
-            .map(|step| apply_step(worker, step, operation, &event)),
+            .map(|step| apply_step(worker, step, operation, &event, versioned.as_ref(), ticket)),
     );
     let (mut results, background_results) = tokio::join!(blocking_work, background_work);
     results.extend(background_results);
+    if !worker.assignments.is_current(ticket) {
+        // Revoked meanwhile: the new owner applies the event again and writes its
+        // result; ours would only be a duplicate, or a failure that is not one.
+        tracing::info!("Partition revoked while the event was applied; its new owner finishes it.");
+        return;
+    }
 
     let failed: Vec<&ConnectorResult> = results
         .iter()
@@ -158,6 +202,7 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
         publish_dead_letter(worker, record, CONNECTOR_FAILED_REASON, &message).await;
     }
     let result = summary(
+        &version,
         &event,
         correlation_id,
         results,
@@ -179,7 +224,14 @@ async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent
 }
 
 /// Applies one binding, or records why it was skipped.
-async fn apply_step(worker: &Worker, step: &Step, operation: Operation, event: &UserEvent) -> ConnectorResult {
+async fn apply_step(
+    worker: &Worker,
+    step: &Step,
+    operation: Operation,
+    event: &UserEvent,
+    versioned: Option<&Versioned<'_>>,
+    ticket: &Ticket,
+) -> ConnectorResult {
     let started_at = Utc::now();
     let connector = step.binding.connector.clone();
     let blocking = step.binding.blocking;
@@ -191,6 +243,7 @@ async fn apply_step(worker: &Worker, step: &Step, operation: Operation, event: &
         remote_id: None,
         attempts: 0,
         error,
+        superseded_by: None,
         started_at,
         finished_at: Utc::now(),
     };
@@ -209,7 +262,10 @@ async fn apply_step(worker: &Worker, step: &Step, operation: Operation, event: &
             }))
         }
         Decision::Apply => match worker.connectors.get(&connector) {
-            Some(handle) => call_connector(worker, handle, operation, event, blocking).await,
+            Some(handle) => match versioned {
+                Some(versioned) => apply_versioned(worker, handle, operation, event, blocking, versioned, ticket).await,
+                None => call_connector(worker, handle, operation, event, None, blocking, ticket).await,
+            },
             None => ConnectorResult {
                 outcome: Outcome::Failed,
                 error: Some(ResultError {
@@ -230,12 +286,114 @@ async fn apply_step(worker: &Worker, step: &Step, operation: Operation, event: &
     result
 }
 
-async fn call_connector(
+/// Applies one binding under the provisioning state: a stale event makes no call; the
+/// call goes by the stored remote id; what the target then holds is written to the
+/// state topic (acknowledged) and the local store before the result is returned.
+async fn apply_versioned(
     worker: &Worker,
     handle: &ConnectorHandle,
     operation: Operation,
     event: &UserEvent,
     blocking: bool,
+    versioned: &Versioned<'_>,
+    ticket: &Ticket,
+) -> ConnectorResult {
+    let key = StateKey::new(&handle.name, &event.user_key());
+    let prior = versioned.state.lookup(versioned.partition, &key);
+    if let Some(prior) = &prior {
+        if versioned.version.relation_to(&prior.version) == Relation::Older {
+            tracing::info!(connector = %handle.name, applied = %prior.version, event_version = %versioned.version, "Stale event: a newer one was applied already; no call made.");
+            worker
+                .metrics
+                .stale_events
+                .with_label_values(&[handle.name.as_str()])
+                .inc();
+            let now = Utc::now();
+            return ConnectorResult {
+                connector: handle.name.clone(),
+                operation,
+                outcome: Outcome::Stale,
+                blocking,
+                remote_id: prior.remote_id.clone(),
+                attempts: 0,
+                error: None,
+                superseded_by: Some(Superseded {
+                    event_id: prior.event_id.clone(),
+                    version: prior.version.clone(),
+                }),
+                started_at: now,
+                finished_at: now,
+            };
+        }
+    }
+    // A deleted account has no id to go by; a failed one keeps the id it had.
+    let known_id = prior
+        .as_ref()
+        .filter(|prior| prior.account != AccountState::Deleted)
+        .and_then(|prior| prior.remote_id.as_deref());
+    let result = call_connector(worker, handle, operation, event, known_id, blocking, ticket).await;
+    if result
+        .error
+        .as_ref()
+        .is_some_and(|error| error.kind == ErrorKind::Revoked)
+    {
+        // No call was made: nothing to remember.
+        return result;
+    }
+    let account = match result.outcome {
+        Outcome::Created | Outcome::Adopted | Outcome::Updated => AccountState::Present,
+        Outcome::Deactivated => AccountState::Deactivated,
+        Outcome::Deleted | Outcome::AlreadyAbsent => AccountState::Deleted,
+        Outcome::Failed => AccountState::Failed,
+        Outcome::Skipped | Outcome::Stale => return result,
+    };
+    let remote_id = match account {
+        AccountState::Deleted => None,
+        _ => result
+            .remote_id
+            .clone()
+            .or_else(|| prior.as_ref().and_then(|prior| prior.remote_id.clone())),
+    };
+    let record = StateRecord {
+        schema: STATE_SCHEMA_VERSION,
+        version: versioned.version.clone(),
+        account,
+        remote_id,
+        event_id: event.id.clone(),
+        updated_at: Utc::now(),
+    };
+    publish_state(worker, versioned, &key, &record).await;
+    result
+}
+
+/// Writes a state record to the state topic, on the input record's partition number,
+/// and once acknowledged to the local store.
+async fn publish_state(worker: &Worker, versioned: &Versioned<'_>, key: &StateKey, record: &StateRecord) {
+    let payload = record.encode();
+    let encoded_key = key.encode();
+    produce_durably(
+        worker,
+        "state",
+        OutboundRecord {
+            topic: versioned.state.topic(),
+            partition: Some(versioned.partition),
+            key: Some(encoded_key.as_bytes()),
+            payload: &payload,
+            headers: vec![("content-type", b"application/json")],
+        },
+    )
+    .await;
+    versioned.state.remember(versioned.partition, key, record);
+}
+
+async fn call_connector(
+    worker: &Worker,
+    handle: &ConnectorHandle,
+    operation: Operation,
+    event: &UserEvent,
+    known_id: Option<&str>,
+    blocking: bool,
+    ticket: &Ticket,
 ) -> ConnectorResult {
     let started_at = Utc::now();
     let metrics = &worker.metrics;
@@ -249,12 +407,23 @@ async fn call_connector(
             let Some(admission) = handle.gate.admit(deadline).await else {
                 return Err(ConnectorError::Held);
             };
+            // Fencing: a revoked partition's work makes no new attempt; its new owner
+            // applies the event. Checked after the gate, right before the call.
+            if !worker.assignments.is_current(ticket) {
+                drop(admission);
+                return Err(ConnectorError::Revoked);
+            }
+            let _on_the_wire = worker.assignments.attempt(ticket.partition);
             metrics.connector_attempts.with_label_values(&[name]).inc();
             let timer = metrics
                 .connector_request_duration
                 .with_label_values(&[name, operation.as_str()])
                 .start_timer();
-            let result = handle.connector.apply(event.change(operation)).await;
+            let change = UserChange {
+                remote_id: known_id,
+                ..event.change(operation)
+            };
+            let result = handle.connector.apply(change).await;
             timer.observe_duration();
             admission.finish(&result);
             result
@@ -309,12 +478,14 @@ async fn call_connector(
         remote_id,
         attempts: outcome.attempts,
         error,
+        superseded_by: None,
         started_at,
         finished_at: Utc::now(),
     }
 }
 
 fn summary(
+    version: &Option<EventVersion>,
     event: &UserEvent,
     correlation_id: Option<String>,
     results: Vec<ConnectorResult>,
@@ -332,6 +503,7 @@ fn summary(
         scope,
         reason,
         results,
+        version: version.clone(),
         received_at,
         completed_at: Utc::now(),
     }
@@ -384,6 +556,7 @@ async fn reject_undecodable(worker: &Worker, record: &InboundRecord, error: Deco
             scope: ResultScope::Blocking,
             reason: Some(format!("invalid event ({}): {error}", error.reason())),
             results: Vec::new(),
+            version: None,
             received_at: now,
             completed_at: now,
         };
@@ -398,6 +571,7 @@ async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &Provisioning
         "reply",
         OutboundRecord {
             topic: &route.reply_to,
+            partition: None,
             key: Some(route.correlation_id.as_bytes()),
             payload: &payload,
             headers: vec![
@@ -417,6 +591,7 @@ async fn publish_result(worker: &Worker, event: &UserEvent, result: &Provisionin
         "result",
         OutboundRecord {
             topic: &worker.results_topic,
+            partition: None,
             key: Some(key.as_bytes()),
             payload: &payload,
             headers: vec![("content-type", b"application/json")],
@@ -428,6 +603,8 @@ async fn publish_result(worker: &Worker, event: &UserEvent, result: &Provisionin
 async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &str, message: &str) {
     let partition = record.partition.to_string();
     let offset = record.offset.to_string();
+    let (origin_partition, origin_offset) = dead_letter::origin_of(&record.headers, record.partition, record.offset);
+    let origin = dead_letter::format_origin(origin_partition, origin_offset);
     let failed_at = Utc::now().to_rfc3339();
     let mut headers: Vec<(&str, &[u8])> = record
         .headers
@@ -442,12 +619,14 @@ async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &s
         (dead_letter::SOURCE_PARTITION_HEADER, partition.as_bytes()),
         (dead_letter::SOURCE_OFFSET_HEADER, offset.as_bytes()),
         (dead_letter::FAILED_AT_HEADER, failed_at.as_bytes()),
+        (dead_letter::ORIGIN_HEADER, origin.as_bytes()),
     ]);
     produce_durably(
         worker,
         "dead_letter",
         OutboundRecord {
             topic: &worker.dead_letter_topic,
+            partition: None,
             key: record.key.as_deref(),
             payload: record.value.as_deref().unwrap_or_default(),
             headers,
@@ -465,6 +644,7 @@ async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRec
     loop {
         let attempt = OutboundRecord {
             topic: record.topic,
+            partition: record.partition,
             key: record.key,
             payload: record.payload,
             headers: record.headers.clone(),

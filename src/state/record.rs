@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::state::version::EventVersion;
+use crate::domain::version::EventVersion;
 
 /// Current layout of the record's JSON; older layouts are read, newer ones refused.
 pub const STATE_SCHEMA_VERSION: u32 = 1;
@@ -113,7 +113,7 @@ impl StateRecord {
     /// version wins, so that a late write from an old owner cannot replace a newer
     /// `deleted`; an equal version replaces (the later write of the same event).
     pub fn is_superseded_by(&self, other: &StateRecord) -> bool {
-        use crate::state::version::Relation;
+        use crate::domain::version::Relation;
         other.version.relation_to(&self.version) != Relation::Older
     }
 }

@@ -259,8 +259,8 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
+    use crate::domain::version::EventVersion;
     use crate::state::record::{AccountState, STATE_SCHEMA_VERSION};
-    use crate::state::version::EventVersion;
 
     fn record(offset: i64, account: AccountState) -> StateRecord {
         StateRecord {

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use provisioner::event;
 
 use crate::support::app::{producer, publish, Names, TopicReader};
-use crate::support::doubles::event_json;
+use crate::support::doubles::{event_json, user_key};
 use crate::support::service::ServiceProcess;
 
 /// (name, value, headers, expected reason)
@@ -123,7 +123,7 @@ async fn every_kind_of_bad_input_is_dead_lettered_with_its_reason() {
         publish(&producer, &names.events, Some(name), value, headers).await;
     }
     let good = event_json("after-the-bad", "user.created", "acme", "u-good", serde_json::json!({}));
-    publish(&producer, &names.events, None, &good, &[]).await;
+    publish(&producer, &names.events, Some(&user_key(&good)), &good, &[]).await;
 
     let mut dead_letters = TopicReader::new(&names.dead_letters, 1);
     dead_letters

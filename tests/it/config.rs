@@ -138,6 +138,8 @@ fn environment_overrides_win_over_the_file() {
             "127.0.0.1:19092".to_string(),
         ),
         ("PROVISIONER__PIPELINE__MAX_IN_FLIGHT".to_string(), "7".to_string()),
+        // Two input topics need the provisioning state off (it follows one topic).
+        ("PROVISIONER__STATE__ENABLED".to_string(), "false".to_string()),
         (
             "PROVISIONER__KAFKA__EVENT_TOPICS".to_string(),
             "a.events,b.events".to_string(),
@@ -148,6 +150,7 @@ fn environment_overrides_win_over_the_file() {
     assert_eq!(settings.kafka.bootstrap_servers, "127.0.0.1:19092");
     assert_eq!(settings.pipeline.max_in_flight, 7);
     assert_eq!(settings.kafka.event_topics, vec!["a.events", "b.events"]);
+    assert!(!settings.state.enabled);
 }
 
 #[test]

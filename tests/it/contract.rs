@@ -5,8 +5,11 @@
 use std::path::{Path, PathBuf};
 
 use chrono::Utc;
+use provisioner::domain::version::Sequence;
 use provisioner::event::{self, EventType};
-use provisioner::result::{ConnectorResult, ErrorKind, Outcome, ProvisioningResult, ResultError, ResultScope, Status};
+use provisioner::result::{
+    ConnectorResult, ErrorKind, EventVersion, Outcome, ProvisioningResult, ResultError, ResultScope, Status, Superseded,
+};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -129,6 +132,7 @@ fn every_result_the_code_can_emit_is_schema_valid() {
         ErrorKind::Rule,
         ErrorKind::Exhausted,
         ErrorKind::Internal,
+        ErrorKind::Revoked,
     ];
     let now = Utc::now();
     for (index, outcome) in Outcome::ALL.into_iter().enumerate() {
@@ -147,6 +151,18 @@ fn every_result_the_code_can_emit_is_schema_valid() {
                 http_status: Some(503),
                 retryable: true,
             }),
+            superseded_by: (outcome == Outcome::Stale).then(|| Superseded {
+                event_id: "newer".into(),
+                version: EventVersion {
+                    epoch: 1,
+                    partition: 3,
+                    offset: 42,
+                    sequence: Some(Sequence {
+                        source: "/wso2".into(),
+                        value: "0042".into(),
+                    }),
+                },
+            }),
             started_at: now,
             finished_at: now,
         }];
@@ -161,6 +177,12 @@ fn every_result_the_code_can_emit_is_schema_valid() {
                 scope,
                 reason: None,
                 results: results.clone(),
+                version: Some(EventVersion {
+                    epoch: 0,
+                    partition: 1,
+                    offset: 7,
+                    sequence: None,
+                }),
                 received_at: now,
                 completed_at: now,
             };

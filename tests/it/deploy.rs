@@ -1171,6 +1171,7 @@ fn the_kubernetes_manifests_carry_probes_limits_and_a_valid_config() {
         .flatten()
         .filter_map(|volume| volume.get("secret").map(|secret| &secret["secretName"]))
         .collect();
+    let mut writable_mounts = Vec::new();
     for mount in container["volumeMounts"].as_array().expect("volumeMounts") {
         let volume = pod["volumes"]
             .as_array()
@@ -1197,9 +1198,13 @@ fn the_kubernetes_manifests_carry_probes_limits_and_a_valid_config() {
                     .expect("Secret data is base64");
                 files.insert(key.clone(), String::from_utf8(decoded).unwrap());
             }
+        } else if volume.get("emptyDir").is_some() || volume.get("persistentVolumeClaim").is_some() {
+            // A writable directory (the state's local store): laid out empty.
+            writable_mounts.push(mount["mountPath"].as_str().unwrap().to_string());
+            assert_ne!(mount["readOnly"], true, "volume {} must be writable", volume["name"]);
         } else {
             panic!(
-                "volume {}: only configMap and secret volumes are laid out",
+                "volume {}: only configMap, secret, emptyDir and persistentVolumeClaim volumes are laid out",
                 volume["name"]
             );
         }
@@ -1248,6 +1253,17 @@ fn the_kubernetes_manifests_carry_probes_limits_and_a_valid_config() {
         Some(u64::from(admin_port)),
         "the readiness probe's port"
     );
+
+    // The root filesystem is read-only: the state's local store must be on a writable
+    // volume.
+    if resolved["state"]["enabled"].as_bool() != Some(false) {
+        let state_dir = resolved["state"]["dir"].as_str().expect("state.dir").to_string();
+        let in_pod = state_dir.replace(&filesystem.path().display().to_string(), "");
+        assert!(
+            writable_mounts.iter().any(|mount| in_pod.starts_with(mount.as_str())),
+            "state.dir {in_pod} is not on a writable volume (mounts: {writable_mounts:?})"
+        );
+    }
 
     // Every Secret key is a placeholder the configuration uses.
     for name in secret_names {

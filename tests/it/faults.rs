@@ -177,9 +177,18 @@ async fn sigterm_drains_and_a_restart_redoes_nothing() {
 async fn the_broker_goes_down_and_comes_back() {
     let cluster = MockCluster::new(1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    for (topic, partitions) in [("events", 4), ("results", 1), ("replies", 1), ("dead-letters", 1)] {
+    // The mock cluster cannot set topic configs (or describe them): the state topic
+    // is created plain, and the service checks only its partition count here.
+    for (topic, partitions) in [
+        ("events", 4),
+        ("state", 4),
+        ("results", 1),
+        ("replies", 1),
+        ("dead-letters", 1),
+    ] {
         cluster.create_topic(topic, partitions, 1).unwrap();
     }
+    let state_dir = tempfile::tempdir().unwrap();
     let (emulator, _emulator_shutdown) = emulator(10, 10).await;
     let kafka = format!(
         r#"
@@ -192,9 +201,13 @@ async fn the_broker_goes_down_and_comes_back() {
         dead_letter_topic = "dead-letters"
         commit_interval = "100ms"
         produce_timeout = "5s"
+        [state]
+        topic = "state"
+        dir = "{state_dir}"
         [admin]
         listen = "127.0.0.1:0"
-        "#
+        "#,
+        state_dir = state_dir.path().display(),
     );
     let settings = Settings::from_toml_str(&service_toml(&kafka, &emulator.base_url())).unwrap();
     let app = TestApp::spawn_configured(settings).await;
@@ -306,11 +319,18 @@ async fn a_429_pauses_calls_for_at_least_its_retry_after() {
             .find(|request| request.status == 429)
     })
     .await;
+    // The throttle lasts a second. Calls the service had already sent when the first 429
+    // came back (other users run concurrently) land within milliseconds and are
+    // throttled too, instead of succeeding and looking like calls that ignored it.
+    eventually("a second of throttling", Duration::from_secs(10), || async {
+        (first_429.at.elapsed() >= Duration::from_secs(1)).then_some(())
+    })
+    .await;
     emulator.set_faults(Faults::default());
     converge(&emulator, &workload.expected(), CONVERGE).await;
     let log = emulator.control.requests();
-    // Calls already in flight when the 429 was sent may land just after it; the first
-    // call *started* after it must wait out Retry-After.
+    // Calls already in flight when the last 429 was sent may land just after it; the
+    // first call *started* after the throttle must wait out Retry-After.
     let last_429 = log
         .iter()
         .filter(|request| request.status == 429)

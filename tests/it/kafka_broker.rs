@@ -285,9 +285,7 @@ async fn the_service_rides_out_a_restart_of_the_broker_process() {
     const ALL: usize = 60;
     let own = Broker::start_own();
     let names = Names::new("restart");
-    own.create_topics(&[&names.events], 2).await;
-    own.create_topics(&[&names.results, &names.replies, &names.dead_letters], 1)
-        .await;
+    names.create_on(&own, 2).await;
     let toml = format!(
         r#"{kafka}
         [connectors.directory]

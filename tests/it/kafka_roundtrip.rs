@@ -60,6 +60,7 @@ async fn structured_and_binary_events_survive_a_round_trip_through_the_broker() 
     producer
         .send(OutboundRecord {
             topic: &topic,
+            partition: None,
             key: Some(expected.user_key().as_bytes()),
             payload: &fixture,
             headers: vec![("content-type", b"application/cloudevents+json")],
@@ -70,6 +71,7 @@ async fn structured_and_binary_events_survive_a_round_trip_through_the_broker() 
     producer
         .send(OutboundRecord {
             topic: &topic,
+            partition: None,
             key: Some(expected.user_key().as_bytes()),
             payload: &data,
             headers: vec![

@@ -32,4 +32,6 @@ mod scim;
 #[cfg(feature = "devtools")]
 mod security;
 mod service;
+#[cfg(feature = "devtools")]
+mod state;
 mod support;

@@ -8,7 +8,7 @@ use provisioner::result::{Operation, Outcome, ResultScope, Status};
 use provisioner::settings::Settings;
 
 use crate::support::app::{committed_offsets, producer, publish, record_count, Names, TestApp, TopicReader};
-use crate::support::doubles::{event_json, RecordingConnector};
+use crate::support::doubles::{event_json, user_key, RecordingConnector};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -231,7 +231,7 @@ async fn jit_flag_resident_fallback_and_rules_are_honoured() {
     ];
     for (id, event_type, user, extra) in &cases {
         let payload = event_json(id, event_type, "acme", user, extra.clone());
-        publish(&producer, &names.events, None, &payload, &[]).await;
+        publish(&producer, &names.events, Some(&user_key(&payload)), &payload, &[]).await;
     }
     let mut results = TopicReader::new(&names.results, 1);
     results
@@ -305,7 +305,7 @@ async fn malformed_input_is_dead_lettered_and_the_partition_moves_on() {
     .await;
     publish(&producer, &names.events, None, &[0xff, 0xfe, 0x00], &[]).await;
     let good = event_json("good", "user.created", "acme", "u-good", serde_json::json!({}));
-    publish(&producer, &names.events, None, &good, &[]).await;
+    publish(&producer, &names.events, Some(&user_key(&good)), &good, &[]).await;
 
     let mut dead_letters = TopicReader::new(&names.dead_letters, 1);
     dead_letters
@@ -365,7 +365,7 @@ async fn a_reply_to_outside_the_allow_list_is_not_written() {
     publish(
         &producer,
         &names.events,
-        None,
+        Some(&user_key(&first)),
         &first,
         &[("correlation_id", "c-forbidden"), ("reply_to", &forbidden)],
     )
@@ -374,7 +374,7 @@ async fn a_reply_to_outside_the_allow_list_is_not_written() {
     publish(
         &producer,
         &names.events,
-        None,
+        Some(&user_key(&second)),
         &second,
         &[("correlation_id", "c-allowed"), ("reply_to", &names.replies)],
     )
@@ -426,7 +426,7 @@ async fn transient_failures_are_retried_and_permanent_ones_dead_lettered() {
     let producer = producer();
     for user in ["u-flaky", "u-refused"] {
         let payload = event_json(user, "user.created", "acme", user, serde_json::json!({}));
-        publish(&producer, &names.events, None, &payload, &[]).await;
+        publish(&producer, &names.events, Some(&user_key(&payload)), &payload, &[]).await;
     }
     let mut results = TopicReader::new(&names.results, 1);
     results

@@ -15,7 +15,7 @@ use provisioner::devtools::emulators::Faults;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::app::{producer, publish, Names, TopicReader};
-use crate::support::doubles::event_json;
+use crate::support::doubles::{event_json, user_key};
 use crate::support::service::ServiceProcess;
 
 const OAUTH_SECRET: &str = "PLANTED-oauth-secret-7f3a21";
@@ -204,7 +204,7 @@ async fn planted_secrets_appear_in_no_output() {
         publish(
             &producer,
             &names.events,
-            None,
+            Some(&user_key(&event)),
             &event,
             &[("correlation_id", user), ("reply_to", &names.replies)],
         )

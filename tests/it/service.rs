@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::support::app::{producer, publish, Names, TopicReader};
-use crate::support::doubles::event_json;
+use crate::support::doubles::{event_json, user_key};
 use crate::support::eventually;
 use crate::support::service::ServiceProcess;
 
@@ -38,7 +38,7 @@ async fn the_binary_serves_probes_processes_events_and_stops_cleanly_on_sigterm(
     .await;
 
     let payload = event_json("binary-1", "user.created", "acme", "u1", serde_json::json!({}));
-    publish(&producer(), &names.events, None, &payload, &[]).await;
+    publish(&producer(), &names.events, Some(&user_key(&payload)), &payload, &[]).await;
     let mut results = TopicReader::new(&names.results, 1);
     results
         .read_until("a result", Duration::from_secs(60), |records| !records.is_empty())

@@ -208,9 +208,16 @@ impl GoogleConnector {
         self.send(|http| http.patch(url.clone()).json(&body)).await.map(|_| ())
     }
 
-    /// By the immutable link first (`externalIds` holds our user id), then by the
-    /// primary email the pattern gives.
+    /// By the stored remote id, then the immutable link (`externalIds` holds our user
+    /// id), then the primary email the pattern gives.
     async fn find(&self, change: &UserChange<'_>) -> Result<Option<RemoteUser>, ConnectorError> {
+        // The id the provisioning state remembers: one read, and it survives renames.
+        if let Some(id) = change.remote_id {
+            if let Some(remote) = self.get(id).await? {
+                return Ok(Some(remote));
+            }
+            tracing::info!(remote_id = id, "The stored remote id is gone; searching.");
+        }
         let url = self.users_url.clone();
         let query = format!("externalId:{}", search_literal(&change.user.id));
         let list = self

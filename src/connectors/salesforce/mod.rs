@@ -94,7 +94,7 @@ impl SalesforceConnector {
     async fn apply_change(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
         match change.operation {
             Operation::Create => self.create(change).await,
-            Operation::Update => match self.find_by_federation_id(&change.user.id).await? {
+            Operation::Update => match self.find(change).await? {
                 Some(remote) => {
                     self.patch_changes(&remote, self.desired(change)).await?;
                     Ok(Applied {
@@ -169,7 +169,7 @@ impl SalesforceConnector {
     }
 
     async fn deactivate(&self, change: &UserChange<'_>) -> Result<Applied, ConnectorError> {
-        let Some(remote) = self.find_by_federation_id(&change.user.id).await? else {
+        let Some(remote) = self.find(change).await? else {
             return Ok(Applied {
                 outcome: Outcome::AlreadyAbsent,
                 remote_id: None,
@@ -213,7 +213,34 @@ impl SalesforceConnector {
             .map(|_| ())
     }
 
+    /// By the record Id the provisioning state remembers, else by FederationIdentifier
+    /// (our user id).
+    async fn find(&self, change: &UserChange<'_>) -> Result<Option<RemoteUser>, ConnectorError> {
+        if let Some(id) = change.remote_id {
+            let by_id = format!(
+                "SELECT {} FROM User WHERE Id = {}",
+                self.fields().join(", "),
+                soql_literal(id)
+            );
+            if let Some(remote) = self.query_one(&by_id).await? {
+                return Ok(Some(remote));
+            }
+            tracing::info!(connector = %self.name, remote_id = id, "The stored remote id is gone; searching.");
+        }
+        self.find_by_federation_id(&change.user.id).await
+    }
+
     async fn find_by_federation_id(&self, federation_id: &str) -> Result<Option<RemoteUser>, ConnectorError> {
+        self.query_one(&format!(
+            "SELECT {} FROM User WHERE FederationIdentifier = {}",
+            self.fields().join(", "),
+            soql_literal(federation_id)
+        ))
+        .await
+    }
+
+    /// The User fields read for a comparison: ours and the configured extra ones.
+    fn fields(&self) -> Vec<&str> {
         let mut fields: Vec<&str> = vec![
             "Id",
             "Username",
@@ -234,12 +261,7 @@ impl SalesforceConnector {
                 fields.push(field);
             }
         }
-        self.query_one(&format!(
-            "SELECT {} FROM User WHERE FederationIdentifier = {}",
-            fields.join(", "),
-            soql_literal(federation_id)
-        ))
-        .await
+        fields
     }
 
     async fn query_one(&self, soql: &str) -> Result<Option<RemoteUser>, ConnectorError> {

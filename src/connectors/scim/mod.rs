@@ -50,6 +50,11 @@ impl Capabilities {
 }
 
 /// A user as found on the target.
+/// Users read per page when a target that cannot filter is scanned.
+const LISTING_PAGE: u64 = 100;
+/// The most users such a scan reads before giving up.
+const MAX_LISTING: u64 = 100_000;
+
 struct RemoteUser {
     id: String,
     version: Option<String>,
@@ -102,15 +107,52 @@ impl ScimConnector {
         let user = change.user;
         match change.operation {
             Operation::Create => self.create(user).await,
-            Operation::Update => match self.find(user).await? {
-                Some(remote) => self.converge(remote, user).await.map(|id| Applied {
-                    outcome: Outcome::Updated,
-                    remote_id: Some(id),
-                }),
-                // WSO2 turns an update of a never-provisioned user into a create; so do we.
-                None => self.create(user).await,
-            },
-            Operation::Delete => self.delete(user).await,
+            Operation::Update => {
+                if let Some(id) = change.remote_id {
+                    if let Some(applied) = self.update_by_id(id, user).await? {
+                        return Ok(applied);
+                    }
+                }
+                match self.find(user).await? {
+                    Some(remote) => self.converge(remote, user).await.map(|id| Applied {
+                        outcome: Outcome::Updated,
+                        remote_id: Some(id),
+                    }),
+                    // WSO2 turns an update of a never-provisioned user into a create; so do we.
+                    None => self.create(user).await,
+                }
+            }
+            Operation::Delete => self.delete(user, change.remote_id).await,
+        }
+    }
+
+    /// Updates the user by the id the provisioning state remembers: one PATCH when the
+    /// target takes PATCH without ETags, else a read and a write. `None` when the
+    /// target no longer has that id (then the caller forgets it and searches).
+    async fn update_by_id(&self, id: &str, user: &User) -> Result<Option<Applied>, ConnectorError> {
+        let capabilities = self.capabilities().await?;
+        let remote = if capabilities.patch && !capabilities.etag {
+            RemoteUser {
+                id: id.to_string(),
+                version: None,
+                resource: Value::Null,
+            }
+        } else {
+            match self.get(id).await? {
+                Some(remote) => remote,
+                None => return Ok(None),
+            }
+        };
+        match self.converge(remote, user).await {
+            Ok(id) => Ok(Some(Applied {
+                outcome: Outcome::Updated,
+                remote_id: Some(id),
+            })),
+            Err(ConnectorError::Rejected { status: 404, .. }) => {
+                tracing::info!(connector = %self.name, remote_id = id, "The stored remote id is gone; searching.");
+                Ok(None)
+            }
+            Err(error) => Err(error),
         }
     }
 
@@ -155,8 +197,19 @@ impl ScimConnector {
         }
     }
 
-    async fn delete(&self, user: &User) -> Result<Applied, ConnectorError> {
-        let Some(remote) = self.find(user).await? else {
+    async fn delete(&self, user: &User, known_id: Option<&str>) -> Result<Applied, ConnectorError> {
+        let known = match known_id {
+            Some(id) => self.get(id).await?,
+            None => None,
+        };
+        if known_id.is_some() && known.is_none() {
+            tracing::info!(connector = %self.name, remote_id = known_id, "The stored remote id is gone; searching.");
+        }
+        let remote = match known {
+            Some(remote) => Some(remote),
+            None => self.find(user).await?,
+        };
+        let Some(remote) = remote else {
             return Ok(Applied {
                 outcome: Outcome::AlreadyAbsent,
                 remote_id: None,
@@ -263,41 +316,93 @@ impl ScimConnector {
         })
     }
 
-    /// Looks the user up by `externalId`, then by `userName`.
+    /// Looks the user up by `externalId`, then by `userName`. Used when the provisioning
+    /// state has no id for the user (provisioned before the state existed, or a crash
+    /// between the call and the state write) or its id is gone.
+    ///
+    /// A filter is tried even when `/ServiceProviderConfig` says filtering is not
+    /// supported: several servers ship that default while filtering works. Every match
+    /// is checked against the user, since a server that ignores `filter` answers with
+    /// everyone. When filtering fails outright, a paged listing is scanned instead.
     async fn find(&self, user: &User) -> Result<Option<RemoteUser>, ConnectorError> {
-        if !self.capabilities().await?.filter {
-            return Err(ConnectorError::Rejected {
-                status: 501,
-                message: "the target does not support filtering, so users cannot be looked up".into(),
-            });
-        }
-        for (attribute, value) in [("externalId", user.id.clone()), ("userName", self.user_name(user))] {
+        let user_name = self.user_name(user);
+        let matches = |resource: &Value| {
+            resource.get("externalId").and_then(Value::as_str) == Some(user.id.as_str())
+                || resource
+                    .get("userName")
+                    .and_then(Value::as_str)
+                    .is_some_and(|name| name.eq_ignore_ascii_case(&user_name))
+        };
+        let mut filtering_failed = None;
+        for (attribute, value) in [("externalId", user.id.clone()), ("userName", user_name.clone())] {
             let filter = format!("{attribute} eq {}", filter_literal(&value));
             let url = self.users_url.clone();
-            let body = self
+            let answer = self
                 .send(
                     |http| http.get(url.clone()).query(&[("filter", filter.as_str())]),
                     &[StatusCode::OK],
                 )
-                .await?;
-            if let Some(resource) = body
-                .get("Resources")
-                .and_then(Value::as_array)
-                .and_then(|found| found.first())
-            {
-                let id = resource_id(resource)?;
-                let version = resource
-                    .pointer("/meta/version")
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
-                return Ok(Some(RemoteUser {
-                    id,
-                    version,
-                    resource: resource.clone(),
-                }));
+                .await;
+            let body = match answer {
+                Ok(body) => body,
+                // 400 invalidFilter, 403, 501: this server cannot filter after all.
+                Err(error @ ConnectorError::Rejected { .. }) => {
+                    filtering_failed = Some(error);
+                    break;
+                }
+                Err(error) => return Err(error),
+            };
+            let found = body.get("Resources").and_then(Value::as_array).into_iter().flatten();
+            if let Some(resource) = found.into_iter().find(|resource| matches(resource)) {
+                return remote_user(resource).map(Some);
             }
         }
-        Ok(None)
+        let Some(filter_error) = filtering_failed else {
+            return Ok(None);
+        };
+        tracing::info!(connector = %self.name, error = %filter_error, "Filtering failed; scanning the user listing.");
+        self.scan_listing(&matches)
+            .await
+            .map_err(|error| ConnectorError::Rejected {
+                status: error.http_status().unwrap_or(501),
+                message: format!(
+                    "the user cannot be looked up: filtering failed ({filter_error}) and listing failed ({error})"
+                ),
+            })
+    }
+
+    /// Pages through `GET /Users` (RFC 7644 §3.4.2.4) looking for a match, up to
+    /// [`MAX_LISTING`] users.
+    async fn scan_listing(&self, matches: &impl Fn(&Value) -> bool) -> Result<Option<RemoteUser>, ConnectorError> {
+        let mut start_index: u64 = 1;
+        while start_index <= MAX_LISTING {
+            let url = self.users_url.clone();
+            let page = [
+                ("startIndex", start_index.to_string()),
+                ("count", LISTING_PAGE.to_string()),
+            ];
+            let body = self
+                .send(|http| http.get(url.clone()).query(&page), &[StatusCode::OK])
+                .await?;
+            let resources = body
+                .get("Resources")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if let Some(resource) = resources.iter().find(|resource| matches(resource)) {
+                return remote_user(resource).map(Some);
+            }
+            let total = body.get("totalResults").and_then(Value::as_u64).unwrap_or(0);
+            let next = start_index + resources.len() as u64;
+            if resources.is_empty() || next > total {
+                return Ok(None);
+            }
+            start_index = next;
+        }
+        Err(ConnectorError::Rejected {
+            status: 501,
+            message: format!("the user is not among the first {MAX_LISTING} users listed"),
+        })
     }
 
     async fn get(&self, id: &str) -> Result<Option<RemoteUser>, ConnectorError> {
@@ -593,6 +698,17 @@ fn with_if_match(request: RequestBuilder, version: Option<&str>) -> RequestBuild
 /// backslashes in user values are escaped, never interpreted.
 pub fn filter_literal(value: &str) -> String {
     Value::String(value.to_string()).to_string()
+}
+
+fn remote_user(resource: &Value) -> Result<RemoteUser, ConnectorError> {
+    Ok(RemoteUser {
+        id: resource_id(resource)?,
+        version: resource
+            .pointer("/meta/version")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        resource: resource.clone(),
+    })
 }
 
 fn resource_id(resource: &Value) -> Result<String, ConnectorError> {

@@ -34,6 +34,11 @@ pub struct ScimEmulatorSettings {
     pub oauth_client: Option<(String, String, Duration)>,
     pub patch: bool,
     pub etag: bool,
+    /// What `/ServiceProviderConfig` says of filtering.
+    pub filter_advertised: bool,
+    /// Whether `filter` works. Several servers advertise no filtering while it works;
+    /// others refuse it (400 `invalidFilter`) and only list, page by page.
+    pub filter_works: bool,
 }
 
 impl Default for ScimEmulatorSettings {
@@ -44,6 +49,8 @@ impl Default for ScimEmulatorSettings {
             oauth_client: None,
             patch: true,
             etag: true,
+            filter_advertised: true,
+            filter_works: true,
         }
     }
 }
@@ -284,7 +291,7 @@ async fn service_provider_config(State(state): State<ScimState>) -> Json<Value> 
         "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
         "patch": {"supported": state.settings.patch},
         "bulk": {"supported": false, "maxOperations": 0, "maxPayloadSize": 0},
-        "filter": {"supported": true, "maxResults": 200},
+        "filter": {"supported": state.settings.filter_advertised, "maxResults": 200},
         "changePassword": {"supported": false},
         "sort": {"supported": false},
         "etag": {"supported": state.settings.etag},
@@ -295,29 +302,47 @@ async fn service_provider_config(State(state): State<ScimState>) -> Json<Value> 
 #[derive(Deserialize)]
 struct ListQuery {
     filter: Option<String>,
+    #[serde(rename = "startIndex")]
+    start_index: Option<usize>,
+    count: Option<usize>,
 }
 
 async fn list_users(State(state): State<ScimState>, Query(query): Query<ListQuery>) -> Response {
+    if query.filter.is_some() && !state.settings.filter_works {
+        return scim_error(
+            StatusCode::BAD_REQUEST,
+            Some("invalidFilter"),
+            "filtering is not supported",
+        );
+    }
     let condition = match query.filter.as_deref().map(parse_eq_filter) {
         None => None,
         Some(Ok(condition)) => Some(condition),
         Some(Err(message)) => return scim_error(StatusCode::BAD_REQUEST, Some("invalidFilter"), &message),
     };
     let directory = state.directory.lock().expect("directory lock");
-    let found: Vec<Value> = match &condition {
-        None => directory.users.values().map(|user| user.resource.clone()).collect(),
+    let found: Vec<&Value> = match &condition {
+        None => directory.users.values().map(|user| &user.resource).collect(),
         Some((attribute, value)) => directory
             .find(attribute, value)
             .into_iter()
-            .map(|user| user.resource.clone())
+            .map(|user| &user.resource)
             .collect(),
     };
+    // RFC 7644 §3.4.2.4: 1-based startIndex, count per page.
+    let start_index = query.start_index.unwrap_or(1).max(1);
+    let page: Vec<Value> = found
+        .iter()
+        .skip(start_index - 1)
+        .take(query.count.unwrap_or(usize::MAX))
+        .map(|resource| (*resource).clone())
+        .collect();
     Json(json!({
         "schemas": [LIST_SCHEMA],
         "totalResults": found.len(),
-        "startIndex": 1,
-        "itemsPerPage": found.len(),
-        "Resources": found,
+        "startIndex": start_index,
+        "itemsPerPage": page.len(),
+        "Resources": page,
     }))
     .into_response()
 }

@@ -28,6 +28,10 @@ pub struct Names {
     pub results: String,
     pub replies: String,
     pub dead_letters: String,
+    pub state: String,
+    /// The local state store of a service *process* started with these names
+    /// (in-process apps get a directory of their own each, see [`TestApp`]).
+    pub state_dir: Arc<tempfile::TempDir>,
     pub group: String,
 }
 
@@ -38,14 +42,30 @@ impl Names {
             results: unique_topic(&format!("{test}-results")),
             replies: unique_topic(&format!("{test}-replies")),
             dead_letters: unique_topic(&format!("{test}-dlq")),
+            state: unique_topic(&format!("{test}-state")),
+            state_dir: Arc::new(
+                tempfile::Builder::new()
+                    .prefix("provisioner-test-state-")
+                    .tempdir()
+                    .expect("a temporary directory"),
+            ),
             group: unique_topic(&format!("{test}-group")),
         }
     }
 
-    /// Creates the four topics; the event topic gets `partitions` partitions.
+    /// Creates the topics on the shared broker; the event topic gets `partitions`
+    /// partitions, and so does the (compacted) state topic.
     pub async fn create(&self, partitions: i32) {
-        broker().create_topics(&[&self.events], partitions).await;
-        broker()
+        self.create_on(broker(), partitions).await;
+    }
+
+    /// Creates the topics on `broker`.
+    pub async fn create_on(&self, broker: &Broker, partitions: i32) {
+        broker.create_topics(&[&self.events], partitions).await;
+        broker
+            .create_topics_with(&[&self.state], partitions, &[("cleanup.policy", "compact")])
+            .await;
+        broker
             .create_topics(&[&self.results, &self.replies, &self.dead_letters], 1)
             .await;
     }
@@ -64,6 +84,10 @@ impl Names {
             commit_interval = "100ms"
             produce_timeout = "10s"
 
+            [state]
+            topic = "{state}"
+            dir = "{state_dir}"
+
             [admin]
             listen = "127.0.0.1:0"
             "#,
@@ -73,21 +97,37 @@ impl Names {
             results = self.results,
             replies = self.replies,
             dead_letters = self.dead_letters,
+            state = self.state,
+            state_dir = self.state_dir.path().display(),
         )
     }
 }
 
+/// The service in-process. Each one gets a local state directory of its own (two
+/// instances in one test cannot share one; a restarted one starts empty and restores
+/// from the state topic, as a new pod would).
 pub struct TestApp {
     #[allow(dead_code)]
     pub admin_address: SocketAddr,
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+    _state_dir: tempfile::TempDir,
+}
+
+fn own_state_dir(settings: &mut Settings) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("provisioner-app-state-")
+        .tempdir()
+        .expect("a temporary directory");
+    settings.state.dir = dir.path().to_path_buf();
+    dir
 }
 
 impl TestApp {
     /// Starts the service with `connectors` standing in for the configured targets.
-    pub async fn spawn(settings: Settings, connectors: Vec<(&str, Arc<dyn Connector>)>) -> TestApp {
+    pub async fn spawn(mut settings: Settings, connectors: Vec<(&str, Arc<dyn Connector>)>) -> TestApp {
+        let state_dir = own_state_dir(&mut settings);
         let mut set = ConnectorSet::default();
         for (name, connector) in connectors {
             let delivery = settings
@@ -100,18 +140,19 @@ impl TestApp {
         let application = Application::build_with_connectors(settings, set)
             .await
             .expect("service builds");
-        Self::run(application)
+        Self::run(application, state_dir)
     }
 
     /// Starts the service with the connectors its settings configure (real targets;
     /// the fault tests point them at the emulators, hence the feature).
     #[cfg(feature = "devtools")]
-    pub async fn spawn_configured(settings: Settings) -> TestApp {
+    pub async fn spawn_configured(mut settings: Settings) -> TestApp {
+        let state_dir = own_state_dir(&mut settings);
         let application = Application::build(settings).await.expect("service builds");
-        Self::run(application)
+        Self::run(application, state_dir)
     }
 
-    fn run(application: Application) -> TestApp {
+    fn run(application: Application, state_dir: tempfile::TempDir) -> TestApp {
         let admin_address = application.admin_address();
         let metrics = application.metrics();
         let shutdown = CancellationToken::new();
@@ -124,6 +165,7 @@ impl TestApp {
             metrics,
             shutdown,
             task,
+            _state_dir: state_dir,
         }
     }
 

@@ -187,3 +187,14 @@ pub fn event_json(
     }))
     .unwrap()
 }
+
+/// The Kafka key an identity platform must give `payload` (a structured-mode event):
+/// its `tenant/user id`.
+pub fn user_key(payload: &[u8]) -> String {
+    let event: serde_json::Value = serde_json::from_slice(payload).expect("a JSON event");
+    format!(
+        "{}/{}",
+        event["data"]["tenant"].as_str().expect("data.tenant"),
+        event["data"]["user"]["id"].as_str().expect("data.user.id")
+    )
+}

@@ -6,6 +6,8 @@
 //! the result records (`result.rs`); those two are the wire contracts and re-export
 //! what they carry from here. This module imports nothing from the crate.
 
+pub mod version;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,10 @@ pub struct UserChange<'a> {
     /// The federated identity provider, for JIT-provisioned users (`{IDP}`).
     pub identity_provider: Option<&'a str>,
     pub user: &'a User,
+    /// The target's id for this user, as the provisioning state remembers it. Update,
+    /// delete and deactivate go by it; a connector whose target no longer has it
+    /// searches instead.
+    pub remote_id: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -54,11 +60,13 @@ pub enum Outcome {
     AlreadyAbsent,
     /// The binding did not apply (rule false, JIT not enabled, …).
     Skipped,
+    /// Not sent: a newer event for the user was already applied on this connector.
+    Stale,
     Failed,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Created,
         Outcome::Adopted,
         Outcome::Updated,
@@ -66,6 +74,7 @@ impl Outcome {
         Outcome::Deactivated,
         Outcome::AlreadyAbsent,
         Outcome::Skipped,
+        Outcome::Stale,
         Outcome::Failed,
     ];
 
@@ -78,6 +87,7 @@ impl Outcome {
             Outcome::Deactivated => "deactivated",
             Outcome::AlreadyAbsent => "already_absent",
             Outcome::Skipped => "skipped",
+            Outcome::Stale => "stale",
             Outcome::Failed => "failed",
         }
     }
