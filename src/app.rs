@@ -181,11 +181,35 @@ impl Application {
             admin_shutdown.clone(),
         ));
         let connection_check = tokio::spawn(wait_for_broker(producer, readiness.clone(), shutdown.clone()));
-        if let Some((state, input, dead_letters)) = &state {
-            check_state_topics(state, input, dead_letters, &shutdown).await?;
+        // A state-topic problem stops the pipeline through this child token.
+        let pipeline_shutdown = shutdown.child_token();
+        let mut config_check = None;
+        if let Some((state, input, dead_letters)) = state {
+            retry_until_checked(&shutdown, || state.check_partitions(&input)).await?;
+            // The topic's configs are checked while the consumer joins its group: Kafka
+            // answers in milliseconds, long before the first assignment, but a broker
+            // that cannot describe configs would hold start-up for a request timeout.
+            let stop = pipeline_shutdown.clone();
+            let until = shutdown.clone();
+            config_check = Some(tokio::spawn(async move {
+                let checked = retry_until_checked(&until, || state.check_configs(&dead_letters)).await;
+                if let Err(error) = &checked {
+                    tracing::error!(error = %error, "The state topic cannot hold the provisioning state; stopping.");
+                    stop.cancel();
+                }
+                checked
+            }));
         }
         pipeline.consumer.subscribe()?;
-        pipeline.run(shutdown.clone()).await;
+        pipeline.run(pipeline_shutdown.clone()).await;
+        let state_problem = match config_check {
+            Some(check) if pipeline_shutdown.is_cancelled() && !shutdown.is_cancelled() => check.await.ok(),
+            Some(check) => {
+                check.abort();
+                None
+            }
+            None => None,
+        };
         readiness.set_consumer_assigned(false);
         connection_check.abort();
         admin_shutdown.cancel();
@@ -193,6 +217,9 @@ impl Application {
             tracing::warn!(error = %error, "Admin server stopped with an error.");
         }
         tracing::info!("Stopped.");
+        if let Some(Err(error)) = state_problem {
+            return Err(error);
+        }
         Ok(())
     }
 }
@@ -209,16 +236,15 @@ fn invalid(problems: Vec<Problem>) -> StartupError {
     StartupError::Settings(SettingsError::Invalid(problems))
 }
 
-/// Checks the state topic before consuming, retrying while the brokers are unreachable;
-/// a topic that cannot be the state's source of truth stops the service.
-async fn check_state_topics(
-    state: &ProvisioningState,
-    input: &str,
-    dead_letters: &str,
-    shutdown: &CancellationToken,
-) -> Result<(), StartupError> {
+/// Runs a state-topic check, retrying while the brokers are unreachable; a topic that
+/// cannot be the state's source of truth is an error that stops the service.
+async fn retry_until_checked<F, Fut>(shutdown: &CancellationToken, check: F) -> Result<(), StartupError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StateError>>,
+{
     loop {
-        match state.check_topics(input, dead_letters).await {
+        match check().await {
             Ok(()) => return Ok(()),
             Err(error) if error.is_retryable() => {
                 tracing::warn!(error = %error, "Cannot check the state topic yet; retrying.");

@@ -18,6 +18,14 @@
 //!    target's own latency: one call for a create, two for a delete).
 //! 4. **memory** (with `--backlog N`): N events preloaded, a slow target, the service
 //!    runs for `backlog_seconds`; peak RSS must stay flat whatever N.
+//! 5. **without state** (with `--compare-state`): the throughput phase again with
+//!    `state.enabled = false`, for the state's cost in the same run.
+//! 6. **restore** (with `--restore N[,N…]`): the state topic preloaded with N users'
+//!    records; a fresh service (empty local store) restores them before applying a
+//!    sentinel event. Restore time (from the service's own histogram), time to the
+//!    sentinel's result, peak RSS and the local store's size.
+//!
+//! Every phase runs with the provisioning state on unless it says otherwise.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,6 +67,10 @@ pub struct BenchOptions {
     /// waiting fetch when data arrives (a real broker does), so a short wait stands in
     /// for Kafka's long polling.
     pub fetch_wait: Duration,
+    /// Also run the throughput phase with the provisioning state off.
+    pub compare_state: bool,
+    /// Restore phases: users' state records preloaded, then a fresh service.
+    pub restore_users: Vec<usize>,
 }
 
 impl Default for BenchOptions {
@@ -77,6 +89,8 @@ impl Default for BenchOptions {
             skip_latency: false,
             skip_baseline: false,
             fetch_wait: Duration::from_millis(5),
+            compare_state: false,
+            restore_users: Vec::new(),
         }
     }
 }
@@ -124,6 +138,23 @@ pub struct MemoryReport {
 }
 
 #[derive(Debug, Default, Serialize)]
+pub struct RestoreReport {
+    pub users: usize,
+    pub partitions: i32,
+    /// Sum over partitions of the service's own restore durations (they run in parallel).
+    pub restore_seconds_total: f64,
+    /// The slowest partition's restore is at most this (histogram bucket bound).
+    pub restore_seconds_max_bucket: f64,
+    /// From the service's start to the sentinel event's result (group join included).
+    pub seconds_to_first_result: f64,
+    /// From the service's start until every partition is restored.
+    pub seconds_to_all_restored: f64,
+    pub records_restored: u64,
+    pub store_mib: f64,
+    pub peak_rss_mib: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
 pub struct BenchReport {
     pub target_latency_ms: u64,
     pub throughput: ThroughputReport,
@@ -131,6 +162,9 @@ pub struct BenchReport {
     pub speedup_over_baseline: Option<f64>,
     pub latency: Option<LatencyReport>,
     pub memory: Option<MemoryReport>,
+    /// The throughput phase with the provisioning state off.
+    pub without_state: Option<ThroughputReport>,
+    pub restores: Vec<RestoreReport>,
     pub machine_cores: usize,
 }
 
@@ -195,7 +229,7 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         options.target_latency.as_millis()
     ));
     report.throughput = rig
-        .throughput(options.events, users, options.partitions, "user")
+        .throughput(options.events, users, options.partitions, "user", true)
         .await?;
     say(format!("  {:.0} events/s", report.throughput.events_per_second));
 
@@ -206,7 +240,13 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
             options.baseline_events
         ));
         let baseline = rig
-            .throughput(options.baseline_events, baseline_users, options.partitions, "partition")
+            .throughput(
+                options.baseline_events,
+                baseline_users,
+                options.partitions,
+                "partition",
+                true,
+            )
             .await?;
         say(format!("  {:.0} events/s", baseline.events_per_second));
         report.speedup_over_baseline =
@@ -221,6 +261,30 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
             options.duration.as_secs()
         ));
         report.latency = Some(rig.latency(options.rate, options.duration, options.partitions).await?);
+    }
+
+    if options.compare_state {
+        say(format!(
+            "throughput without the provisioning state: {} events …",
+            options.events
+        ));
+        let without = rig
+            .throughput(options.events, users, options.partitions, "user", false)
+            .await?;
+        say(format!("  {:.0} events/s", without.events_per_second));
+        report.without_state = Some(without);
+    }
+
+    for &restore_users in &options.restore_users {
+        say(format!(
+            "restore: {restore_users} users' state records, a fresh instance …"
+        ));
+        let restore = rig.restore(restore_users, options.partitions).await?;
+        say(format!(
+            "  restored in {:.1} s (sum over partitions), first result after {:.1} s",
+            restore.restore_seconds_total, restore.seconds_to_first_result
+        ));
+        report.restores.push(restore);
     }
 
     if let Some(backlog) = options.backlog {
@@ -250,7 +314,11 @@ impl Rig {
         Ok((events, results))
     }
 
-    fn write_config(&self, ordering: &str) -> Result<PathBuf, BenchError> {
+    fn write_config(&self, ordering: &str, state: bool) -> Result<PathBuf, BenchError> {
+        self.write_config_with_admin(ordering, state, "127.0.0.1:0")
+    }
+
+    fn write_config_with_admin(&self, ordering: &str, state: bool, admin: &str) -> Result<PathBuf, BenchError> {
         let run = self.run;
         let config = format!(
             r#"
@@ -262,6 +330,7 @@ impl Rig {
             reply_topic = "bench-{run}-replies"
             dead_letter_topic = "bench-{run}-dlq"
             [state]
+            enabled = {state}
             topic = "bench-{run}-state"
             dir = "{state_dir}"
             [kafka.properties]
@@ -274,7 +343,7 @@ impl Rig {
             ordering = "{ordering}"
 
             [admin]
-            listen = "127.0.0.1:0"
+            listen = "{admin}"
 
             [telemetry]
             level = "error"
@@ -360,12 +429,13 @@ impl Rig {
         users: usize,
         partitions: i32,
         ordering: &str,
+        state: bool,
     ) -> Result<ThroughputReport, BenchError> {
         let (events_topic, results_topic) = self.topics(partitions)?;
         let producer = self.producer()?;
         self.preload(&producer, &events_topic, events, users).await?;
         let reader = self.results_reader(&results_topic)?;
-        let config = self.write_config(ordering)?;
+        let config = self.write_config(ordering, state)?;
         let mut service = ServiceChild::start(&config)?;
         // Timed from the first result, so the consumer-group join is not counted.
         let mut first: Option<Instant> = None;
@@ -404,7 +474,7 @@ impl Rig {
         let (events_topic, results_topic) = self.topics(partitions)?;
         let producer = self.producer()?;
         let reader = self.results_reader(&results_topic)?;
-        let config = self.write_config("user")?;
+        let config = self.write_config("user", true)?;
         let mut service = ServiceChild::start(&config)?;
         // Warm up: one event end to end, so the group join is behind us.
         let (warm_id, warm_key, warm_payload) = bench_event(0, 1);
@@ -487,7 +557,7 @@ impl Rig {
         let producer = self.producer()?;
         self.preload(&producer, &events_topic, backlog, backlog / 2).await?;
         let reader = self.results_reader(&results_topic)?;
-        let config = self.write_config("user")?;
+        let config = self.write_config("user", true)?;
         let mut service = ServiceChild::start(&config)?;
         let run_until = Instant::now() + Duration::from_secs(seconds);
         let mut finished = 0usize;
@@ -506,6 +576,129 @@ impl Rig {
             seconds_run: seconds,
             events_finished: finished,
             peak_rss_mib: peak.max(final_peak),
+        })
+    }
+
+    /// Preloads the state topic with `users` records (one per user, on the partition
+    /// the user's events go to), then starts a fresh service with an empty local store
+    /// and one sentinel event, and reads the restore figures from its metrics.
+    async fn restore(&mut self, users: usize, partitions: i32) -> Result<RestoreReport, BenchError> {
+        let (events_topic, results_topic) = self.topics(partitions)?;
+        let state_topic = format!("bench-{}-state", self.run);
+        let producer = self.producer()?;
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for user in 0..users {
+            let user_id = format!("bench-user-{user}");
+            let event_key = format!("bench/{user_id}");
+            let partition = crate::kafka::partitioners::librdkafka_crc32(event_key.as_bytes(), partitions);
+            let key = format!("directory:{event_key}");
+            let record = crate::state::record::StateRecord {
+                schema: crate::state::record::STATE_SCHEMA_VERSION,
+                version: crate::domain::version::EventVersion {
+                    epoch: 0,
+                    partition,
+                    offset: user as i64,
+                    sequence: None,
+                },
+                account: crate::state::record::AccountState::Present,
+                remote_id: Some(format!("{:032x}", user)),
+                event_id: format!("restored-{user}"),
+                updated_at: chrono::Utc::now(),
+            }
+            .encode();
+            let producer = &producer;
+            let topic = &state_topic;
+            pending.push(async move {
+                producer
+                    .send(
+                        FutureRecord::to(topic).key(&key).payload(&record).partition(partition),
+                        Timeout::After(Duration::from_secs(60)),
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|(error, _)| error)
+            });
+            while pending.len() >= 20_000 {
+                use futures::StreamExt;
+                pending.next().await.expect("non-empty")?;
+            }
+        }
+        {
+            use futures::StreamExt;
+            while let Some(result) = pending.next().await {
+                result?;
+            }
+        }
+        let reader = self.results_reader(&results_topic)?;
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let config = self.write_config_with_admin("user", true, &admin.to_string())?;
+        let started = Instant::now();
+        let mut service = ServiceChild::start(&config)?;
+        // The sentinel: an update of a restored user, applied after its partition's restore.
+        let (_, key, payload) = bench_event(0, 1);
+        producer
+            .send(
+                FutureRecord::to(&events_topic).key(&key).payload(&payload),
+                Timeout::After(Duration::from_secs(60)),
+            )
+            .await
+            .map_err(|(error, _)| error)?;
+        tokio::time::timeout(Duration::from_secs(600), reader.recv())
+            .await
+            .map_err(|_| BenchError::Service("no result within 10 minutes of the restore".into()))??;
+        let seconds_to_first_result = started.elapsed().as_secs_f64();
+        // Every partition restored (the sentinel's may finish before the others).
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let metrics = loop {
+            let metrics = reqwest::get(format!("http://{admin}/metrics"))
+                .await
+                .map_err(|error| BenchError::Service(format!("metrics: {error}")))?
+                .text()
+                .await
+                .map_err(|error| BenchError::Service(format!("metrics: {error}")))?;
+            let restored = metrics
+                .lines()
+                .find(|line| line.starts_with("provisioner_state_records_restored_total "))
+                .and_then(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if restored as usize >= users || Instant::now() > deadline {
+                break metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let seconds_to_all_restored = started.elapsed().as_secs_f64();
+        let (_, peak_rss) = service.usage()?;
+        service.stop()?;
+        let value = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|line| line.starts_with(name))
+                .filter_map(|line| line.rsplit_once(' ').and_then(|(_, value)| value.parse::<f64>().ok()))
+                .sum()
+        };
+        // The smallest bucket bound that holds every successful restore.
+        let count = value("provisioner_state_restore_duration_seconds_count{result=\"ok\"}");
+        let max_bucket = metrics
+            .lines()
+            .filter(|line| {
+                line.starts_with("provisioner_state_restore_duration_seconds_bucket{") && line.contains("result=\"ok\"")
+            })
+            .filter_map(|line| {
+                let bound = line.split("le=\"").nth(1)?.split('"').next()?.parse::<f64>().ok()?;
+                let cumulative = line.rsplit_once(' ')?.1.parse::<f64>().ok()?;
+                (cumulative >= count && count > 0.0).then_some(bound)
+            })
+            .fold(f64::INFINITY, f64::min);
+        Ok(RestoreReport {
+            users,
+            partitions,
+            restore_seconds_total: value("provisioner_state_restore_duration_seconds_sum{result=\"ok\"}"),
+            restore_seconds_max_bucket: max_bucket,
+            seconds_to_first_result,
+            seconds_to_all_restored,
+            records_restored: value("provisioner_state_records_restored_total") as u64,
+            store_mib: value("provisioner_state_store_bytes") / (1024.0 * 1024.0),
+            peak_rss_mib: peak_rss,
         })
     }
 
@@ -656,6 +849,31 @@ pub fn render(report: &BenchReport) -> String {
         out.push_str(&format!(
             "    CPU per event     {:.1} µs\n",
             latency.cpu_microseconds_per_event
+        ));
+    }
+    if let Some(without) = &report.without_state {
+        out.push_str(&format!(
+            "  without the state   {:>10.0} events/s, {:.1} µs CPU per event, peak RSS {:.1} MiB\n",
+            without.events_per_second, without.cpu_microseconds_per_event, without.peak_rss_mib
+        ));
+        out.push_str(&format!(
+            "  state's cost        {:>10.1}% throughput, {:+.1} µs CPU per event\n",
+            (1.0 - throughput.events_per_second / without.events_per_second.max(f64::MIN_POSITIVE)) * 100.0,
+            throughput.cpu_microseconds_per_event - without.cpu_microseconds_per_event
+        ));
+    }
+    for restore in &report.restores {
+        out.push_str(&format!(
+            "  restore {} users ({} partitions): {:.2} s summed over partitions (slowest ≤ {} s); from the service's start: first result {:.1} s, all restored {:.1} s; {} records, store {:.1} MiB, peak RSS {:.1} MiB\n",
+            restore.users,
+            restore.partitions,
+            restore.restore_seconds_total,
+            restore.restore_seconds_max_bucket,
+            restore.seconds_to_first_result,
+            restore.seconds_to_all_restored,
+            restore.records_restored,
+            restore.store_mib,
+            restore.peak_rss_mib
         ));
     }
     if let Some(memory) = &report.memory {

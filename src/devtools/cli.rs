@@ -84,6 +84,12 @@ pub enum DevCommand {
         /// not wake a waiting fetch when data arrives (Kafka does).
         #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
         fetch_wait: Duration,
+        /// Also measure throughput with the provisioning state off (its cost).
+        #[arg(long)]
+        compare_state: bool,
+        /// Restore phases: this many users' state records (comma-separated sizes).
+        #[arg(long, value_delimiter = ',')]
+        restore: Vec<usize>,
     },
     /// Run a target emulator on a local address (for demos, benchmarks, tests).
     Emulate {
@@ -247,6 +253,8 @@ pub fn run(command: DevCommand, runtime: &Runtime) -> Result<(), Failure> {
             skip_baseline,
             json,
             fetch_wait,
+            compare_state,
+            restore,
         } => run_bench(
             bench::BenchOptions {
                 events,
@@ -262,6 +270,8 @@ pub fn run(command: DevCommand, runtime: &Runtime) -> Result<(), Failure> {
                 skip_latency,
                 skip_baseline,
                 fetch_wait,
+                compare_state,
+                restore_users: restore,
             },
             runtime,
         ),

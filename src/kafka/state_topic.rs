@@ -36,8 +36,13 @@ pub struct TopicFacts {
     pub max_message_bytes: Option<i64>,
 }
 
-/// Partition count and configs of `topic`; `Ok(None)` when it does not exist.
-pub async fn describe_topic(settings: &KafkaSettings, topic: &str) -> Result<Option<TopicFacts>, StateTopicError> {
+/// Partition count and (with `configs`) the configs of `topic`; `Ok(None)` when it
+/// does not exist.
+pub async fn describe_topic(
+    settings: &KafkaSettings,
+    topic: &str,
+    configs: bool,
+) -> Result<Option<TopicFacts>, StateTopicError> {
     let admin: AdminClient<DefaultClientContext> = base_client_config(settings).create()?;
     let partitions = {
         let name = topic.to_string();
@@ -57,15 +62,32 @@ pub async fn describe_topic(settings: &KafkaSettings, topic: &str) -> Result<Opt
     if partitions == 0 {
         return Ok(None);
     }
+    if !configs {
+        return Ok(Some(TopicFacts {
+            partitions,
+            cleanup_policy: None,
+            retention_ms: None,
+            max_message_bytes: None,
+        }));
+    }
     // A broker that cannot describe configs (librdkafka's mock cluster) leaves them
     // unknown; the caller decides what unknown means.
+    let asked = std::time::Instant::now();
     let described = admin
         .describe_configs(
             &[ResourceSpecifier::Topic(topic)],
             &AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT)),
         )
         .await
-        .unwrap_or_default();
+        .unwrap_or_else(|error| {
+            tracing::debug!(topic, error = %error, elapsed_ms = asked.elapsed().as_millis() as u64, "DescribeConfigs failed.");
+            Vec::new()
+        });
+    tracing::debug!(
+        topic,
+        elapsed_ms = asked.elapsed().as_millis() as u64,
+        "DescribeConfigs answered."
+    );
     let mut facts = TopicFacts {
         partitions,
         cleanup_policy: None,
@@ -92,6 +114,21 @@ pub fn partition_count(settings: &KafkaSettings, topic: &str) -> Result<i32, Sta
         .map(|found| found.partitions().len() as i32)
         .unwrap_or(0))
 }
+
+/// The restore reader's client context: reaching the end of a partition is how a
+/// restore knows it is done, not an error worth logging (librdkafka reports it through
+/// the client's error callback as well).
+struct RestoreContext;
+
+impl rdkafka::ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "State topic reader error.");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for RestoreContext {}
 
 /// One record read back from the state topic.
 pub struct StateTopicRecord {
@@ -126,14 +163,14 @@ pub fn read_partition(
     timeout: Duration,
     mut on_batch: impl FnMut(Vec<StateTopicRecord>),
 ) -> Result<ReadEnd, StateTopicError> {
-    let consumer: BaseConsumer = base_client_config(settings)
+    let consumer: BaseConsumer<RestoreContext> = base_client_config(settings)
         .set("group.id", "provisioner-state-restore")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "50")
-        .create()?;
+        .create_with_context(RestoreContext)?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
     let start = from.max(low);
     let mut end = ReadEnd {

@@ -121,15 +121,13 @@ impl ProvisioningState {
         &self.topic
     }
 
-    /// Refuses to run unless the state topic can be the source of truth: it exists, is
-    /// compacted, has as many partitions as the input, and keeps records at least as
-    /// long as the dead-letter topic keeps dead letters. A broker that cannot describe
-    /// topic configs (librdkafka's mock cluster) gets only the partition check.
-    pub async fn check_topics(&self, input: &str, dead_letters: &str) -> Result<(), StateError> {
-        let input_facts = state_topic::describe_topic(&self.kafka, input)
+    /// Refuses to run unless the state topic exists with as many partitions as the
+    /// input. Fast (metadata only): done before the consumer subscribes.
+    pub async fn check_partitions(&self, input: &str) -> Result<(), StateError> {
+        let input_facts = state_topic::describe_topic(&self.kafka, input, false)
             .await?
             .ok_or_else(|| StateError::InputMissing { input: input.into() })?;
-        let Some(facts) = state_topic::describe_topic(&self.kafka, &self.topic).await? else {
+        let Some(facts) = state_topic::describe_topic(&self.kafka, &self.topic, false).await? else {
             return Err(StateError::TopicMissing {
                 topic: self.topic.clone(),
                 input: input.into(),
@@ -144,6 +142,21 @@ impl ProvisioningState {
                 expected: input_facts.partitions,
             });
         }
+        Ok(())
+    }
+
+    /// Refuses to run unless the state topic keeps its records: compacted, and with
+    /// `compact,delete` a retention at least the dead-letter topic's. A broker that
+    /// cannot describe topic configs (librdkafka's mock cluster) leaves this unchecked,
+    /// with a warning.
+    pub async fn check_configs(&self, dead_letters: &str) -> Result<(), StateError> {
+        let Some(facts) = state_topic::describe_topic(&self.kafka, &self.topic, true).await? else {
+            return Err(StateError::TopicMissing {
+                topic: self.topic.clone(),
+                input: String::new(),
+                partitions: 0,
+            });
+        };
         let TopicFacts {
             cleanup_policy,
             retention_ms,
@@ -160,7 +173,7 @@ impl ProvisioningState {
                 });
             }
             Some(policy) if policy.contains("delete") => {
-                let dead_letter_retention = state_topic::describe_topic(&self.kafka, dead_letters)
+                let dead_letter_retention = state_topic::describe_topic(&self.kafka, dead_letters, true)
                     .await?
                     .and_then(|facts| facts.retention_ms);
                 if let (Some(retention_ms), Some(dead_letter_retention_ms)) = (retention_ms, dead_letter_retention) {
