@@ -201,7 +201,7 @@ impl Application {
             }));
         }
         pipeline.consumer.subscribe()?;
-        pipeline.run(pipeline_shutdown.clone()).await;
+        let pipeline_result = pipeline.run(pipeline_shutdown.clone()).await;
         let state_problem = match config_check {
             Some(check) if pipeline_shutdown.is_cancelled() && !shutdown.is_cancelled() => check.await.ok(),
             Some(check) => {
@@ -220,6 +220,7 @@ impl Application {
         if let Some(Err(error)) = state_problem {
             return Err(error);
         }
+        pipeline_result?;
         Ok(())
     }
 }

@@ -167,20 +167,33 @@ pub struct PendingReply {
     waiters: Waiters,
 }
 
+impl Client {
+    /// Callers waiting for a reply now (for tests and diagnostics).
+    pub fn waiting(&self) -> usize {
+        self.waiters.lock().expect("waiters lock").len()
+    }
+}
+
 impl PendingReply {
-    /// Waits up to `timeout` for the reply.
-    pub async fn wait(self, timeout: Duration) -> Result<ProvisioningResult, ClientError> {
-        match tokio::time::timeout(timeout, self.receiver).await {
+    /// Waits up to `timeout` for the reply. However the wait ends (a reply, a timeout,
+    /// or the caller dropping this future), the waiter is removed: see `Drop`.
+    pub async fn wait(mut self, timeout: Duration) -> Result<ProvisioningResult, ClientError> {
+        match tokio::time::timeout(timeout, &mut self.receiver).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(ClientError::ReaderStopped),
-            Err(_) => {
-                self.waiters.lock().expect("waiters lock").remove(&self.correlation_id);
-                Err(ClientError::Timeout {
-                    correlation_id: self.correlation_id,
-                    waited: timeout,
-                })
-            }
+            Err(_) => Err(ClientError::Timeout {
+                correlation_id: self.correlation_id.clone(),
+                waited: timeout,
+            }),
         }
+    }
+}
+
+impl Drop for PendingReply {
+    /// A caller that stops waiting (timeout, cancellation) leaves no waiter behind, so a
+    /// long-lived client does not grow one entry per abandoned request.
+    fn drop(&mut self) {
+        self.waiters.lock().expect("waiters lock").remove(&self.correlation_id);
     }
 }
 

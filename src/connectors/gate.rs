@@ -86,10 +86,13 @@ pub struct Gate {
 }
 
 /// Permission to make one call; hand the call's result to [`Admission::finish`].
+/// Dropped unfinished (a panic, a cancelled task), a probe's slot is given back, or the
+/// circuit would stay half-open with no probe until a restart.
 pub struct Admission<'a> {
     gate: &'a Gate,
     _permit: SemaphorePermit<'a>,
     probe: bool,
+    finished: bool,
 }
 
 impl Gate {
@@ -128,31 +131,46 @@ impl Gate {
     /// Waits until a call may be made, or until `deadline` (then `None`: the caller
     /// gives up for good, its retry time is spent).
     pub async fn admit(&self, deadline: Instant) -> Option<Admission<'_>> {
-        let probe = self.wait_for_circuit(deadline).await?;
-        let wait = async {
-            self.wait_for_quiet().await;
-            self.wait_for_spacing().await;
-            self.wait_for_token().await;
-            self.concurrency
-                .acquire()
-                .await
-                .expect("gate semaphore is never closed")
-        };
-        match tokio::time::timeout_at(deadline, wait).await {
-            Ok(permit) => Some(Admission {
+        loop {
+            let probe = self.wait_for_circuit(deadline).await?;
+            let wait = async {
+                self.wait_for_quiet().await;
+                self.wait_for_spacing().await;
+                self.wait_for_token().await;
+                self.concurrency
+                    .acquire()
+                    .await
+                    .expect("gate semaphore is never closed")
+            };
+            let permit = match tokio::time::timeout_at(deadline, wait).await {
+                Ok(permit) => permit,
+                Err(_) => {
+                    if probe {
+                        self.release_probe();
+                    }
+                    return None;
+                }
+            };
+            // The circuit may have opened while this caller waited for a slot (the
+            // calls ahead of it failed): it must not go through an open circuit. Only
+            // the probe passes a circuit that is not closed.
+            if !probe && self.circuit_state() != CircuitState::Closed {
+                drop(permit);
+                continue;
+            }
+            return Some(Admission {
                 gate: self,
                 _permit: permit,
                 probe,
-            }),
-            Err(_) => {
-                if probe {
-                    // Let someone else probe.
-                    self.breaker.lock().expect("breaker lock").probe_in_flight = false;
-                    self.changed.notify_waiters();
-                }
-                None
-            }
+                finished: false,
+            });
         }
+    }
+
+    /// Lets another caller probe a half-open circuit.
+    fn release_probe(&self) {
+        self.breaker.lock().expect("breaker lock").probe_in_flight = false;
+        self.changed.notify_waiters();
     }
 
     /// Returns whether this caller is the half-open probe.
@@ -278,6 +296,11 @@ impl Gate {
         );
         let mut breaker = self.breaker.lock().expect("breaker lock");
         let previous = breaker.state;
+        if !probe && previous != CircuitState::Closed {
+            // A call admitted before the circuit opened: only the probe decides what
+            // an open circuit does next.
+            return;
+        }
         if unhealthy {
             breaker.consecutive_failures += 1;
             let trip = self.failure_threshold > 0
@@ -336,8 +359,17 @@ impl Gate {
 
 impl Admission<'_> {
     /// Tells the gate how the call went (after which the concurrency slot is freed).
-    pub fn finish<T>(self, result: &Result<T, ConnectorError>) {
+    pub fn finish<T>(mut self, result: &Result<T, ConnectorError>) {
+        self.finished = true;
         self.gate.record(&result.as_ref().map(|_| ()), self.probe);
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.finished {
+            self.gate.release_probe();
+        }
     }
 }
 
@@ -388,6 +420,58 @@ mod tests {
         let started = Instant::now();
         gate.admit(far()).await.unwrap().finish(&Ok::<(), ConnectorError>(()));
         assert!(started.elapsed() < Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_unfinished_lets_another_probe() {
+        let gate = Gate::new("t", &delivery(1, 1000), None);
+        gate.admit(far()).await.unwrap().finish(&server_error());
+        let probe = gate.admit(far()).await.unwrap();
+        assert_eq!(gate.circuit_state(), CircuitState::HalfOpen);
+        drop(probe); // the probing task panicked or was cancelled
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let next = gate.admit(deadline).await.expect("a new probe may go");
+        next.finish(&Ok::<(), ConnectorError>(()));
+        assert_eq!(gate.circuit_state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_waiting_for_a_slot_when_the_circuit_opens_are_held() {
+        let mut delivery = delivery(2, 1000);
+        delivery.max_in_flight = 2;
+        let gate = std::sync::Arc::new(Gate::new("t", &delivery, None));
+        // Two calls in flight fill the slots; a third waits for one.
+        let first = gate.admit(far()).await.unwrap();
+        let second = gate.admit(far()).await.unwrap();
+        let waiting_gate = gate.clone();
+        let waiter = tokio::spawn(async move {
+            let admitted = waiting_gate.admit(far()).await.unwrap();
+            let state = waiting_gate.circuit_state();
+            admitted.finish(&Ok::<(), ConnectorError>(()));
+            state
+        });
+        tokio::task::yield_now().await;
+        // Both fail: the circuit opens, and a slot frees up for the waiter.
+        first.finish(&server_error());
+        second.finish(&server_error());
+        assert_eq!(gate.circuit_state(), CircuitState::Open);
+        let started = Instant::now();
+        let state_when_admitted = waiter.await.unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(1000),
+            "the waiter went through the open circuit"
+        );
+        assert_eq!(state_when_admitted, CircuitState::HalfOpen, "it was admitted as the probe");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_success_from_before_the_opening_does_not_close_the_circuit() {
+        let gate = Gate::new("t", &delivery(1, 1000), None);
+        let late = gate.admit(far()).await.unwrap();
+        gate.admit(far()).await.unwrap().finish(&server_error());
+        assert_eq!(gate.circuit_state(), CircuitState::Open);
+        late.finish(&Ok::<(), ConnectorError>(()));
+        assert_eq!(gate.circuit_state(), CircuitState::Open);
     }
 
     #[tokio::test(start_paused = true)]

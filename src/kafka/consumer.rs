@@ -51,6 +51,15 @@ pub enum ConsumeError {
 }
 
 impl ConsumeError {
+    /// librdkafka raised a fatal error: this consumer instance cannot go on (e.g. it was
+    /// fenced); the process must stop and be restarted.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ConsumeError::Receive(error) => error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal),
+            ConsumeError::Create(_) | ConsumeError::Subscribe { .. } => true,
+        }
+    }
+
     /// Receive errors are transient (broker restarts, rebalances); librdkafka recovers.
     pub fn is_retryable(&self) -> bool {
         match self {

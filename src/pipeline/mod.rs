@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{self, DecodeError, UserEvent};
-use crate::kafka::consumer::EventConsumer;
+use crate::kafka::consumer::{ConsumeError, EventConsumer};
 use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::{Assignments, PartitionEvent};
@@ -162,7 +162,7 @@ impl Pipeline {
     /// stored offsets cover everything that produced a result and a restart redoes
     /// nothing acknowledged. Then it commits and leaves the group. Work still unfinished
     /// when the grace runs out is abandoned and redelivered after the restart.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
         let Pipeline {
             consumer,
             worker,
@@ -183,6 +183,8 @@ impl Pipeline {
         let tracker = assignments.tracker().clone();
         // Jobs waiting for their partition's state restore, by partition.
         let mut held: HashMap<i32, VecDeque<Job>> = HashMap::new();
+        let mut consecutive_consumer_errors = 0u32;
+        let mut fatal: Option<ConsumeError> = None;
 
         loop {
             dispatch(
@@ -268,9 +270,24 @@ impl Pipeline {
                 }
                 received = consumer.recv(), if drain_deadline.is_none() => {
                     let record = match received {
-                        Ok(record) => record,
+                        Ok(record) => {
+                            consecutive_consumer_errors = 0;
+                            record
+                        }
+                        Err(error) if error.is_fatal() => {
+                            // The consumer cannot go on: finish what is held, then stop.
+                            tracing::error!(error = %error, "Fatal Kafka consumer error; draining and stopping.");
+                            drain_deadline = Some(tokio::time::Instant::now() + shutdown_grace);
+                            fatal = Some(error);
+                            continue;
+                        }
                         Err(error) => {
-                            tracing::warn!(error = %error, "Kafka consumer error; librdkafka retries.");
+                            // librdkafka recovers by itself; back off so that a broker
+                            // that keeps failing does not make this loop spin.
+                            consecutive_consumer_errors += 1;
+                            let pause = Duration::from_millis(50 * u64::from(consecutive_consumer_errors.min(20)));
+                            tracing::warn!(error = %error, pause_ms = pause.as_millis() as u64, "Kafka consumer error; librdkafka retries.");
+                            tokio::time::sleep(pause).await;
                             continue;
                         }
                     };
@@ -302,8 +319,18 @@ impl Pipeline {
 
         metrics.events_in_flight.set(0);
         metrics.events_buffered.set(0);
-        flush_producer(&worker);
-        consumer.close();
+        // Flushing and the final synchronous commit block: off the runtime's workers.
+        let closing = tokio::task::spawn_blocking(move || {
+            flush_producer(&worker);
+            consumer.close();
+        });
+        if let Err(error) = closing.await {
+            tracing::error!(error = %error, "Closing the consumer failed.");
+        }
+        match fatal {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 

@@ -66,7 +66,16 @@ async fn the_client_gets_each_concurrent_caller_its_own_reply() {
 
     let invalid = client.send_and_wait(b"{}", Duration::from_secs(1)).await;
     assert!(matches!(invalid, Err(ClientError::InvalidEvent(_))), "{invalid:?}");
-    app.stop().await;
+
+    // A caller that gives up (its future dropped mid-wait) leaves no waiter behind.
+    directory.gated();
+    let slow = event_json("u-slow", "user.self_signed_up", "acme", "u-slow", serde_json::json!({}));
+    let pending = client.publish_for_reply(&slow).await.unwrap();
+    assert_eq!(client.waiting(), 1);
+    let abandoned = tokio::time::timeout(Duration::from_millis(200), pending.wait(Duration::from_secs(60))).await;
+    assert!(abandoned.is_err(), "the gated target cannot have answered");
+    assert_eq!(client.waiting(), 0, "the cancelled wait left its waiter");
+    app.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
