@@ -75,6 +75,7 @@ impl ServiceProcess {
     }
 
     /// Whether the process is still running (it has not exited or crashed).
+    // Only `devtools` tests use it; without the feature it is unused.
     #[allow(dead_code)]
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
