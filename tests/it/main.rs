@@ -34,4 +34,6 @@ mod security;
 mod service;
 #[cfg(feature = "devtools")]
 mod state;
+#[cfg(feature = "devtools")]
+mod state_faults;
 mod support;

@@ -214,8 +214,9 @@ impl Broker {
                 &[
                     "format",
                     "--ignore-formatted",
-                    "--cluster-id",
-                    &random_token(16),
+                    // One token: a random id may start with `-`, which the tool's
+                    // argument parser would take for an option (1 start in 64 failed).
+                    &format!("--cluster-id={}", random_token(16)),
                     "--config",
                     properties.to_str().expect("UTF-8 path"),
                     "--add-scram",

@@ -74,6 +74,13 @@ impl ServiceProcess {
         .await
     }
 
+    /// Whether the process is still running (it has not exited or crashed).
+    // Only `devtools` tests use it; without the feature it is unused.
+    #[allow(dead_code)]
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
