@@ -461,7 +461,11 @@ mod tests {
             started.elapsed() >= Duration::from_millis(1000),
             "the waiter went through the open circuit"
         );
-        assert_eq!(state_when_admitted, CircuitState::HalfOpen, "it was admitted as the probe");
+        assert_eq!(
+            state_when_admitted,
+            CircuitState::HalfOpen,
+            "it was admitted as the probe"
+        );
     }
 
     #[tokio::test(start_paused = true)]
