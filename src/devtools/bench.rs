@@ -1,8 +1,9 @@
 //! `provisioner bench`: throughput, latency, CPU and memory, against a sequential
 //! baseline in the same run.
 //!
-//! This process hosts the embedded broker (librdkafka's mock cluster), the SCIM
-//! emulator and the load generator; the service runs as a **child process**
+//! This process hosts the embedded broker (librdkafka's mock cluster; or, with
+//! `--broker`, uses a real Kafka), the SCIM emulator and the load generator; the
+//! service runs as a **child process**
 //! (`provisioner run`), so its CPU time and peak RSS are read from `/proc/<pid>` and
 //! exclude the broker, the emulator and the load generator.
 //!
@@ -71,6 +72,8 @@ pub struct BenchOptions {
     pub compare_state: bool,
     /// Restore phases: users' state records preloaded, then a fresh service.
     pub restore_users: Vec<usize>,
+    /// A real Kafka to run against (`host:port`) instead of the embedded mock cluster.
+    pub broker: Option<String>,
 }
 
 impl Default for BenchOptions {
@@ -91,6 +94,7 @@ impl Default for BenchOptions {
             fetch_wait: Duration::from_millis(5),
             compare_state: false,
             restore_users: Vec::new(),
+            broker: None,
         }
     }
 }
@@ -168,20 +172,29 @@ pub struct BenchReport {
     pub machine_cores: usize,
 }
 
-/// The mock broker, the SCIM emulator and a scratch directory, shared by all phases.
+/// The broker, the SCIM emulator and a scratch directory, shared by all phases.
 struct Rig {
-    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    /// librdkafka's mock cluster, hosted here; `None` with `--broker` (a real Kafka).
+    cluster: Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
     bootstrap: String,
     scim_url: String,
     emulator: scim_emulator::ScimEmulator,
     directory: PathBuf,
     run: usize,
+    /// Topic and group names of the current phase.
+    prefix: String,
     fetch_wait: Duration,
 }
 
 pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
-    let cluster = MockCluster::new(1)?;
-    let bootstrap = cluster.bootstrap_servers();
+    let (cluster, bootstrap) = match &options.broker {
+        Some(address) => (None, address.clone()),
+        None => {
+            let cluster = MockCluster::new(1)?;
+            let bootstrap = cluster.bootstrap_servers();
+            (Some(cluster), bootstrap)
+        }
+    };
     let shutdown = CancellationToken::new();
     let emulator = scim_emulator::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -206,6 +219,7 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         emulator,
         directory,
         run: 0,
+        prefix: String::new(),
         fetch_wait: options.fetch_wait,
     };
     let say = |line: String| {
@@ -300,17 +314,46 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
 }
 
 impl Rig {
-    fn topics(&mut self, partitions: i32) -> Result<(String, String), BenchError> {
+    async fn topics(&mut self, partitions: i32) -> Result<(String, String), BenchError> {
         self.run += 1;
-        let events = format!("bench-{}-events", self.run);
-        let results = format!("bench-{}-results", self.run);
-        self.cluster.create_topic(&events, partitions, 1)?;
-        self.cluster
-            .create_topic(&format!("bench-{}-state", self.run), partitions, 1)?;
-        self.cluster.create_topic(&results, 1, 1)?;
-        self.cluster
-            .create_topic(&format!("bench-{}-replies", self.run), 1, 1)?;
-        self.cluster.create_topic(&format!("bench-{}-dlq", self.run), 1, 1)?;
+        // Names unique per process too: a real broker keeps the topics of earlier runs.
+        let prefix = format!("bench-{}-{}", std::process::id(), self.run);
+        self.prefix = prefix.clone();
+        let events = format!("{prefix}-events");
+        let results = format!("{prefix}-results");
+        let topics = [
+            (events.clone(), partitions, true),
+            (format!("{prefix}-state"), partitions, false),
+            (results.clone(), 1, true),
+            (format!("{prefix}-replies"), 1, true),
+            (format!("{prefix}-dlq"), 1, true),
+        ];
+        match &self.cluster {
+            Some(cluster) => {
+                for (name, count, _) in &topics {
+                    cluster.create_topic(name, *count, 1)?;
+                }
+            }
+            None => {
+                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+                let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+                    ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create()?;
+                let new_topics: Vec<NewTopic> = topics
+                    .iter()
+                    .map(|(name, count, plain)| {
+                        let topic = NewTopic::new(name, *count, TopicReplication::Fixed(1));
+                        if *plain {
+                            topic
+                        } else {
+                            topic.set("cleanup.policy", "compact")
+                        }
+                    })
+                    .collect();
+                for result in admin.create_topics(&new_topics, &AdminOptions::new()).await? {
+                    result.map_err(|(name, code)| BenchError::Service(format!("cannot create topic {name}: {code:?}")))?;
+                }
+            }
+        }
         Ok((events, results))
     }
 
@@ -319,19 +362,19 @@ impl Rig {
     }
 
     fn write_config_with_admin(&self, ordering: &str, state: bool, admin: &str) -> Result<PathBuf, BenchError> {
-        let run = self.run;
+        let run = &self.prefix;
         let config = format!(
             r#"
             [kafka]
             bootstrap_servers = "{bootstrap}"
-            group_id = "bench-{run}"
-            event_topics = ["bench-{run}-events"]
-            results_topic = "bench-{run}-results"
-            reply_topic = "bench-{run}-replies"
-            dead_letter_topic = "bench-{run}-dlq"
+            group_id = "{run}"
+            event_topics = ["{run}-events"]
+            results_topic = "{run}-results"
+            reply_topic = "{run}-replies"
+            dead_letter_topic = "{run}-dlq"
             [state]
             enabled = {state}
-            topic = "bench-{run}-state"
+            topic = "{run}-state"
             dir = "{state_dir}"
             [kafka.properties]
             "queued.max.messages.kbytes" = "8192"
@@ -361,9 +404,9 @@ impl Rig {
             bootstrap = self.bootstrap,
             scim_url = self.scim_url,
             fetch_wait = self.fetch_wait.as_millis().max(1),
-            state_dir = self.directory.join(format!("state-{run}")).display(),
+            state_dir = self.directory.join(format!("state-{}", self.run)).display(),
         );
-        let path = self.directory.join(format!("bench-{run}.toml"));
+        let path = self.directory.join(format!("bench-{}.toml", self.run));
         std::fs::write(&path, config)?;
         Ok(path)
     }
@@ -431,7 +474,7 @@ impl Rig {
         ordering: &str,
         state: bool,
     ) -> Result<ThroughputReport, BenchError> {
-        let (events_topic, results_topic) = self.topics(partitions)?;
+        let (events_topic, results_topic) = self.topics(partitions).await?;
         let producer = self.producer()?;
         self.preload(&producer, &events_topic, events, users).await?;
         let reader = self.results_reader(&results_topic)?;
@@ -471,7 +514,7 @@ impl Rig {
     }
 
     async fn latency(&mut self, rate: u64, duration: Duration, partitions: i32) -> Result<LatencyReport, BenchError> {
-        let (events_topic, results_topic) = self.topics(partitions)?;
+        let (events_topic, results_topic) = self.topics(partitions).await?;
         let producer = self.producer()?;
         let reader = self.results_reader(&results_topic)?;
         let config = self.write_config("user", true)?;
@@ -553,7 +596,7 @@ impl Rig {
             latency: Duration::from_secs(1),
             ..Faults::default()
         });
-        let (events_topic, results_topic) = self.topics(partitions)?;
+        let (events_topic, results_topic) = self.topics(partitions).await?;
         let producer = self.producer()?;
         self.preload(&producer, &events_topic, backlog, backlog / 2).await?;
         let reader = self.results_reader(&results_topic)?;
@@ -583,8 +626,8 @@ impl Rig {
     /// the user's events go to), then starts a fresh service with an empty local store
     /// and one sentinel event, and reads the restore figures from its metrics.
     async fn restore(&mut self, users: usize, partitions: i32) -> Result<RestoreReport, BenchError> {
-        let (events_topic, results_topic) = self.topics(partitions)?;
-        let state_topic = format!("bench-{}-state", self.run);
+        let (events_topic, results_topic) = self.topics(partitions).await?;
+        let state_topic = format!("{}-state", self.prefix);
         let producer = self.producer()?;
         let mut pending = futures::stream::FuturesUnordered::new();
         for user in 0..users {
@@ -656,12 +699,12 @@ impl Rig {
                 .text()
                 .await
                 .map_err(|error| BenchError::Service(format!("metrics: {error}")))?;
-            let restored = metrics
+            let partitions_restored = metrics
                 .lines()
-                .find(|line| line.starts_with("provisioner_state_records_restored_total "))
+                .find(|line| line.starts_with("provisioner_state_restore_duration_seconds_count{result=\"ok\"}"))
                 .and_then(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
                 .unwrap_or(0.0);
-            if restored as usize >= users || Instant::now() > deadline {
+            if partitions_restored as i32 >= partitions || Instant::now() > deadline {
                 break metrics;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

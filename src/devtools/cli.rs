@@ -90,6 +90,11 @@ pub enum DevCommand {
         /// Restore phases: this many users' state records (comma-separated sizes).
         #[arg(long, value_delimiter = ',')]
         restore: Vec<usize>,
+        /// Run against this Kafka (host:port, e.g. scripts/kafka/run's) instead of the
+        /// embedded mock cluster, which keeps only about 5 MB per partition and does not
+        /// long-poll.
+        #[arg(long)]
+        broker: Option<String>,
     },
     /// Run a target emulator on a local address (for demos, benchmarks, tests).
     Emulate {
@@ -255,6 +260,7 @@ pub fn run(command: DevCommand, runtime: &Runtime) -> Result<(), Failure> {
             fetch_wait,
             compare_state,
             restore,
+            broker,
         } => run_bench(
             bench::BenchOptions {
                 events,
@@ -272,6 +278,7 @@ pub fn run(command: DevCommand, runtime: &Runtime) -> Result<(), Failure> {
                 fetch_wait,
                 compare_state,
                 restore_users: restore,
+                broker,
             },
             runtime,
         ),

@@ -169,7 +169,12 @@ pub fn read_partition(
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "50")
+        // Small prefetch: several partitions restore at once, and librdkafka's default
+        // (64 MiB queued per consumer) would be most of the memory budget.
+        .set("queued.max.messages.kbytes", "4096")
+        .set("fetch.max.bytes", "2097152")
+        .set("max.partition.fetch.bytes", "2097152")
+        .set("fetch.wait.max.ms", "10")
         .create_with_context(RestoreContext)?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, METADATA_TIMEOUT)?;
     let start = from.max(low);
@@ -195,7 +200,22 @@ pub fn read_partition(
         };
         let message = match polled {
             Ok(message) => message,
-            Err(KafkaError::PartitionEOF(_)) => break,
+            // The end is where the fetch position reaches the high watermark taken at the
+            // start. An end-of-partition event before that (some brokers report one per
+            // fetch that comes back empty) does not end the read.
+            Err(KafkaError::PartitionEOF(_)) => {
+                let position = consumer
+                    .position()?
+                    .find_partition(topic, partition)
+                    .and_then(|element| match element.offset() {
+                        Offset::Offset(offset) => Some(offset),
+                        _ => None,
+                    });
+                if position.is_some_and(|position| position >= high) {
+                    break;
+                }
+                continue;
+            }
             Err(error) => return Err(error.into()),
         };
         let offset = message.offset();

@@ -22,7 +22,8 @@ pub mod store;
 /// Event versions live with the domain words (results carry them too).
 pub use crate::domain::version;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::kafka::settings::KafkaSettings;
@@ -72,6 +73,38 @@ impl StateError {
     }
 }
 
+/// The local store's writer: takes records as they come, writes each batch in one
+/// transaction, and makes them durable every few thousand writes (the topic has them
+/// anyway; durability only shortens the next restore). A record leaves `pending` once
+/// the store holds it, unless a newer one for the key arrived meanwhile.
+fn write_behind(
+    store: &LocalStore,
+    pending: &Mutex<HashMap<(i32, String), StateRecord>>,
+    writes: &std::sync::mpsc::Receiver<(i32, String, StateRecord)>,
+) {
+    const MAX_BATCH: usize = 1024;
+    while let Ok(first) = writes.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match writes.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        let durable = store.wants_durable_commit(batch.len() as u64);
+        if let Err(error) = store.put_batch(&batch, durable) {
+            tracing::warn!(records = batch.len(), error = %error, "Local state store write failed; the state topic has the records, a restore brings them back.");
+        }
+        let mut pending = pending.lock().expect("pending lock");
+        for (partition, key, record) in batch {
+            let entry = (partition, key);
+            if pending.get(&entry) == Some(&record) {
+                pending.remove(&entry);
+            }
+        }
+    }
+}
+
 /// What one partition's restore did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestoreReport {
@@ -87,7 +120,13 @@ pub struct RestoreReport {
 }
 
 pub struct ProvisioningState {
-    store: LocalStore,
+    store: Arc<LocalStore>,
+    /// Records acknowledged on the topic but not yet in the local store: lookups see
+    /// them first, so the next event of a user reads what the last one wrote.
+    pending: Arc<Mutex<HashMap<(i32, String), StateRecord>>>,
+    /// The local store's writer thread (write-behind: batches, and the occasional
+    /// durable commit's fsync, never block the pipeline's tasks).
+    writer: Mutex<std::sync::mpsc::Sender<(i32, String, StateRecord)>>,
     kafka: KafkaSettings,
     topic: String,
     epoch: u32,
@@ -104,9 +143,19 @@ impl ProvisioningState {
         metrics: Arc<Metrics>,
     ) -> Result<ProvisioningState, StateError> {
         let identity = format!("{}@{}", settings.topic, kafka.bootstrap_servers);
-        let store = LocalStore::open(&settings.dir, &identity)?;
+        let store = Arc::new(LocalStore::open(&settings.dir, &identity)?);
+        let pending = Arc::new(Mutex::new(HashMap::new()));
+        let (writer, writes) = std::sync::mpsc::channel();
+        let thread_store = store.clone();
+        let thread_pending = pending.clone();
+        std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || write_behind(&thread_store, &thread_pending, &writes))
+            .map_err(|error| StoreError::Storage(format!("cannot start the state writer: {error}")))?;
         let state = ProvisioningState {
             store,
+            pending,
+            writer: Mutex::new(writer),
             kafka: kafka.clone(),
             topic: settings.topic.clone(),
             epoch: settings.version_epoch,
@@ -221,7 +270,16 @@ impl ProvisioningState {
     /// The record for `key` in input partition `partition`. A store error is logged
     /// and reads as "no record" (the connector then searches the target).
     pub fn lookup(&self, partition: i32, key: &StateKey) -> Option<StateRecord> {
-        match self.store.get(partition, &key.encode()) {
+        let encoded = key.encode();
+        if let Some(record) = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .get(&(partition, encoded.clone()))
+        {
+            return Some(record.clone());
+        }
+        match self.store.get(partition, &encoded) {
             Ok(record) => record,
             Err(error) => {
                 tracing::warn!(key = %key, partition, error = %error, "Local state store lookup failed; searching the target instead.");
@@ -235,8 +293,24 @@ impl ProvisioningState {
     /// restore brings it back.
     pub fn remember(&self, partition: i32, key: &StateKey, record: &StateRecord) {
         self.metrics.state_writes.inc();
-        if let Err(error) = self.store.put(partition, &key.encode(), record) {
-            tracing::warn!(key = %key, partition, error = %error, "Local state store write failed; the state topic has the record.");
+        // The size gauges are cheap to read (redb keeps the count) but not free: refresh
+        // them every thousand writes.
+        if self.metrics.state_writes.get().is_multiple_of(1000) {
+            self.update_size_metrics();
+        }
+        let encoded = key.encode();
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .insert((partition, encoded.clone()), record.clone());
+        if self
+            .writer
+            .lock()
+            .expect("writer lock")
+            .send((partition, encoded, record.clone()))
+            .is_err()
+        {
+            tracing::warn!(key = %key, partition, "The local state writer stopped; the state topic has the record.");
         }
     }
 

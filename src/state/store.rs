@@ -36,6 +36,10 @@ const DURABLE_EVERY: u64 = 5_000;
 
 const FILE_NAME: &str = "state.redb";
 
+/// redb's page cache: lookups of recently active users stay in memory; the rest is one
+/// disk read away. Part of the service's memory budget.
+const CACHE_BYTES: usize = 16 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create the state directory {path}: {source}")]
@@ -72,7 +76,7 @@ impl LocalStore {
             source,
         })?;
         let path = directory.join(FILE_NAME);
-        let database = match Database::builder().set_cache_size(32 << 20).create(&path) {
+        let database = match Database::builder().set_cache_size(CACHE_BYTES).create(&path) {
             Ok(database) => database,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse { path }),
             Err(error) => {
@@ -82,7 +86,7 @@ impl LocalStore {
                     source,
                 })?;
                 Database::builder()
-                    .set_cache_size(32 << 20)
+                    .set_cache_size(CACHE_BYTES)
                     .create(&path)
                     .map_err(StoreError::storage)?
             }
@@ -149,22 +153,31 @@ impl LocalStore {
         }
     }
 
-    /// Stores what the pipeline has just written to the state topic.
-    pub fn put(&self, partition: i32, key: &str, record: &StateRecord) -> Result<(), StoreError> {
-        let durable = self.writes_since_durable.fetch_add(1, Ordering::Relaxed) + 1 >= DURABLE_EVERY;
+    /// Writes a batch of records the pipeline has written to the state topic, in one
+    /// transaction; `durable` also makes everything before it durable (an fsync).
+    pub fn put_batch(&self, records: &[(i32, String, StateRecord)], durable: bool) -> Result<(), StoreError> {
         let mut write = self.database.begin_write().map_err(StoreError::storage)?;
-        if durable {
-            self.writes_since_durable.store(0, Ordering::Relaxed);
-        } else {
+        if !durable {
             write.set_durability(Durability::None).map_err(StoreError::storage)?;
         }
         {
             let mut table = write.open_table(RECORDS).map_err(StoreError::storage)?;
-            table
-                .insert((partition as u32, key), record.encode().as_slice())
-                .map_err(StoreError::storage)?;
+            for (partition, key, record) in records {
+                table
+                    .insert((*partition as u32, key.as_str()), record.encode().as_slice())
+                    .map_err(StoreError::storage)?;
+            }
         }
-        write.commit().map_err(StoreError::storage)
+        write.commit().map_err(StoreError::storage)?;
+        if durable {
+            self.writes_since_durable.store(0, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Whether enough non-durable writes have piled up for a durable commit.
+    pub fn wants_durable_commit(&self, writes: u64) -> bool {
+        self.writes_since_durable.fetch_add(writes, Ordering::Relaxed) + writes >= DURABLE_EVERY
     }
 
     /// Applies records read from the state topic during a restore: for each key the
@@ -284,10 +297,10 @@ mod tests {
         {
             let store = LocalStore::open(directory.path(), "state-topic").unwrap();
             store
-                .put(0, "directory:acme/u1", &record(1, AccountState::Present))
+                .put_batch(&[(0, "directory:acme/u1".into(), record(1, AccountState::Present))], false)
                 .unwrap();
             store
-                .put(1, "directory:acme/u1", &record(2, AccountState::Deleted))
+                .put_batch(&[(1, "directory:acme/u1".into(), record(2, AccountState::Deleted))], false)
                 .unwrap();
             store.set_checkpoint(0, 17).unwrap();
             assert_eq!(store.len().unwrap(), 2);
@@ -333,7 +346,7 @@ mod tests {
         let store = LocalStore::open(directory.path(), "state-topic").unwrap();
         assert!(store.is_empty().unwrap());
         store
-            .put(0, "directory:acme/u1", &record(1, AccountState::Present))
+            .put_batch(&[(0, "directory:acme/u1".into(), record(1, AccountState::Present))], false)
             .unwrap();
         store.set_checkpoint(0, 3).unwrap();
         drop(store);
