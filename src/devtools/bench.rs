@@ -350,7 +350,8 @@ impl Rig {
                     })
                     .collect();
                 for result in admin.create_topics(&new_topics, &AdminOptions::new()).await? {
-                    result.map_err(|(name, code)| BenchError::Service(format!("cannot create topic {name}: {code:?}")))?;
+                    result
+                        .map_err(|(name, code)| BenchError::Service(format!("cannot create topic {name}: {code:?}")))?;
                 }
             }
         }
@@ -519,21 +520,33 @@ impl Rig {
         let reader = self.results_reader(&results_topic)?;
         let config = self.write_config("user", true)?;
         let mut service = ServiceChild::start(&config)?;
-        // Warm up: one event end to end, so the group join is behind us.
-        let (warm_id, warm_key, warm_payload) = bench_event(0, 1);
-        producer
-            .send(
-                FutureRecord::to(&events_topic).key(&warm_key).payload(&warm_payload),
-                Timeout::After(Duration::from_secs(30)),
-            )
-            .await
-            .map_err(|(error, _)| error)?;
-        loop {
+        // Warm up: one event end to end on every partition, so the group join and every
+        // partition's state restore are behind us.
+        let mut warming = std::collections::HashSet::new();
+        for partition in 0..partitions {
+            let (_, warm_key, warm_payload) = bench_event(0, 1);
+            let warm_id = format!("warm-{partition}");
+            let mut payload: serde_json::Value = serde_json::from_slice(&warm_payload).expect("JSON");
+            payload["id"] = json!(warm_id);
+            let payload = serde_json::to_vec(&payload).expect("JSON");
+            producer
+                .send(
+                    FutureRecord::to(&events_topic)
+                        .key(&warm_key)
+                        .payload(&payload)
+                        .partition(partition),
+                    Timeout::After(Duration::from_secs(30)),
+                )
+                .await
+                .map_err(|(error, _)| error)?;
+            warming.insert(warm_id);
+        }
+        while !warming.is_empty() {
             let message = tokio::time::timeout(Duration::from_secs(60), reader.recv())
                 .await
                 .map_err(|_| BenchError::Service("no warm-up result for 60 s".into()))??;
-            if result_id(&message).as_deref() == Some(warm_id.as_str()) {
-                break;
+            if let Some(id) = result_id(&message) {
+                warming.remove(&id);
             }
         }
         let cpu_start = service.usage()?.0;

@@ -39,13 +39,7 @@ pub struct Assignments {
     inner: Mutex<Inner>,
     /// How long a revoke waits for attempts already on the wire.
     revoke_wait: Duration,
-    /// Restores running at once: each holds a consumer's fetch buffers and writes to the
-    /// one local store, so more than a couple only add memory, not speed.
-    restore_slots: Arc<tokio::sync::Semaphore>,
 }
-
-/// Partitions restored at once.
-const PARALLEL_RESTORES: usize = 1;
 
 #[derive(Default)]
 struct Inner {
@@ -70,7 +64,6 @@ impl Assignments {
             events,
             inner: Mutex::new(Inner::default()),
             revoke_wait,
-            restore_slots: Arc::new(tokio::sync::Semaphore::new(PARALLEL_RESTORES)),
         });
         (assignments, receiver)
     }
@@ -134,7 +127,6 @@ impl Assignments {
             restore
         };
         let events = self.events.clone();
-        let slots = self.restore_slots.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::error!(partition, "No runtime to restore on; the partition stays held.");
             return;
@@ -143,7 +135,6 @@ impl Assignments {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let _slot = slots.acquire_owned().await.expect("restore slots are never closed");
             let task_state = state.clone();
             let result = tokio::task::spawn_blocking(move || task_state.restore(partition)).await;
             let event = match result {

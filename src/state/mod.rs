@@ -127,6 +127,8 @@ pub struct ProvisioningState {
     /// The local store's writer thread (write-behind: batches, and the occasional
     /// durable commit's fsync, never block the pipeline's tasks).
     writer: Mutex<std::sync::mpsc::Sender<(i32, String, StateRecord)>>,
+    /// Held while a restore reads the topic.
+    read_slot: Mutex<()>,
     kafka: KafkaSettings,
     topic: String,
     epoch: u32,
@@ -156,6 +158,7 @@ impl ProvisioningState {
             store,
             pending,
             writer: Mutex::new(writer),
+            read_slot: Mutex::new(()),
             kafka: kafka.clone(),
             topic: settings.topic.clone(),
             epoch: settings.version_epoch,
@@ -339,6 +342,22 @@ impl ProvisioningState {
             self.store.clear_partition(partition)?;
         }
         let from = if full { low } else { checkpoint.unwrap_or(low) };
+        if from >= high {
+            // Nothing new on the topic: no reader, no wait for the read slot.
+            self.store.set_checkpoint(partition, high)?;
+            return Ok(RestoreReport {
+                partition,
+                from_offset: from,
+                next_offset: high,
+                records: 0,
+                ignored: 0,
+                elapsed: started.elapsed(),
+                full,
+            });
+        }
+        // One partition is read at a time: each reader holds fetch buffers, and they all
+        // write to the one local store, so more at once add memory, not speed.
+        let _slot = self.read_slot.lock().expect("restore read slot");
         let mut ignored = 0;
         let mut failure = None;
         let end = state_topic::read_partition(

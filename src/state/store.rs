@@ -297,10 +297,16 @@ mod tests {
         {
             let store = LocalStore::open(directory.path(), "state-topic").unwrap();
             store
-                .put_batch(&[(0, "directory:acme/u1".into(), record(1, AccountState::Present))], false)
+                .put_batch(
+                    &[(0, "directory:acme/u1".into(), record(1, AccountState::Present))],
+                    false,
+                )
                 .unwrap();
             store
-                .put_batch(&[(1, "directory:acme/u1".into(), record(2, AccountState::Deleted))], false)
+                .put_batch(
+                    &[(1, "directory:acme/u1".into(), record(2, AccountState::Deleted))],
+                    false,
+                )
                 .unwrap();
             store.set_checkpoint(0, 17).unwrap();
             assert_eq!(store.len().unwrap(), 2);
@@ -346,7 +352,10 @@ mod tests {
         let store = LocalStore::open(directory.path(), "state-topic").unwrap();
         assert!(store.is_empty().unwrap());
         store
-            .put_batch(&[(0, "directory:acme/u1".into(), record(1, AccountState::Present))], false)
+            .put_batch(
+                &[(0, "directory:acme/u1".into(), record(1, AccountState::Present))],
+                false,
+            )
             .unwrap();
         store.set_checkpoint(0, 3).unwrap();
         drop(store);
