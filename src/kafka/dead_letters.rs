@@ -56,13 +56,15 @@ pub enum ReplayError {
     NothingSelected,
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("reading the dead-letter topic failed: {0}")]
+    Scan(String),
 }
 
 impl ReplayError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ReplayError::NothingSelected => false,
-            ReplayError::Kafka(_) => true,
+            ReplayError::Kafka(_) | ReplayError::Scan(_) => true,
         }
     }
 }
@@ -76,79 +78,31 @@ pub async fn replay(
     if selection.is_empty() {
         return Err(ReplayError::NothingSelected);
     }
-    let topic = settings.dead_letter_topic.clone();
-    let consumer: BaseConsumer = base_client_config(settings)
-        .set("group.id", format!("provisioner-dlq-replay-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-    let mut assignment = TopicPartitionList::new();
-    let mut ends = Vec::new();
-    for partition in metadata
-        .topics()
-        .iter()
-        .filter(|found| found.name() == topic)
-        .flat_map(|found| found.partitions().iter().map(|partition| partition.id()))
-    {
-        let (low, high) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
-        if high > low {
-            assignment.add_partition_offset(&topic, partition, Offset::Offset(low))?;
-            ends.push((partition, high));
-        }
-    }
-    consumer.assign(&assignment)?;
+    // The dead-letter topic is read with librdkafka's blocking poll, on a blocking
+    // thread; chosen records come over a bounded channel and are produced here.
+    let (chosen, mut to_replay) = tokio::sync::mpsc::channel::<Chosen>(256);
+    let scan_settings = settings.clone();
+    let scan_selection = selection.clone();
+    let scanner = tokio::task::spawn_blocking(move || scan(&scan_settings, &scan_selection, &chosen));
     let producer: FutureProducer = base_client_config(settings)
         .set("enable.idempotence", "true")
         .create()?;
-
     let mut report = ReplayReport::default();
-    let mut open_partitions = ends.clone();
-    while !open_partitions.is_empty() {
-        let Some(polled) = consumer.poll(Duration::from_secs(10)) else {
-            break;
-        };
-        let message = polled?;
-        if let Some(index) = open_partitions
-            .iter()
-            .position(|(partition, end)| *partition == message.partition() && message.offset() + 1 >= *end)
-        {
-            open_partitions.remove(index);
-        }
-        if ends
-            .iter()
-            .any(|(partition, end)| *partition == message.partition() && message.offset() >= *end)
-        {
-            continue;
-        }
-        report.scanned += 1;
-        let headers: Vec<(String, Vec<u8>)> = message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|header| (header.key.to_string(), header.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !selected(selection, &headers, message.payload()) {
-            continue;
-        }
-        if selection.limit.is_some_and(|limit| report.replayed >= limit) {
-            break;
-        }
+    while let Some(found) = to_replay.recv().await {
         report.replayed += 1;
         if dry_run {
             continue;
         }
-        let source_topic = header(&headers, SOURCE_TOPIC_HEADER)
+        let headers = &found.headers;
+        let source_topic = header(headers, SOURCE_TOPIC_HEADER)
             .filter(|source| settings.event_topics.contains(source))
             .unwrap_or_else(|| settings.event_topics[0].clone());
         // The event goes back to the partition it first came from, where its user's
         // provisioning state lives (the default partitioner of this client may hash its
         // key elsewhere), and carries that position, its version, with it.
-        let source = header(&headers, SOURCE_PARTITION_HEADER)
+        let source = header(headers, SOURCE_PARTITION_HEADER)
             .and_then(|partition| partition.parse::<i32>().ok())
-            .zip(header(&headers, SOURCE_OFFSET_HEADER).and_then(|offset| offset.parse::<i64>().ok()));
+            .zip(header(headers, SOURCE_OFFSET_HEADER).and_then(|offset| offset.parse::<i64>().ok()));
         let origin = headers
             .iter()
             .rev()
@@ -172,15 +126,15 @@ pub async fn replay(
             });
         }
         let mut record = FutureRecord::to(&source_topic)
-            .payload(message.payload().unwrap_or_default())
+            .payload(found.payload.as_deref().unwrap_or_default())
             .headers(original_headers);
-        if let Some(key) = message.key() {
+        if let Some(key) = &found.key {
             record = record.key(key);
         }
         if let Some((partition, _)) = origin {
             record = record.partition(partition);
         }
-        if let Some(event_id) = event_id(&headers, message.payload()) {
+        if let Some(event_id) = event_id(headers, found.payload.as_deref()) {
             report.event_ids.push(event_id);
         }
         producer
@@ -188,7 +142,94 @@ pub async fn replay(
             .await
             .map_err(|(error, _)| ReplayError::Kafka(error))?;
     }
+    report.scanned = scanner.await.map_err(|error| ReplayError::Scan(error.to_string()))??;
     Ok(report)
+}
+
+/// A dead letter chosen for replay, detached from librdkafka's buffers.
+struct Chosen {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads the dead-letter topic from its start to the end it had when the scan began,
+/// handing over the chosen records (up to the selection's limit). Returns how many were
+/// scanned. Blocking.
+fn scan(
+    settings: &KafkaSettings,
+    selection: &ReplaySelection,
+    chosen: &tokio::sync::mpsc::Sender<Chosen>,
+) -> Result<usize, ReplayError> {
+    let topic = settings.dead_letter_topic.clone();
+    let consumer: BaseConsumer = base_client_config(settings)
+        .set("group.id", format!("provisioner-dlq-replay-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+    let mut assignment = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for partition in metadata
+        .topics()
+        .iter()
+        .filter(|found| found.name() == topic)
+        .flat_map(|found| found.partitions().iter().map(|partition| partition.id()))
+    {
+        let (low, high) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
+        if high > low {
+            assignment.add_partition_offset(&topic, partition, Offset::Offset(low))?;
+            ends.push((partition, high));
+        }
+    }
+    consumer.assign(&assignment)?;
+    let mut scanned = 0;
+    let mut handed_over = 0;
+    let mut open_partitions = ends.clone();
+    while !open_partitions.is_empty() {
+        let Some(polled) = consumer.poll(Duration::from_secs(10)) else {
+            break;
+        };
+        let message = polled?;
+        if let Some(index) = open_partitions
+            .iter()
+            .position(|(partition, end)| *partition == message.partition() && message.offset() + 1 >= *end)
+        {
+            open_partitions.remove(index);
+        }
+        if ends
+            .iter()
+            .any(|(partition, end)| *partition == message.partition() && message.offset() >= *end)
+        {
+            continue;
+        }
+        scanned += 1;
+        let headers: Vec<(String, Vec<u8>)> = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| (header.key.to_string(), header.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !selected(selection, &headers, message.payload()) {
+            continue;
+        }
+        if selection.limit.is_some_and(|limit| handed_over >= limit) {
+            break;
+        }
+        handed_over += 1;
+        let found = Chosen {
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        };
+        if chosen.blocking_send(found).is_err() {
+            // The producing side stopped (a produce failed): its error is the report.
+            break;
+        }
+    }
+    Ok(scanned)
 }
 
 fn header(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {

@@ -75,21 +75,6 @@ async fn publish_to(producer: &FutureProducer, topic: &str, partition: i32, payl
         .expect("acknowledged");
 }
 
-/// Reads results until `event_id`'s arrives.
-async fn result_of(results: &mut TopicReader, event_id: &str) -> ProvisioningResult {
-    results
-        .read_until(&format!("the result of {event_id}"), WAIT, |records| {
-            records.iter().any(|record| record.result().event_id == event_id)
-        })
-        .await;
-    results
-        .records
-        .iter()
-        .map(|record| record.result())
-        .find(|result| result.event_id == event_id)
-        .unwrap()
-}
-
 fn user_event(id: &str, event_type: &str, user: &str, family: &str) -> Vec<u8> {
     event_json(
         id,
@@ -134,13 +119,13 @@ async fn a_replayed_create_older_than_the_delete_is_stale_and_the_leaver_stays_d
         ..Faults::default()
     });
     publish_to(&producer, &names.events, partition, &create).await;
-    let failed = result_of(&mut results, "e-create").await;
+    let failed = results.result_of("e-create", WAIT).await;
     assert_eq!(failed.status, Status::Failed, "{failed:?}");
     emulator.set_faults(Faults::default());
 
     let delete = user_event("e-delete", "user.deleted", "u-leaver", "v1");
     publish_to(&producer, &names.events, partition, &delete).await;
-    let deleted = result_of(&mut results, "e-delete").await;
+    let deleted = results.result_of("e-delete", WAIT).await;
     assert_eq!(deleted.results[0].outcome, Outcome::AlreadyAbsent, "{deleted:?}");
 
     let from = dead_letters::results_end(&settings.kafka).unwrap();
@@ -203,7 +188,7 @@ async fn a_user_renamed_twice_is_updated_in_place_by_remote_id() {
     let mut results = TopicReader::new(&names.results, 1);
     let create = user_event("r-0", "user.created", "u-renamed", "Original");
     publish(&producer, &names.events, Some(&user_key(&create)), &create, &[]).await;
-    let created = result_of(&mut results, "r-0").await;
+    let created = results.result_of("r-0", WAIT).await;
     let remote_id = created.results[0].remote_id.clone().expect("a remote id");
     let searches_after_create = searches(&emulator);
     for (index, user_name) in ["renamed.once", "renamed.twice"].iter().enumerate() {
@@ -216,7 +201,7 @@ async fn a_user_renamed_twice_is_updated_in_place_by_remote_id() {
             json!({"user": {"userName": user_name, "name": {"givenName": "Test", "familyName": "Renamed"}}}),
         );
         publish(&producer, &names.events, Some(&user_key(&rename)), &rename, &[]).await;
-        let updated = result_of(&mut results, &id).await;
+        let updated = results.result_of(&id, WAIT).await;
         assert_eq!(updated.results[0].outcome, Outcome::Updated, "{updated:?}");
         assert_eq!(updated.results[0].remote_id.as_deref(), Some(remote_id.as_str()));
     }
@@ -278,7 +263,7 @@ async fn a_target_that_does_not_advertise_filtering_is_fully_provisioned() {
         for (id, event_type, family, expected) in steps {
             let event = user_event(id, event_type, "u-existing", family);
             publish(&producer, &names.events, Some(&user_key(&event)), &event, &[]).await;
-            let result = result_of(&mut results, id).await;
+            let result = results.result_of(id, WAIT).await;
             assert_eq!(
                 result.results[0].outcome, expected,
                 "filter works: {filter_works}; {result:?}"
@@ -315,7 +300,7 @@ async fn a_fresh_instance_restores_from_the_topic_and_updates_by_remote_id() {
         publish(&producer, &names.events, Some(&user_key(&create)), &create, &[]).await;
     }
     for user in 0..10 {
-        result_of(&mut results, &format!("c-{user}")).await;
+        results.result_of(&format!("c-{user}"), WAIT).await;
     }
     first.stop().await;
 
@@ -324,7 +309,7 @@ async fn a_fresh_instance_restores_from_the_topic_and_updates_by_remote_id() {
     let searches_before = searches(&emulator);
     let update = user_event("u-3-update", "user.updated", "u3", "v2");
     publish(&producer, &names.events, Some(&user_key(&update)), &update, &[]).await;
-    let updated = result_of(&mut results, "u-3-update").await;
+    let updated = results.result_of("u-3-update", WAIT).await;
     assert_eq!(updated.results[0].outcome, Outcome::Updated);
     assert_eq!(
         searches(&emulator),
@@ -354,7 +339,7 @@ async fn a_record_with_the_wrong_key_is_dead_lettered() {
     let good = user_event("k-good", "user.created", "u-good", "v1");
     publish(&producer, &names.events, Some(&user_key(&good)), &good, &[]).await;
     let mut results = TopicReader::new(&names.results, 1);
-    let applied = result_of(&mut results, "k-good").await;
+    let applied = results.result_of("k-good", WAIT).await;
     assert_eq!(applied.status, Status::Succeeded);
     let mut dead_letters = TopicReader::new(&names.dead_letters, 1);
     dead_letters

@@ -94,21 +94,6 @@ async fn publish_event(producer: &rdkafka::producer::FutureProducer, topic: &str
     publish(producer, topic, Some(&user_key(event)), event, &[]).await;
 }
 
-/// Reads results until `event_id`'s arrives; returns the last one read for it.
-async fn result_of(results: &mut TopicReader, event_id: &str) -> ProvisioningResult {
-    results
-        .read_until(&format!("the result of {event_id}"), WAIT, |records| {
-            records.iter().any(|record| record.result().event_id == event_id)
-        })
-        .await;
-    results
-        .records
-        .iter()
-        .map(|record| record.result())
-        .rfind(|result| result.event_id == event_id)
-        .unwrap()
-}
-
 /// Searches and listings: every `GET …/Users` (by id is `GET …/Users/{id}`).
 fn searches(emulator: &ScimEmulator) -> usize {
     emulator
@@ -289,7 +274,7 @@ async fn kill_between_the_target_call_and_the_state_write(can_filter: bool) {
     let mut results = TopicReader::new(&names.results, 1);
     let mut remote_ids = BTreeMap::new();
     for user in &users {
-        let result = result_of(&mut results, &format!("create-{user}")).await;
+        let result = results.result_of(&format!("create-{user}"), WAIT).await;
         assert_eq!(result.status, Status::Succeeded, "{case}: {result:?}");
         assert_eq!(
             result.results[0].outcome,
@@ -340,7 +325,7 @@ async fn kill_between_the_target_call_and_the_state_write(can_filter: bool) {
         .await;
     }
     for user in &users {
-        let result = result_of(&mut results, &format!("sentinel-{user}")).await;
+        let result = results.result_of(&format!("sentinel-{user}"), WAIT).await;
         assert_eq!(result.results[0].outcome, Outcome::Updated, "{case}: {result:?}");
         assert_eq!(result.results[0].remote_id.as_ref(), remote_ids.get(user));
     }
@@ -588,7 +573,7 @@ async fn state_show_prints_what_the_target_holds_for_a_user() {
         &user_event("show-create", "user.created", &user, "v1"),
     )
     .await;
-    let created = result_of(&mut results, "show-create").await;
+    let created = results.result_of("show-create", WAIT).await;
     assert_eq!(created.results[0].outcome, Outcome::Created, "{created:?}");
     assert_eq!(
         created.version.as_ref().unwrap().partition,
@@ -616,7 +601,7 @@ async fn state_show_prints_what_the_target_holds_for_a_user() {
         &user_event("show-delete", "user.deleted", &user, "v1"),
     )
     .await;
-    let deleted = result_of(&mut results, "show-delete").await;
+    let deleted = results.result_of("show-delete", WAIT).await;
     assert_eq!(deleted.results[0].outcome, Outcome::Deleted, "{deleted:?}");
     let shown = shown_state(&config, &key).await.expect("a state for the directory");
     assert_eq!(shown["account"], "deleted", "{shown}");
@@ -644,7 +629,7 @@ async fn state_show_prints_what_the_target_holds_for_a_user() {
         .await
         .map_err(|(error, _)| error)
         .expect("acknowledged");
-    let created = result_of(&mut results, "java-create").await;
+    let created = results.result_of("java-create", WAIT).await;
     assert_eq!(created.version.as_ref().unwrap().partition, java_partition);
     let shown = shown_state(&config, &java_key)
         .await
@@ -734,7 +719,7 @@ async fn undecodable_state_records_are_logged_with_their_key_and_ignored() {
     let update = user_event("garbage-update", "user.updated", "u-garbage", "v2");
     publish_event(&producer, &names.events, &update).await;
     let mut results = TopicReader::new(&names.results, 1);
-    let updated = result_of(&mut results, "garbage-update").await;
+    let updated = results.result_of("garbage-update", WAIT).await;
     assert_eq!(updated.results[0].outcome, Outcome::Updated, "{updated:?}");
     assert_eq!(updated.results[0].remote_id.as_deref(), Some(existing_id.as_str()));
     assert!(

@@ -266,6 +266,21 @@ impl TopicReader {
         }
     }
 
+    /// Reads until the result of `event_id` has arrived; returns the last one read for it
+    /// (a redelivered event may have several). Its users need the emulators.
+    #[cfg_attr(not(feature = "devtools"), allow(dead_code))]
+    pub async fn result_of(&mut self, event_id: &str, timeout: Duration) -> ProvisioningResult {
+        self.read_until(&format!("the result of {event_id}"), timeout, |records| {
+            records.iter().any(|record| record.result().event_id == event_id)
+        })
+        .await;
+        self.records
+            .iter()
+            .map(OutputRecord::result)
+            .rfind(|result| result.event_id == event_id)
+            .expect("read until it arrived")
+    }
+
     /// Reads until `done(records)` holds, or panics after `timeout`.
     pub async fn read_until(&mut self, what: &str, timeout: Duration, done: impl Fn(&[OutputRecord]) -> bool) {
         let deadline = tokio::time::Instant::now() + timeout;
