@@ -19,6 +19,12 @@ pub const HEADER_PREFIX: &str = "x-provisioner-";
 /// often it is dead-lettered and replayed again.
 pub const ORIGIN_HEADER: &str = "x-provisioner-origin";
 
+/// Set on a dead letter whose value was too large to write whole: the original size in
+/// bytes. The value then holds only its first [`TRUNCATED_VALUE_BYTES`].
+pub const TRUNCATED_HEADER: &str = "x-provisioner-truncated-from";
+/// How much of a too-large value a truncated dead letter keeps.
+pub const TRUNCATED_VALUE_BYTES: usize = 64 * 1024;
+
 /// Reads [`ORIGIN_HEADER`]'s value.
 pub fn parse_origin(value: &[u8]) -> Option<(i32, i64)> {
     let text = std::str::from_utf8(value).ok()?;

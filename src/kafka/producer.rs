@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
@@ -26,6 +26,18 @@ pub enum ProduceError {
 }
 
 impl ProduceError {
+    /// The record can never be written as it is: larger than the producer's
+    /// `message.max.bytes` or the topic's `max.message.bytes`. Retrying cannot help.
+    pub fn is_too_large(&self) -> bool {
+        match self {
+            ProduceError::Delivery { source, .. } => matches!(
+                source.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+            ),
+            ProduceError::Create(_) => false,
+        }
+    }
+
     /// Every delivery failure is worth retrying: librdkafka has already retried within
     /// `message.timeout.ms`, so a failure means the broker is unreachable or refusing,
     /// which an operator can fix. The input offset stays unstored meanwhile.

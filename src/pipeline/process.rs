@@ -16,7 +16,7 @@ use crate::connectors::{ConnectorError, ConnectorHandle, ConnectorSet};
 use crate::dead_letter::{self, CONNECTOR_FAILED_REASON, INTERNAL_ERROR_REASON};
 use crate::domain::UserChange;
 use crate::event::{self, DecodeError, ReplyRoute, UserEvent};
-use crate::kafka::producer::{EventProducer, OutboundRecord};
+use crate::kafka::producer::{EventProducer, OutboundRecord, ProduceError};
 use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::Assignments;
@@ -371,7 +371,7 @@ async fn apply_versioned(
 async fn publish_state(worker: &Worker, versioned: &Versioned<'_>, key: &StateKey, record: &StateRecord) {
     let payload = record.encode();
     let encoded_key = key.encode();
-    produce_durably(
+    if let Err(error) = produce_durably(
         worker,
         "state",
         OutboundRecord {
@@ -382,7 +382,11 @@ async fn publish_state(worker: &Worker, versioned: &Versioned<'_>, key: &StateKe
             headers: vec![("content-type", b"application/json")],
         },
     )
-    .await;
+    .await
+    {
+        // Never expected: these records are small. Logged rather than retried for ever.
+        tracing::error!(error = %error, destination = "state", "Record too large to produce; skipped.");
+    }
     versioned.state.remember(versioned.partition, key, record);
 }
 
@@ -566,7 +570,7 @@ async fn reject_undecodable(worker: &Worker, record: &InboundRecord, error: Deco
 
 async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &ProvisioningResult) {
     let payload = serde_json::to_vec(reply).expect("results serialise");
-    produce_durably(
+    if let Err(error) = produce_durably(
         worker,
         "reply",
         OutboundRecord {
@@ -580,13 +584,17 @@ async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &Provisioning
             ],
         },
     )
-    .await;
+    .await
+    {
+        // Never expected: these records are small. Logged rather than retried for ever.
+        tracing::error!(error = %error, destination = "reply", "Record too large to produce; skipped.");
+    }
 }
 
 async fn publish_result(worker: &Worker, event: &UserEvent, result: &ProvisioningResult) {
     let payload = serde_json::to_vec(result).expect("results serialise");
     let key = event.user_key();
-    produce_durably(
+    if let Err(error) = produce_durably(
         worker,
         "result",
         OutboundRecord {
@@ -598,6 +606,10 @@ async fn publish_result(worker: &Worker, event: &UserEvent, result: &Provisionin
         },
     )
     .await
+    {
+        // Never expected: these records are small. Logged rather than retried for ever.
+        tracing::error!(error = %error, destination = "result", "Record too large to produce; skipped.");
+    }
 }
 
 async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &str, message: &str) {
@@ -621,25 +633,41 @@ async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &s
         (dead_letter::FAILED_AT_HEADER, failed_at.as_bytes()),
         (dead_letter::ORIGIN_HEADER, origin.as_bytes()),
     ]);
-    produce_durably(
-        worker,
-        "dead_letter",
-        OutboundRecord {
+    let value = record.value.as_deref().unwrap_or_default();
+    let whole = OutboundRecord {
+        topic: &worker.dead_letter_topic,
+        partition: None,
+        key: record.key.as_deref(),
+        payload: value,
+        headers: headers.clone(),
+    };
+    if let Err(error) = produce_durably(worker, "dead_letter", whole).await {
+        // Too large to write whole (an oversized event, say): a dead letter that waits
+        // for ever would wedge the partition. Keep the start of the value and say so.
+        let original_size = value.len().to_string();
+        tracing::error!(error = %error, bytes = value.len(), kept = dead_letter::TRUNCATED_VALUE_BYTES, "Dead letter too large to write whole; writing it truncated.");
+        let mut truncated_headers = headers;
+        truncated_headers.push((dead_letter::TRUNCATED_HEADER, original_size.as_bytes()));
+        let truncated = OutboundRecord {
             topic: &worker.dead_letter_topic,
             partition: None,
             key: record.key.as_deref(),
-            payload: record.value.as_deref().unwrap_or_default(),
-            headers,
-        },
-    )
-    .await;
+            payload: &value[..value.len().min(dead_letter::TRUNCATED_VALUE_BYTES)],
+            headers: truncated_headers,
+        };
+        if let Err(error) = produce_durably(worker, "dead_letter", truncated).await {
+            tracing::error!(error = %error, "Even the truncated dead letter is too large (its headers?); the event is dropped with this log line as its only trace.");
+        }
+    }
     worker.metrics.dead_letters.with_label_values(&[reason]).inc();
 }
 
 /// Produces until the broker acknowledges, backing off between failures. It never gives
-/// up by itself: the input offset must not move past an event whose outputs are not
-/// durable. At shutdown the drain's grace period bounds it; an aborted event is redone.
-async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRecord<'_>) {
+/// up on a failure that may pass (the input offset must not move past an event whose
+/// outputs are not durable; at shutdown the drain's grace period bounds it and an
+/// aborted event is redone). A record too large to ever be written is returned as an
+/// error at once: retrying it would wedge the partition for ever.
+async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRecord<'_>) -> Result<(), ProduceError> {
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = OutboundRecord {
@@ -650,7 +678,11 @@ async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRec
             headers: record.headers.clone(),
         };
         match worker.producer.send(attempt).await {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_too_large() => {
+                worker.metrics.produce_failures.with_label_values(&[destination]).inc();
+                return Err(error);
+            }
             Err(error) => {
                 worker.metrics.produce_failures.with_label_values(&[destination]).inc();
                 if destination == "reply" {

@@ -234,3 +234,80 @@ proptest! {
         prop_assert_eq!(serde_json::to_value(&decoded).unwrap(), document);
     }
 }
+
+/// An event larger than `pipeline.max_event_bytes` on a topic that accepts it (1.5 MB):
+/// it is rightly refused as `oversized`, but its dead letter cannot be written whole
+/// (the producer's `message.max.bytes` is 1 MB). The dead letter is written truncated,
+/// saying so, and the partition moves on instead of retrying for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_to_write_is_truncated_and_the_partition_moves_on() {
+    use crate::support::app::TestApp;
+    use crate::support::broker::broker;
+    use crate::support::doubles::RecordingConnector;
+
+    let names = Names::new("bigdlq");
+    broker()
+        .create_topics_with(&[&names.events], 1, &[("max.message.bytes", "3000000")])
+        .await;
+    broker()
+        .create_topics_with(&[&names.state], 1, &[("cleanup.policy", "compact")])
+        .await;
+    broker()
+        .create_topics(&[&names.results, &names.replies, &names.dead_letters], 1)
+        .await;
+    let settings = provisioner::settings::Settings::from_toml_str(&format!(
+        r#"{kafka}
+        [connectors.directory]
+        type = "scim2"
+        base_url = "http://127.0.0.1:9/unused"
+        [[tenants.acme.resident.bindings]]
+        connector = "directory"
+        "#,
+        kafka = names.kafka_toml()
+    ))
+    .unwrap();
+    let directory = RecordingConnector::new();
+    let app = TestApp::spawn(settings, vec![("directory", directory.clone())]).await;
+
+    let mut huge = valid_event();
+    huge["data"]["user"]["attributes"] = serde_json::json!({"blob": "x".repeat(1_500_000)});
+    let huge = huge.to_string().into_bytes();
+    let big_producer: rdkafka::producer::FutureProducer = broker()
+        .client_config()
+        .set("message.max.bytes", "3000000")
+        .create()
+        .unwrap();
+    publish(&big_producer, &names.events, Some("acme/u"), &huge, &[]).await;
+    let good = event_json(
+        "after-the-huge",
+        "user.created",
+        "acme",
+        "u-good",
+        serde_json::json!({}),
+    );
+    publish(&producer(), &names.events, Some(&user_key(&good)), &good, &[]).await;
+
+    let mut results = TopicReader::new(&names.results, 1);
+    let result = results.result_of("after-the-huge", Duration::from_secs(60)).await;
+    assert_eq!(
+        result.status,
+        provisioner::result::Status::Succeeded,
+        "the partition moved on"
+    );
+    let mut dead_letters = TopicReader::new(&names.dead_letters, 1);
+    dead_letters
+        .read_until("the truncated dead letter", Duration::from_secs(30), |records| {
+            !records.is_empty()
+        })
+        .await;
+    let letter = &dead_letters.records[0];
+    assert_eq!(letter.headers["x-provisioner-reason"], "oversized");
+    assert_eq!(letter.headers["x-provisioner-truncated-from"], huge.len().to_string());
+    assert_eq!(letter.value.len(), provisioner::dead_letter::TRUNCATED_VALUE_BYTES);
+    assert_eq!(
+        &letter.value[..],
+        &huge[..letter.value.len()],
+        "the start of the original"
+    );
+    app.stop().await;
+}
