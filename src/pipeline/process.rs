@@ -371,7 +371,8 @@ async fn apply_versioned(
 async fn publish_state(worker: &Worker, versioned: &Versioned<'_>, key: &StateKey, record: &StateRecord) {
     let payload = record.encode();
     let encoded_key = key.encode();
-    if let Err(error) = produce_durably(
+    // Retried until written: only dead letters give up (see produce_durably).
+    let _ = produce_durably(
         worker,
         "state",
         OutboundRecord {
@@ -382,11 +383,7 @@ async fn publish_state(worker: &Worker, versioned: &Versioned<'_>, key: &StateKe
             headers: vec![("content-type", b"application/json")],
         },
     )
-    .await
-    {
-        // Never expected: these records are small. Logged rather than retried for ever.
-        tracing::error!(error = %error, destination = "state", "Record too large to produce; skipped.");
-    }
+    .await;
     versioned.state.remember(versioned.partition, key, record);
 }
 
@@ -570,7 +567,7 @@ async fn reject_undecodable(worker: &Worker, record: &InboundRecord, error: Deco
 
 async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &ProvisioningResult) {
     let payload = serde_json::to_vec(reply).expect("results serialise");
-    if let Err(error) = produce_durably(
+    let _ = produce_durably(
         worker,
         "reply",
         OutboundRecord {
@@ -584,17 +581,13 @@ async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &Provisioning
             ],
         },
     )
-    .await
-    {
-        // Never expected: these records are small. Logged rather than retried for ever.
-        tracing::error!(error = %error, destination = "reply", "Record too large to produce; skipped.");
-    }
+    .await;
 }
 
 async fn publish_result(worker: &Worker, event: &UserEvent, result: &ProvisioningResult) {
     let payload = serde_json::to_vec(result).expect("results serialise");
     let key = event.user_key();
-    if let Err(error) = produce_durably(
+    let _ = produce_durably(
         worker,
         "result",
         OutboundRecord {
@@ -605,11 +598,7 @@ async fn publish_result(worker: &Worker, event: &UserEvent, result: &Provisionin
             headers: vec![("content-type", b"application/json")],
         },
     )
-    .await
-    {
-        // Never expected: these records are small. Logged rather than retried for ever.
-        tracing::error!(error = %error, destination = "result", "Record too large to produce; skipped.");
-    }
+    .await;
 }
 
 async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &str, message: &str) {
@@ -665,8 +654,8 @@ async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &s
 /// Produces until the broker acknowledges, backing off between failures. It never gives
 /// up on a failure that may pass (the input offset must not move past an event whose
 /// outputs are not durable; at shutdown the drain's grace period bounds it and an
-/// aborted event is redone). A record too large to ever be written is returned as an
-/// error at once: retrying it would wedge the partition for ever.
+/// aborted event is redone). A dead letter too large to ever be written is returned as
+/// an error at once, for its caller to truncate: retrying it would wedge the partition.
 async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRecord<'_>) -> Result<(), ProduceError> {
     let mut delay = Duration::from_millis(200);
     loop {
@@ -679,7 +668,10 @@ async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRec
         };
         match worker.producer.send(attempt).await {
             Ok(()) => return Ok(()),
-            Err(error) if error.is_too_large() => {
+            // Only a dead letter carries an arbitrary payload, and only its caller can
+            // shrink it. Results, replies and state records are small: a topic that
+            // refuses them is misconfigured, and retrying (visibly) loses nothing.
+            Err(error) if error.is_too_large() && destination == "dead_letter" => {
                 worker.metrics.produce_failures.with_label_values(&[destination]).inc();
                 return Err(error);
             }
