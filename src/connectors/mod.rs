@@ -155,6 +155,22 @@ impl RetryClass for ConnectorError {
     }
 }
 
+/// The outcome of a delete call for the account `remote_id`: a 404 means the account
+/// was already gone (deleted by someone else since we found it), which is success.
+pub fn deleted_or_absent<T>(result: Result<T, ConnectorError>, remote_id: String) -> Result<Applied, ConnectorError> {
+    match result {
+        Ok(_) => Ok(Applied {
+            outcome: Outcome::Deleted,
+            remote_id: Some(remote_id),
+        }),
+        Err(ConnectorError::Rejected { status: 404, .. }) => Ok(Applied {
+            outcome: Outcome::AlreadyAbsent,
+            remote_id: Some(remote_id),
+        }),
+        Err(error) => Err(error),
+    }
+}
+
 /// Why the configured connectors could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {

@@ -203,11 +203,8 @@ impl ProvisioningState {
     /// with a warning.
     pub async fn check_configs(&self, dead_letters: &str) -> Result<(), StateError> {
         let Some(facts) = state_topic::describe_topic(&self.kafka, &self.topic, true).await? else {
-            return Err(StateError::TopicMissing {
-                topic: self.topic.clone(),
-                input: String::new(),
-                partitions: 0,
-            });
+            // `check_partitions` reports a missing topic, with what to create.
+            return Ok(());
         };
         let TopicFacts {
             cleanup_policy,

@@ -25,7 +25,7 @@ use crate::connectors::http::{build_client, json_body, retry_after, status_error
 use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
 use crate::connectors::oauth::{request_jwt_bearer_token, send_authorised, Target, Token, TokenCache};
-use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
+use crate::connectors::{deleted_or_absent, Applied, BuildError, Connector, ConnectorError};
 use crate::domain::{Operation, Outcome, UserChange};
 use crate::secret::Secret;
 
@@ -153,17 +153,7 @@ impl GoogleConnector {
         };
         let url = self.user_url(&remote.id);
         match self.settings.deprovision {
-            GoogleDeprovision::Delete => match self.send(|http| http.delete(url.clone())).await {
-                Ok(_) => Ok(Applied {
-                    outcome: Outcome::Deleted,
-                    remote_id: Some(remote.id),
-                }),
-                Err(ConnectorError::Rejected { status: 404, .. }) => Ok(Applied {
-                    outcome: Outcome::AlreadyAbsent,
-                    remote_id: Some(remote.id),
-                }),
-                Err(error) => Err(error),
-            },
+            GoogleDeprovision::Delete => deleted_or_absent(self.send(|http| http.delete(url.clone())).await, remote.id),
             GoogleDeprovision::Suspend => {
                 let body = json!({"suspended": true});
                 self.send(|http| http.patch(url.clone()).json(&body)).await?;

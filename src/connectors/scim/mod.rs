@@ -23,7 +23,7 @@ use crate::connectors::oauth::{request_token, send_authorised, Target, Token, To
 use crate::connectors::scim::settings::{
     PasswordProvisioning, Scim2Settings, ScimAuth, ScimDeprovision, UserStoreDomainHandling,
 };
-use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
+use crate::connectors::{deleted_or_absent, Applied, BuildError, Connector, ConnectorError};
 use crate::domain::{Operation, Outcome, User, UserChange};
 use crate::secret::Secret;
 
@@ -225,17 +225,7 @@ impl ScimConnector {
                         &[StatusCode::NO_CONTENT, StatusCode::OK],
                     )
                     .await;
-                match result {
-                    Ok(_) => Ok(Applied {
-                        outcome: Outcome::Deleted,
-                        remote_id: Some(remote.id),
-                    }),
-                    Err(ConnectorError::Rejected { status: 404, .. }) => Ok(Applied {
-                        outcome: Outcome::AlreadyAbsent,
-                        remote_id: Some(remote.id),
-                    }),
-                    Err(error) => Err(error),
-                }
+                deleted_or_absent(result, remote.id)
             }
             ScimDeprovision::Deactivate => {
                 let id = self

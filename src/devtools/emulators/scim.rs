@@ -488,13 +488,19 @@ async fn replace_user(
     if !precondition_holds(&state, &headers, user) {
         return stale_version();
     }
-    if let Some(message) = conflict(&directory, &resource, Some(&id)) {
+    store_replacement(&state, &mut directory, id, resource)
+}
+
+/// Stores `resource` as the new state of existing user `id` (PUT, or PATCH applied):
+/// refused if it takes another user's unique values; the version moves on.
+fn store_replacement(state: &ScimState, directory: &mut Directory, id: String, resource: Value) -> Response {
+    if let Some(message) = conflict(directory, &resource, Some(&id)) {
         return scim_error(StatusCode::CONFLICT, Some("uniqueness"), &message);
     }
-    let user = directory.users.get(&id).expect("checked above");
+    let user = directory.users.get(&id).expect("the caller found the user");
     let created = user.resource.pointer("/meta/created").cloned();
     let version = user.version + 1;
-    let resource = with_meta(&state, &id, resource, version, created);
+    let resource = with_meta(state, &id, resource, version, created);
     let response = resource_response(StatusCode::OK, &resource);
     directory.put(id, StoredUser { resource, version });
     response
@@ -552,16 +558,7 @@ async fn patch_user(
             }
         }
     }
-    if let Some(message) = conflict(&directory, &resource, Some(&id)) {
-        return scim_error(StatusCode::CONFLICT, Some("uniqueness"), &message);
-    }
-    let user = directory.users.get(&id).expect("checked above");
-    let created = user.resource.pointer("/meta/created").cloned();
-    let version = user.version + 1;
-    let resource = with_meta(&state, &id, resource, version, created);
-    let response = resource_response(StatusCode::OK, &resource);
-    directory.put(id, StoredUser { resource, version });
-    response
+    store_replacement(&state, &mut directory, id, resource)
 }
 
 async fn delete_user(State(state): State<ScimState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
