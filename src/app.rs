@@ -11,13 +11,15 @@ use crate::admin::{self, Readiness};
 use crate::connectors::{BuildError, ConnectorSet};
 use crate::kafka::consumer::{AssignmentObserver, ConsumeError, EventConsumer};
 use crate::kafka::producer::{EventProducer, ProduceError};
+use crate::kafka::settings::KafkaSettings;
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::{AssignmentListener, Assignments};
 use crate::pipeline::offsets::OffsetTracker;
-use crate::pipeline::process::Worker;
+use crate::pipeline::parking::{self, ParkingError, ParkingMonitor};
+use crate::pipeline::process::{Parking, Worker};
 use crate::pipeline::router::Router;
 use crate::pipeline::Pipeline;
-use crate::settings::{Problem, Settings, SettingsError};
+use crate::settings::{ParkingSettings, Problem, Settings, SettingsError};
 use crate::state::{ProvisioningState, StateError};
 
 /// Why the service could not start. All of these are permanent: the process exits.
@@ -33,6 +35,8 @@ pub enum StartupError {
     Producer(#[from] ProduceError),
     #[error("provisioning state: {0}")]
     State(#[from] StateError),
+    #[error("parking: {0}")]
+    Parking(#[from] ParkingError),
     #[error("cannot bind the admin server to {address}: {source}")]
     AdminBind {
         address: SocketAddr,
@@ -45,6 +49,8 @@ pub struct Application {
     pipeline: Pipeline,
     /// With the topics it must check before consuming: (input, dead letters).
     state: Option<(Arc<ProvisioningState>, String, String)>,
+    /// What start-up needs to prepare the retry topics, when parking is on.
+    retry_topics: Option<RetryTopicPlan>,
     producer: EventProducer,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
@@ -118,7 +124,16 @@ impl Application {
             max_event_bytes: settings.pipeline.max_event_bytes,
             state: state.clone(),
             assignments: assignments.clone(),
+            parking: std::sync::OnceLock::new(),
         });
+        // Parking needs the state: it records which lanes are parked.
+        let parking_enabled = settings.parking.enabled && state.is_some();
+        let parking = ParkingMonitor::new(
+            &settings.parking,
+            settings.parking.held_bound(settings.pipeline.max_buffered_events),
+            parking_enabled,
+            metrics.clone(),
+        );
         let pipeline = Pipeline {
             consumer,
             worker,
@@ -128,8 +143,16 @@ impl Application {
             max_in_flight: settings.pipeline.max_in_flight,
             max_buffered_events: settings.pipeline.max_buffered_events,
             shutdown_grace: settings.pipeline.shutdown_grace,
+            reply_deadline: settings.pipeline.reply_deadline,
             ordering: settings.pipeline.ordering,
+            parking,
         };
+        let retry_topics = parking_enabled.then(|| RetryTopicPlan {
+            settings: settings.parking.clone(),
+            kafka: settings.kafka.clone(),
+            connectors: settings.connectors.keys().cloned().collect(),
+            input: settings.kafka.event_topics[0].clone(),
+        });
         let state = state.map(|state| {
             (
                 state,
@@ -140,6 +163,7 @@ impl Application {
         Ok(Application {
             pipeline,
             state,
+            retry_topics,
             producer,
             metrics,
             readiness,
@@ -167,6 +191,7 @@ impl Application {
         let Application {
             pipeline,
             state,
+            retry_topics,
             producer,
             metrics,
             readiness,
@@ -183,7 +208,7 @@ impl Application {
         let connection_check = tokio::spawn(wait_for_broker(producer, readiness.clone(), shutdown.clone()));
         // A state-topic problem stops the pipeline through this child token.
         let pipeline_shutdown = shutdown.child_token();
-        let mut config_check = None;
+        let mut config_checks = Vec::new();
         if let Some((state, input, dead_letters)) = state {
             retry_until_checked(&shutdown, || state.check_partitions(&input)).await?;
             // The topic's configs are checked while the consumer joins its group: Kafka
@@ -191,7 +216,7 @@ impl Application {
             // that cannot describe configs would hold start-up for a request timeout.
             let stop = pipeline_shutdown.clone();
             let until = shutdown.clone();
-            config_check = Some(tokio::spawn(async move {
+            config_checks.push(tokio::spawn(async move {
                 let checked = retry_until_checked(&until, || state.check_configs(&dead_letters)).await;
                 if let Err(error) = &checked {
                     tracing::error!(error = %error, "The state topic cannot hold the provisioning state; stopping.");
@@ -200,16 +225,65 @@ impl Application {
                 checked
             }));
         }
+        if let Some(plan) = retry_topics {
+            let prepared = loop {
+                match parking::prepare_retry_topics(&plan.kafka, &plan.settings, &plan.connectors, &plan.input).await {
+                    Ok(prepared) => break Some(prepared),
+                    Err(error) if error.is_retryable() => {
+                        tracing::warn!(error = %error, "Cannot prepare the retry topics yet; retrying.");
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break None,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            };
+            if let Some(topics) = prepared {
+                pipeline.consumer.set_companions(topics.names());
+                // Retention is checked while the consumer joins, like the state topic's configs.
+                let stop = pipeline_shutdown.clone();
+                let until = shutdown.clone();
+                let names = topics.names();
+                let check_plan = RetryTopicPlan { ..plan.clone() };
+                config_checks.push(tokio::spawn(async move {
+                    loop {
+                        match parking::check_retention(&check_plan.kafka, &check_plan.settings, &names).await {
+                            Ok(()) => return Ok(()),
+                            Err(error) if error.is_retryable() => {
+                                tracing::warn!(error = %error, "Cannot check the retry topics' retention yet; retrying.");
+                            }
+                            Err(error) => {
+                                tracing::error!(error = %error, "A retry topic cannot hold parked work; stopping.");
+                                stop.cancel();
+                                return Err(StartupError::from(error));
+                            }
+                        }
+                        tokio::select! {
+                            _ = until.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        }
+                    }
+                }));
+                let _ = pipeline.worker.parking.set(Parking {
+                    topics,
+                    prefix: plan.settings.topic_prefix.clone(),
+                    max_parked_time: plan.settings.max_parked_time,
+                });
+            }
+        }
         pipeline.consumer.subscribe()?;
         let pipeline_result = pipeline.run(pipeline_shutdown.clone()).await;
-        let state_problem = match config_check {
-            Some(check) if pipeline_shutdown.is_cancelled() && !shutdown.is_cancelled() => check.await.ok(),
-            Some(check) => {
+        let mut state_problem = None;
+        for check in config_checks {
+            if pipeline_shutdown.is_cancelled() && !shutdown.is_cancelled() {
+                if let Ok(Err(error)) = check.await {
+                    state_problem.get_or_insert(error);
+                }
+            } else {
                 check.abort();
-                None
             }
-            None => None,
-        };
+        }
         readiness.set_consumer_assigned(false);
         connection_check.abort();
         admin_shutdown.cancel();
@@ -217,12 +291,21 @@ impl Application {
             tracing::warn!(error = %error, "Admin server stopped with an error.");
         }
         tracing::info!("Stopped.");
-        if let Some(Err(error)) = state_problem {
+        if let Some(error) = state_problem {
             return Err(error);
         }
         pipeline_result?;
         Ok(())
     }
+}
+
+/// The retry topics' start-up check, done before subscribing.
+#[derive(Clone)]
+struct RetryTopicPlan {
+    settings: ParkingSettings,
+    kafka: KafkaSettings,
+    connectors: Vec<String>,
+    input: String,
 }
 
 /// The consumer tells the readiness probe about its assignment through this; `kafka`

@@ -60,6 +60,17 @@ pub struct Metrics {
     pub salesforce_api_limit: GaugeVec,
     /// Events not applied because a newer one already was, by connector.
     pub stale_events: IntCounterVec,
+    /// 1 while a connector parks its new work in its retry topic.
+    pub connector_parking: IntGaugeVec,
+    /// Operations a connector holds in memory (running or waiting in its lanes).
+    pub connector_held_operations: IntGaugeVec,
+    /// Operations written to a connector's retry topic.
+    pub operations_parked: IntCounterVec,
+    /// Parked operations read back and finished, by how they ended.
+    pub operations_drained: IntCounterVec,
+    /// Blocking replies that reported a binding `queued` because it had not finished by
+    /// the reply deadline.
+    pub replies_past_deadline: IntCounter,
     /// State records written (to the state topic, then the local store).
     pub state_writes: IntCounter,
     /// State records that could not be decoded (logged with their key and ignored).
@@ -86,6 +97,11 @@ impl Metrics {
             registry.register(Box::new(metric.clone())).expect("unique metric");
             metric
         };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
         let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
             let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), labels)
                 .expect("valid metric");
@@ -104,6 +120,30 @@ impl Metrics {
         };
 
         let metrics = Metrics {
+            connector_parking: gauge_vec(
+                "provisioner_connector_parking",
+                "1 while the connector parks its new work in its retry topic (its target cannot keep up).",
+                &["connector"],
+            ),
+            connector_held_operations: gauge_vec(
+                "provisioner_connector_held_operations",
+                "Operations the connector holds in memory, running or waiting in their (user, connector) lanes.",
+                &["connector"],
+            ),
+            operations_parked: counter_vec(
+                "provisioner_operations_parked_total",
+                "Operations written to the connector's retry topic.",
+                &["connector"],
+            ),
+            operations_drained: counter_vec(
+                "provisioner_operations_drained_total",
+                "Parked operations read back from the retry topic and finished, by result (applied, stale, failed).",
+                &["connector", "result"],
+            ),
+            replies_past_deadline: counter(
+                "provisioner_replies_past_deadline_total",
+                "Blocking replies sent at the reply deadline with unfinished bindings reported as queued.",
+            ),
             stale_events: counter_vec(
                 "provisioner_stale_events_total",
                 "Events not applied to a connector because a newer event for the user already was.",
@@ -291,6 +331,7 @@ impl Metrics {
         }
         self.events_consumed.with_label_values(&["invalid"]);
         for status in ["succeeded", "failed", "partial", "skipped"] {
+            // `queued` is never a complete result's status.
             self.events_completed.with_label_values(&[status]);
         }
         for reason in crate::event::DecodeError::REASONS.iter().chain(&[
@@ -311,6 +352,12 @@ impl Metrics {
         for connector in connectors {
             self.connector_attempts.with_label_values(&[connector]);
             self.stale_events.with_label_values(&[connector]);
+            self.connector_parking.with_label_values(&[connector]);
+            self.connector_held_operations.with_label_values(&[connector]);
+            self.operations_parked.with_label_values(&[connector]);
+            for result in ["applied", "stale", "failed"] {
+                self.operations_drained.with_label_values(&[connector, result]);
+            }
             for outcome in crate::result::Outcome::ALL {
                 self.connector_results.with_label_values(&[connector, outcome.as_str()]);
             }

@@ -44,11 +44,15 @@ pub enum Status {
     Failed,
     Partial,
     Skipped,
+    /// Nothing failed and at least one binding is queued (accepted durably, applied
+    /// later). Only in replies and queued notices.
+    Queued,
 }
 
 impl Status {
-    /// `skipped` when nothing applied (every binding skipped or stale), `failed` when everything that applied failed,
-    /// `partial` when some failed, `succeeded` otherwise.
+    /// `skipped` when nothing applied (every binding skipped or stale), `failed` when
+    /// everything that applied failed, `partial` when some failed, `queued` when none
+    /// failed and some are queued, `succeeded` otherwise.
     pub fn from_results(results: &[ConnectorResult]) -> Status {
         let applied: Vec<_> = results
             .iter()
@@ -64,6 +68,8 @@ impl Status {
             Status::Failed
         } else if failed > 0 {
             Status::Partial
+        } else if applied.iter().any(|result| result.outcome == Outcome::Queued) {
+            Status::Queued
         } else {
             Status::Succeeded
         }
@@ -75,6 +81,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Partial => "partial",
             Status::Skipped => "skipped",
+            Status::Queued => "queued",
         }
     }
 }
@@ -84,8 +91,11 @@ impl Status {
 pub enum ResultScope {
     /// A reply to a blocking caller: the blocking bindings only.
     Blocking,
-    /// Every binding, blocking or not.
+    /// Every binding, blocking or not, each with a final outcome: exactly one per event.
     Complete,
+    /// One connector's work for the event was parked (or outlived the reply deadline)
+    /// and will be applied later: one record per connector, before the complete result.
+    Queued,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,6 +225,14 @@ mod tests {
         assert_eq!(
             Status::from_results(&[result(Outcome::Failed), result(Outcome::Skipped)]),
             Status::Failed
+        );
+        assert_eq!(
+            Status::from_results(&[result(Outcome::Created), result(Outcome::Queued)]),
+            Status::Queued
+        );
+        assert_eq!(
+            Status::from_results(&[result(Outcome::Failed), result(Outcome::Queued)]),
+            Status::Partial
         );
     }
 

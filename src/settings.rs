@@ -85,6 +85,9 @@ pub struct Settings {
     /// The provisioning state (what each target holds for each user).
     #[serde(default)]
     pub state: StateSettings,
+    /// Durable parking of a connector's work while its target cannot keep up.
+    #[serde(default)]
+    pub parking: ParkingSettings,
     /// Outbound targets, by name. The name is used in bindings, results and metric labels.
     #[serde(default)]
     pub connectors: BTreeMap<String, ConnectorSettings>,
@@ -110,11 +113,84 @@ pub struct PipelineSettings {
     /// anyway (unfinished events are redelivered to the next owner).
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A blocking caller gets its reply by then at the latest: a blocking binding not
+    /// finished by this time is reported `queued` (its event is durable in Kafka and is
+    /// applied later), never waited on for the connector's whole `max_elapsed`.
+    #[serde(default = "default_reply_deadline", with = "humantime_serde")]
+    pub reply_deadline: Duration,
     /// `user`: one event per user at a time, users concurrently (the default).
     /// `partition`: one event per partition at a time, what a plain at-least-once
     /// consumer does; the benchmark's baseline.
     #[serde(default)]
     pub ordering: OrderingMode,
+}
+
+/// `[parking]`: when a connector cannot make progress, its operations are written to
+/// its retry topic (`<topic_prefix><connector>`) and the input moves on; they are
+/// drained, in per-(user, connector) order, once the target is back. Needs `[state]`,
+/// which records which lanes are parked; with the state off, parking is off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParkingSettings {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Retry topics are named this plus the connector's name.
+    #[serde(default = "default_retry_topic_prefix")]
+    pub topic_prefix: String,
+    /// A connector whose circuit has been open this long parks its work.
+    #[serde(default = "default_park_after", with = "humantime_serde")]
+    pub park_after: Duration,
+    /// A connector holding more operations than this in memory (queued in its lanes or
+    /// running) parks its new work. Must be below `pipeline.max_buffered_events`, so that
+    /// parking starts before back-pressure pauses everyone; half of it when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_held_operations: Option<usize>,
+    /// Parked work older than this fails for good (dead-lettered). Each retry topic's
+    /// `retention.ms` must be longer; start-up checks it.
+    #[serde(default = "default_max_parked_time", with = "humantime_serde")]
+    pub max_parked_time: Duration,
+    /// Create a missing retry topic (partitioned like the input, retention twice
+    /// `max_parked_time`); when false, a missing one stops start-up.
+    #[serde(default = "default_true")]
+    pub create_topics: bool,
+}
+
+impl Default for ParkingSettings {
+    fn default() -> Self {
+        ParkingSettings {
+            enabled: true,
+            topic_prefix: default_retry_topic_prefix(),
+            park_after: default_park_after(),
+            max_held_operations: None,
+            max_parked_time: default_max_parked_time(),
+            create_topics: true,
+        }
+    }
+}
+
+impl ParkingSettings {
+    /// The bound on operations one connector holds before it parks.
+    pub fn held_bound(&self, max_buffered_events: usize) -> usize {
+        self.max_held_operations.unwrap_or((max_buffered_events / 2).max(1))
+    }
+
+    /// The retry topic of `connector`.
+    pub fn retry_topic(&self, connector: &str) -> String {
+        format!("{}{connector}", self.topic_prefix)
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_retry_topic_prefix() -> String {
+    "provisioner.retry.".into()
+}
+fn default_park_after() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_parked_time() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -323,6 +399,57 @@ impl Settings {
         if pipeline.max_event_bytes < 1024 {
             problem("pipeline.max_event_bytes".into(), "must be at least 1024".into());
         }
+        if pipeline.reply_deadline.is_zero() {
+            problem("pipeline.reply_deadline".into(), "must be greater than zero".into());
+        }
+        let parking = &self.parking;
+        if parking.enabled {
+            let held_bound = parking.held_bound(pipeline.max_buffered_events);
+            if held_bound == 0 || held_bound >= pipeline.max_buffered_events {
+                problem(
+                    "parking.max_held_operations".into(),
+                    format!(
+                        "must be at least 1 and below pipeline.max_buffered_events ({}): parking must start before back-pressure pauses every connector",
+                        pipeline.max_buffered_events
+                    ),
+                );
+            }
+            if parking.park_after.is_zero() {
+                problem("parking.park_after".into(), "must be greater than zero".into());
+            }
+            if parking.max_parked_time.is_zero() {
+                problem("parking.max_parked_time".into(), "must be greater than zero".into());
+            }
+            if parking.topic_prefix.is_empty()
+                || !parking
+                    .topic_prefix
+                    .chars()
+                    .all(|character| character.is_ascii_alphanumeric() || matches!(character, '.' | '_' | '-'))
+            {
+                problem(
+                    "parking.topic_prefix".into(),
+                    "must be a non-empty Kafka topic name prefix (letters, digits, `.`, `_`, `-`)".into(),
+                );
+            }
+            let topics: Vec<&String> = [
+                &self.kafka.results_topic,
+                &self.kafka.reply_topic,
+                &self.kafka.dead_letter_topic,
+                &self.state.topic,
+            ]
+            .into_iter()
+            .chain(&self.kafka.event_topics)
+            .collect();
+            for name in self.connectors.keys() {
+                let retry_topic = parking.retry_topic(name);
+                if topics.contains(&&retry_topic) {
+                    problem(
+                        "parking.topic_prefix".into(),
+                        format!("connector `{name}`'s retry topic `{retry_topic}` is already used for another purpose"),
+                    );
+                }
+            }
+        }
 
         for (name, connector) in &self.connectors {
             let key = format!("connectors.{name}");
@@ -411,6 +538,9 @@ fn default_max_buffered_events() -> usize {
 fn default_max_event_bytes() -> usize {
     1024 * 1024
 }
+fn default_reply_deadline() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)
 }
@@ -428,6 +558,7 @@ impl Default for PipelineSettings {
             max_buffered_events: default_max_buffered_events(),
             max_event_bytes: default_max_event_bytes(),
             shutdown_grace: default_shutdown_grace(),
+            reply_deadline: default_reply_deadline(),
             ordering: OrderingMode::default(),
         }
     }

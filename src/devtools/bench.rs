@@ -327,6 +327,8 @@ impl Rig {
             (results.clone(), 1, true),
             (format!("{prefix}-replies"), 1, true),
             (format!("{prefix}-dlq"), 1, true),
+            // The retry topic of the one connector (parking), partitioned like the input.
+            (format!("{prefix}-retry.directory"), partitions, true),
         ];
         match &self.cluster {
             Some(cluster) => {
@@ -377,6 +379,8 @@ impl Rig {
             enabled = {state}
             topic = "{run}-state"
             dir = "{state_dir}"
+            [parking]
+            topic_prefix = "{run}-retry."
             [kafka.properties]
             "queued.max.messages.kbytes" = "8192"
             "fetch.wait.max.ms" = "{fetch_wait}"
@@ -660,6 +664,7 @@ impl Rig {
                 remote_id: Some(format!("{:032x}", user)),
                 event_id: format!("restored-{user}"),
                 updated_at: chrono::Utc::now(),
+                parked_until: None,
             }
             .encode();
             let producer = &producer;

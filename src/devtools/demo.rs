@@ -264,6 +264,10 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     // The provisioning state's topic, partitioned like the input. (The mock cluster
     // cannot make it compacted; a real one must be.)
     cluster.create_topic(STATE_TOPIC, 4, 1)?;
+    // Each connector's retry topic (parking), partitioned like the input too.
+    for connector in ["corp_directory", "workspace", "crm"] {
+        cluster.create_topic(&format!("provisioner.retry.{connector}"), 4, 1)?;
+    }
     for topic in [RESULTS_TOPIC, REPLY_TOPIC, DEAD_LETTER_TOPIC] {
         cluster.create_topic(topic, 1, 1)?;
     }

@@ -62,11 +62,15 @@ pub enum Outcome {
     Skipped,
     /// Not sent: a newer event for the user was already applied on this connector.
     Stale,
+    /// Accepted durably and applied later: the connector is parked (its work waits in
+    /// its retry topic) or did not finish within the reply deadline. Only in replies
+    /// and queued notices; a complete result always has a final outcome.
+    Queued,
     Failed,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Created,
         Outcome::Adopted,
         Outcome::Updated,
@@ -75,6 +79,7 @@ impl Outcome {
         Outcome::AlreadyAbsent,
         Outcome::Skipped,
         Outcome::Stale,
+        Outcome::Queued,
         Outcome::Failed,
     ];
 
@@ -88,6 +93,7 @@ impl Outcome {
             Outcome::AlreadyAbsent => "already_absent",
             Outcome::Skipped => "skipped",
             Outcome::Stale => "stale",
+            Outcome::Queued => "queued",
             Outcome::Failed => "failed",
         }
     }

@@ -9,10 +9,13 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
 use crate::kafka::settings::KafkaSettings;
@@ -75,6 +78,35 @@ pub struct ConsumerHooks {
     readiness: Arc<dyn AssignmentObserver>,
     listener: Arc<dyn PartitionListener>,
     assignment: Mutex<BTreeSet<TopicPartition>>,
+    /// The input topics (subscribed) and the companion topics (retry topics) whose
+    /// partition p goes with input partition p: assigned and revoked together with it
+    /// in the rebalance callback, not through a subscription of their own, so that the
+    /// owner of an input partition is always the owner of its parked work.
+    inputs: Vec<String>,
+    companions: Mutex<Vec<String>>,
+}
+
+impl ConsumerHooks {
+    /// Adds to `list` the companion partitions of the input partitions it holds.
+    fn add_companions(&self, list: &mut TopicPartitionList) {
+        let companions = self.companions.lock().expect("companions lock").clone();
+        if companions.is_empty() {
+            return;
+        }
+        let inputs: Vec<i32> = list
+            .elements()
+            .iter()
+            .filter(|element| self.inputs.iter().any(|input| input == element.topic()))
+            .map(|element| element.partition())
+            .collect();
+        for partition in inputs {
+            for companion in &companions {
+                if list.find_partition(companion, partition).is_none() {
+                    list.add_partition(companion, partition);
+                }
+            }
+        }
+    }
 }
 
 impl ClientContext for ConsumerHooks {
@@ -102,6 +134,37 @@ impl ClientContext for ConsumerHooks {
 }
 
 impl ConsumerContext for ConsumerHooks {
+    /// librdkafka's default handling, with the companion partitions added to each
+    /// assignment and revocation.
+    fn rebalance(&self, base_consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let assigning = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+        let revoking = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS;
+        if assigning || revoking {
+            self.add_companions(tpl);
+        }
+        let rebalance = if assigning {
+            Rebalance::Assign(tpl)
+        } else if revoking {
+            Rebalance::Revoke(tpl)
+        } else {
+            let code: RDKafkaErrorCode = err.into();
+            Rebalance::Error(KafkaError::Rebalance(code))
+        };
+        self.pre_rebalance(base_consumer, &rebalance);
+        let cooperative = matches!(base_consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let applied = match (assigning, revoking, cooperative) {
+            (true, _, true) => base_consumer.incremental_assign(tpl),
+            (true, _, false) => base_consumer.assign(tpl),
+            (_, true, true) => base_consumer.incremental_unassign(tpl),
+            (_, true, false) => base_consumer.unassign(),
+            _ => Ok(()),
+        };
+        if let Err(error) = applied {
+            tracing::error!(error = %error, "Applying the rebalance failed.");
+        }
+        self.post_rebalance(base_consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
             let revoked = topic_partitions(list);
@@ -197,12 +260,20 @@ impl EventConsumer {
             readiness,
             listener,
             assignment: Mutex::new(BTreeSet::new()),
+            inputs: settings.event_topics.clone(),
+            companions: Mutex::new(Vec::new()),
         };
         let consumer = config.create_with_context(hooks).map_err(ConsumeError::Create)?;
         Ok(EventConsumer {
             consumer,
             topics: settings.event_topics.clone(),
         })
+    }
+
+    /// Topics whose partition p is assigned and revoked with input partition p (the
+    /// retry topics). Set before [`subscribe`](Self::subscribe).
+    pub fn set_companions(&self, companions: Vec<String>) {
+        *self.consumer.context().companions.lock().expect("companions lock") = companions;
     }
 
     pub fn subscribe(&self) -> Result<(), ConsumeError> {
@@ -256,6 +327,28 @@ impl EventConsumer {
                 }
             }
             Err(error) => tracing::warn!(error = %error, "Cannot read assignment to pause."),
+        }
+    }
+
+    /// Pauses (or resumes) the assigned partitions of `topic` only.
+    pub fn set_topic_paused(&self, topic: &str, paused: bool) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let mut list = TopicPartitionList::new();
+        for element in assignment.elements().iter().filter(|element| element.topic() == topic) {
+            list.add_partition(topic, element.partition());
+        }
+        if list.count() == 0 {
+            return;
+        }
+        let result = if paused {
+            self.consumer.pause(&list)
+        } else {
+            self.consumer.resume(&list)
+        };
+        if let Err(error) = result {
+            tracing::warn!(topic, paused, error = %error, "Cannot pause or resume partitions.");
         }
     }
 

@@ -8,6 +8,7 @@ pub mod consumer;
 pub mod dead_letters;
 pub mod partitioners;
 pub mod producer;
+pub mod retry_topics;
 pub mod settings;
 pub mod state_topic;
 

@@ -85,6 +85,24 @@ impl EventProducer {
 
     /// Produces one record and waits until the broker has it (`acks=all`).
     pub async fn send(&self, record: OutboundRecord<'_>) -> Result<(), ProduceError> {
+        self.send_for_offset(record).await.map(|_| ())
+    }
+
+    /// Produces a tombstone (no value) for `key` and waits until the broker has it.
+    pub async fn send_tombstone(&self, topic: &str, partition: i32, key: &[u8]) -> Result<(), ProduceError> {
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(key).partition(partition);
+        self.producer
+            .send(record, Timeout::After(self.produce_timeout))
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| ProduceError::Delivery {
+                topic: topic.to_string(),
+                source,
+            })
+    }
+
+    /// As [`send`](Self::send), answering the offset the record was written at.
+    pub async fn send_for_offset(&self, record: OutboundRecord<'_>) -> Result<i64, ProduceError> {
         let headers = record.headers.iter().fold(
             OwnedHeaders::new_with_capacity(record.headers.len()),
             |headers, (key, value)| {
@@ -105,7 +123,7 @@ impl EventProducer {
         self.producer
             .send(future_record, Timeout::After(self.produce_timeout))
             .await
-            .map(|_| ())
+            .map(|delivery| delivery.offset)
             .map_err(|(source, _)| ProduceError::Delivery {
                 topic: record.topic.to_string(),
                 source,

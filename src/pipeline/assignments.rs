@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::kafka::consumer::{PartitionListener, TopicPartition};
 use crate::pipeline::offsets::{OffsetTracker, Ticket};
@@ -39,6 +39,9 @@ pub struct Assignments {
     inner: Mutex<Inner>,
     /// How long a revoke waits for attempts already on the wire.
     revoke_wait: Duration,
+    /// Bumped at every revoke, so that work waiting off the wire (on a gate, in a
+    /// backoff sleep) looks at once whether it is still current.
+    revocations: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -64,6 +67,7 @@ impl Assignments {
             events,
             inner: Mutex::new(Inner::default()),
             revoke_wait,
+            revocations: watch::Sender::new(0),
         });
         (assignments, receiver)
     }
@@ -85,6 +89,11 @@ impl Assignments {
     /// same generation.
     pub fn is_current(&self, ticket: &Ticket) -> bool {
         self.tracker.is_current(ticket)
+    }
+
+    /// Changes at every revoke.
+    pub fn revocations(&self) -> watch::Receiver<u64> {
+        self.revocations.subscribe()
     }
 
     /// Marks a connector attempt for `partition` as on the wire until the guard drops.
@@ -203,7 +212,13 @@ impl PartitionListener for Assignments {
     fn revoked(&self, partitions: &[TopicPartition]) {
         // Fence first: from here on, attempts for these partitions are refused.
         self.tracker.revoked(partitions);
-        let numbers: Vec<i32> = partitions.iter().map(|(_, partition)| *partition).collect();
+        self.revocations.send_modify(|count| *count += 1);
+        let numbers: Vec<i32> = partitions
+            .iter()
+            .map(|(_, partition)| *partition)
+            .collect::<std::collections::BTreeSet<i32>>()
+            .into_iter()
+            .collect();
         {
             let mut inner = self.inner.lock().expect("assignments lock");
             for partition in &numbers {
@@ -223,8 +238,10 @@ pub struct AssignmentListener(pub Arc<Assignments>);
 impl PartitionListener for AssignmentListener {
     fn assigned(&self, partitions: &[TopicPartition]) {
         self.0.assigned(partitions);
-        for (_, partition) in partitions {
-            self.0.start_restore(*partition, Duration::ZERO);
+        // Retry partitions come with their input partition: one restore per number.
+        let numbers: std::collections::BTreeSet<i32> = partitions.iter().map(|(_, partition)| *partition).collect();
+        for partition in numbers {
+            self.0.start_restore(partition, Duration::ZERO);
         }
     }
 

@@ -1,27 +1,40 @@
-//! The consume → schedule → process → store-offset loop.
+//! The consume → fan out → apply → complete → store-offset loop.
 //!
-//! One task owns the consumer and the scheduling state; each event runs in its own
-//! worker task. Ordering and concurrency rules:
-//! - events with the same key (`tenant/user id`) run one at a time, in offset order,
-//!   retries included (a per-key queue);
-//! - different users run concurrently, up to `pipeline.max_in_flight`, and each
-//!   connector caps its own concurrent calls;
-//! - when `pipeline.max_buffered_events` events are held, every partition is paused
-//!   until the backlog drains to three quarters of that, so memory stays bounded;
-//! - an offset is stored only when it and every earlier offset of its partition are
-//!   finished with durable outputs ([`offsets::OffsetTracker`]).
+//! One task owns the consumer and all scheduling state; every connector operation,
+//! reply and completion runs in its own task. The rules:
+//! - an event fans out into one operation per binding that applies
+//!   ([`process::prepare`]); operations run in per-(connector, user) lanes
+//!   ([`lanes::Lanes`]): one at a time per lane, in offset order, retries included;
+//!   each connector runs up to `pipeline.max_in_flight` operations at once, and nothing
+//!   one connector waits on is needed by another;
+//! - a blocking caller's reply goes out once the blocking bindings are final, or at
+//!   `pipeline.reply_deadline` with the unfinished ones `queued`;
+//! - a connector that cannot keep up parks its new work in its retry topic
+//!   ([`parking`]); its lanes drain from there, in order, when the target is back;
+//! - an event is complete when every operation is final or parked and its reply,
+//!   result (or pending result) and dead letter are durable; only then does its offset
+//!   count as finished, and the stored offset never passes an unfinished one
+//!   ([`offsets::OffsetTracker`]);
+//! - when `pipeline.max_buffered_events` offsets are uncommitted (in memory, or
+//!   finished but behind an unfinished one), every partition is paused until that
+//!   drains to three quarters, so memory and the redo after a crash stay bounded.
 
 pub mod assignments;
+pub mod lanes;
 pub mod offsets;
+pub mod parking;
 pub mod process;
 pub mod router;
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use chrono::Utc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{self, DecodeError, UserEvent};
@@ -29,105 +42,104 @@ use crate::kafka::consumer::{ConsumeError, EventConsumer};
 use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::{Assignments, PartitionEvent};
+use crate::pipeline::lanes::{LaneKey, Laned, Lanes};
 use crate::pipeline::offsets::Ticket;
-use crate::pipeline::process::Worker;
+use crate::pipeline::parking::ParkingMonitor;
+use crate::pipeline::process::{EventContext, OperationDone, Prepared, Worker};
+use crate::pipeline::router::Binding;
+use crate::result::{ConnectorResult, ErrorKind, Outcome, ResultError};
 use crate::settings::OrderingMode;
 
-/// One accepted record, waiting for or holding its key.
-struct Job {
+/// How often connectors' parking is re-evaluated while nothing else happens.
+const PARKING_TICK: Duration = Duration::from_millis(250);
+
+/// A record read and tracked, not yet fanned out (its partition's state may still be
+/// restoring).
+struct Accepted {
     record: Arc<InboundRecord>,
     decoded: Result<UserEvent, DecodeError>,
     ticket: Ticket,
-    ordering_key: String,
 }
 
-/// What the scheduler needs of a job: the key it is ordered by.
-trait Keyed {
-    fn ordering_key(&self) -> &str;
+/// One connector operation of an event, waiting in or running from its lane.
+struct Operation {
+    event: u64,
+    index: usize,
+    lane: LaneKey,
+    binding: Arc<Binding>,
 }
 
-impl Keyed for Job {
-    fn ordering_key(&self) -> &str {
-        &self.ordering_key
-    }
-}
-
-/// Per-key FIFO queues plus a ready queue bounded by the in-flight limit. It only
-/// counts and orders; the pipeline loop runs the jobs.
-struct Scheduler<J> {
-    /// A key is present while one of its jobs is ready or running; the queue holds
-    /// the jobs waiting behind it.
-    waiting_by_key: HashMap<String, VecDeque<J>>,
-    ready: VecDeque<J>,
-    running: usize,
-    /// Jobs held: running, ready or waiting.
-    buffered: usize,
-}
-
-impl<J> Default for Scheduler<J> {
-    fn default() -> Self {
-        Scheduler {
-            waiting_by_key: HashMap::new(),
-            ready: VecDeque::new(),
-            running: 0,
-            buffered: 0,
-        }
+impl Laned for Operation {
+    fn lane(&self) -> &LaneKey {
+        &self.lane
     }
 }
 
-impl<J: Keyed> Scheduler<J> {
-    fn accept(&mut self, job: J) {
-        self.buffered += 1;
-        match self.waiting_by_key.get_mut(job.ordering_key()) {
-            Some(queue) => queue.push_back(job),
-            None => {
-                self.waiting_by_key
-                    .insert(job.ordering_key().to_string(), VecDeque::new());
-                self.ready.push_back(job);
-            }
-        }
-    }
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyState {
+    /// No blocking caller.
+    None,
+    /// Waiting for the blocking bindings (or the deadline).
+    Waiting,
+    /// Being written.
+    Sending,
+    Sent,
+}
 
-    /// The next ready job, counted as running, while fewer than `max_in_flight` run.
-    fn start_next(&mut self, max_in_flight: usize) -> Option<J> {
-        if self.running >= max_in_flight {
-            return None;
-        }
-        let job = self.ready.pop_front()?;
-        self.running += 1;
-        Some(job)
-    }
+/// An event being worked on.
+struct EventEntry {
+    context: Arc<EventContext>,
+    bindings: Vec<Arc<Binding>>,
+    results: Vec<Option<ConnectorResult>>,
+    outstanding: usize,
+    outstanding_blocking: usize,
+    reply: ReplyState,
+    /// Its completion task runs (or waits for its pending result's turn).
+    completing: bool,
+    /// Some operation was parked: it owns its pending result's key until complete.
+    parked: bool,
+}
 
-    /// A started job must wait (its partition's state is being restored): it stays
-    /// buffered, holding its key, but no longer counts as running.
-    fn hold(&mut self) {
-        self.running -= 1;
-    }
+/// What a finished task hands back.
+enum TaskDone {
+    Operation {
+        event: u64,
+        index: usize,
+        lane: LaneKey,
+        done: Box<OperationDone>,
+    },
+    Reply {
+        event: u64,
+    },
+    Completed {
+        event: u64,
+    },
+    /// An event with nothing to apply (undecodable, unknown tenant) is finished.
+    Finished {
+        ticket: Ticket,
+    },
+}
 
-    /// A held job may run again.
-    fn release_held(&mut self, job: J) {
-        self.ready.push_back(job);
-    }
-
-    /// A held job was dropped unrun (its partition was revoked).
-    fn drop_held(&mut self, ordering_key: &str) {
-        self.running += 1;
-        self.finish(ordering_key);
-    }
-
-    /// A started job is done (or was dropped unrun): its key's next job becomes ready.
-    fn finish(&mut self, ordering_key: &str) {
-        self.running -= 1;
-        self.buffered -= 1;
-        if let Some(queue) = self.waiting_by_key.get_mut(ordering_key) {
-            match queue.pop_front() {
-                Some(next) => self.ready.push_back(next),
-                None => {
-                    self.waiting_by_key.remove(ordering_key);
-                }
-            }
-        }
-    }
+/// What a running task was, so that a panicking one can still be accounted for.
+enum TaskKind {
+    Operation {
+        event: u64,
+        index: usize,
+        lane: LaneKey,
+        connector: String,
+        blocking: bool,
+    },
+    Reply {
+        event: u64,
+    },
+    Completed {
+        event: u64,
+        record: Arc<InboundRecord>,
+    },
+    Finished {
+        ticket: Ticket,
+        record: Arc<InboundRecord>,
+    },
 }
 
 pub struct Pipeline {
@@ -136,32 +148,48 @@ pub struct Pipeline {
     pub assignments: Arc<Assignments>,
     pub partition_events: mpsc::UnboundedReceiver<PartitionEvent>,
     pub metrics: Arc<Metrics>,
+    /// Operations running at once, per connector.
     pub max_in_flight: usize,
     pub max_buffered_events: usize,
     pub shutdown_grace: Duration,
+    pub reply_deadline: Duration,
     pub ordering: OrderingMode,
+    pub parking: ParkingMonitor,
 }
 
-/// What a finished worker task hands back: its outputs are durable.
-struct Finished {
-    ticket: Ticket,
-    ordering_key: String,
-}
-
-/// A started job, kept so that a panicking worker can still be accounted for.
-#[derive(Clone)]
-struct RunningJob {
-    ticket: Ticket,
-    ordering_key: String,
-    record: Arc<InboundRecord>,
+/// The loop's state, apart from the consumer.
+struct Scheduler {
+    worker: Arc<Worker>,
+    assignments: Arc<Assignments>,
+    metrics: Arc<Metrics>,
+    max_in_flight: usize,
+    reply_deadline: Duration,
+    ordering: OrderingMode,
+    parking: ParkingMonitor,
+    parking_signals: HashMap<Arc<str>, watch::Receiver<bool>>,
+    /// Per connector: its parking sender, so that the monitor's flag reaches operations.
+    parking_senders: HashMap<Arc<str>, watch::Sender<bool>>,
+    lanes: Lanes<Operation>,
+    events: HashMap<u64, EventEntry>,
+    next_event: u64,
+    tasks: JoinSet<TaskDone>,
+    task_kinds: HashMap<tokio::task::Id, TaskKind>,
+    /// Records of partitions whose state is being restored, by partition.
+    held: HashMap<i32, VecDeque<Accepted>>,
+    held_count: usize,
+    reply_deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Pending-result keys in use: the event that owns each (an input event whose
+    /// operations were parked, until its pending result is written; or a drained
+    /// operation writing to it), and the drained operations waiting for their turn.
+    pending_keys: HashMap<String, VecDeque<u64>>,
 }
 
 impl Pipeline {
     /// Runs until `shutdown` is cancelled, then drains: fetching stops, and every event
-    /// already held (running or queued) is finished for up to `shutdown_grace`, so the
-    /// stored offsets cover everything that produced a result and a restart redoes
-    /// nothing acknowledged. Then it commits and leaves the group. Work still unfinished
-    /// when the grace runs out is abandoned and redelivered after the restart.
+    /// already held is finished for up to `shutdown_grace`, so the stored offsets cover
+    /// everything that produced a result and a restart redoes nothing acknowledged.
+    /// Then it commits and leaves the group. Work still unfinished when the grace runs
+    /// out is abandoned and redelivered after the restart.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
         let Pipeline {
             consumer,
@@ -172,101 +200,81 @@ impl Pipeline {
             max_in_flight,
             max_buffered_events,
             shutdown_grace,
+            reply_deadline,
             ordering,
+            parking,
         } = self;
         let resume_below = (max_buffered_events * 3 / 4).max(1);
-        let mut scheduler: Scheduler<Job> = Scheduler::default();
-        let mut workers: JoinSet<Finished> = JoinSet::new();
-        let mut running: HashMap<tokio::task::Id, RunningJob> = HashMap::new();
-        let mut paused = false;
-        let mut drain_deadline: Option<tokio::time::Instant> = None;
         let tracker = assignments.tracker().clone();
-        // Jobs waiting for their partition's state restore, by partition.
-        let mut held: HashMap<i32, VecDeque<Job>> = HashMap::new();
+        let mut scheduler = Scheduler {
+            worker: worker.clone(),
+            assignments: assignments.clone(),
+            metrics: metrics.clone(),
+            max_in_flight,
+            reply_deadline,
+            ordering,
+            parking,
+            parking_signals: HashMap::new(),
+            parking_senders: HashMap::new(),
+            lanes: Lanes::default(),
+            events: HashMap::new(),
+            next_event: 0,
+            tasks: JoinSet::new(),
+            task_kinds: HashMap::new(),
+            held: HashMap::new(),
+            held_count: 0,
+            reply_deadlines: BinaryHeap::new(),
+            pending_keys: HashMap::new(),
+        };
+        let mut paused = false;
+        let mut drain_deadline: Option<Instant> = None;
         let mut consecutive_consumer_errors = 0u32;
         let mut fatal: Option<ConsumeError> = None;
+        let mut parking_tick = tokio::time::interval(PARKING_TICK);
+        parking_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            dispatch(
-                &mut scheduler,
-                &mut workers,
-                &mut running,
-                &mut held,
-                &worker,
-                &assignments,
-                max_in_flight,
-            );
-            metrics.events_buffered.set(scheduler.buffered as i64);
-            metrics.events_in_flight.set(scheduler.running as i64);
-            if paused && scheduler.buffered <= resume_below {
+            scheduler.dispatch();
+            let uncommitted = tracker.pending_count();
+            metrics.events_buffered.set(uncommitted as i64);
+            metrics.events_in_flight.set(scheduler.lanes.running() as i64);
+            if paused && uncommitted <= resume_below {
                 consumer.resume_all();
+                scheduler.repause_retry_topics(&consumer);
                 paused = false;
                 metrics.consumer_paused.set(0);
-                tracing::info!(
-                    buffered = scheduler.buffered,
-                    "Back-pressure released; fetching resumed."
-                );
+                tracing::info!(uncommitted, "Back-pressure released; fetching resumed.");
             }
-            if drain_deadline.is_some() && scheduler.buffered == 0 {
+            if drain_deadline.is_some() && scheduler.is_idle() {
                 break;
             }
+            let next_reply_deadline = scheduler.reply_deadlines.peek().map(|Reverse((deadline, _))| *deadline);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if drain_deadline.is_none() => {
-                    tracing::info!(buffered = scheduler.buffered, running = scheduler.running, grace_ms = shutdown_grace.as_millis() as u64, "Draining: fetching stopped, finishing held events.");
-                    drain_deadline = Some(tokio::time::Instant::now() + shutdown_grace);
+                    tracing::info!(events = scheduler.events.len(), running = scheduler.lanes.running(), grace_ms = shutdown_grace.as_millis() as u64, "Draining: fetching stopped, finishing held events.");
+                    drain_deadline = Some(Instant::now() + shutdown_grace);
                 }
                 _ = sleep_until_deadline(drain_deadline) => {
-                    tracing::warn!(abandoned = scheduler.buffered, "Shutdown grace ran out; unfinished events will be redelivered.");
-                    workers.abort_all();
+                    tracing::warn!(abandoned = scheduler.events.len(), "Shutdown grace ran out; unfinished events will be redelivered.");
+                    scheduler.tasks.abort_all();
                     break;
                 }
                 Some(partition_event) = partition_events.recv() => {
-                    match partition_event {
-                        PartitionEvent::Restored { partition, restore } => {
-                            if assignments.finish_restore(partition, restore) {
-                                for job in held.remove(&partition).unwrap_or_default() {
-                                    scheduler.release_held(job);
-                                }
-                            }
-                        }
-                        PartitionEvent::RestoreFailed { partition, restore } => {
-                            if assignments.finish_restore(partition, restore) {
-                                assignments.start_restore(partition, Duration::from_secs(5));
-                            }
-                        }
-                        PartitionEvent::Revoked { partition } => {
-                            for job in held.remove(&partition).unwrap_or_default() {
-                                scheduler.drop_held(&job.ordering_key);
-                            }
+                    scheduler.on_partition_event(partition_event);
+                }
+                Some(joined) = scheduler.tasks.join_next_with_id() => {
+                    if let Some(ticket) = scheduler.on_task_done(joined) {
+                        if let Some(next_offset) = tracker.complete(&ticket) {
+                            consumer.store_offset(&ticket.topic, ticket.partition, next_offset);
                         }
                     }
                 }
-                Some(joined) = workers.join_next_with_id() => {
-                    let finished = match joined {
-                        Ok((id, finished)) => {
-                            running.remove(&id);
-                            finished
-                        }
-                        Err(error) => {
-                            // A bug, not bad input: dead-letter the event so the partition
-                            // moves on, keeping its key held until that is durable.
-                            let job = running.remove(&error.id()).expect("every worker is registered");
-                            tracing::error!(topic = %job.record.topic, partition = job.record.partition, offset = job.record.offset, error = %error, "Worker panicked; dead-lettering the event.");
-                            let task_worker = worker.clone();
-                            let task_job = job.clone();
-                            let handle = workers.spawn(async move {
-                                process::dead_letter_after_panic(&task_worker, &task_job.record).await;
-                                Finished { ticket: task_job.ticket, ordering_key: task_job.ordering_key }
-                            });
-                            running.insert(handle.id(), job);
-                            continue;
-                        }
-                    };
-                    scheduler.finish(&finished.ordering_key);
-                    if let Some(next_offset) = tracker.complete(&finished.ticket) {
-                        consumer.store_offset(&finished.ticket.topic, finished.ticket.partition, next_offset);
-                    }
+                _ = sleep_until_deadline(next_reply_deadline) => {
+                    scheduler.on_reply_deadlines(Instant::now());
+                }
+                _ = parking_tick.tick() => {
+                    scheduler.evaluate_parking(&consumer, paused);
                 }
                 received = consumer.recv(), if drain_deadline.is_none() => {
                     let record = match received {
@@ -277,7 +285,7 @@ impl Pipeline {
                         Err(error) if error.is_fatal() => {
                             // The consumer cannot go on: finish what is held, then stop.
                             tracing::error!(error = %error, "Fatal Kafka consumer error; draining and stopping.");
-                            drain_deadline = Some(tokio::time::Instant::now() + shutdown_grace);
+                            drain_deadline = Some(Instant::now() + shutdown_grace);
                             fatal = Some(error);
                             continue;
                         }
@@ -294,21 +302,18 @@ impl Pipeline {
                     let Some(ticket) = tracker.track(&record.topic, record.partition, record.offset) else {
                         continue;
                     };
-                    // Decoded here, once: the ordering key comes from the event.
+                    // Decoded here, once: the lane key comes from the event.
                     let mut decoded = event::decode(record.value.as_deref(), &record.headers, worker.max_event_bytes);
                     if worker.state.is_some() {
                         decoded = decoded.and_then(|event| event::check_key(event, record.key.as_deref()));
                     }
-                    let ordering_key = match ordering {
-                        OrderingMode::User => ordering_key_for(&record, &decoded),
-                        OrderingMode::Partition => format!("{}/{}", record.topic, record.partition),
-                    };
-                    scheduler.accept(Job { record: Arc::new(record), decoded, ticket, ordering_key });
+                    scheduler.accept(Accepted { record: Arc::new(record), decoded, ticket });
                     // Also re-pause while paused: a rebalance may have added unpaused partitions.
-                    if scheduler.buffered >= max_buffered_events {
+                    let uncommitted = tracker.pending_count();
+                    if uncommitted >= max_buffered_events {
                         consumer.pause_all();
                         if !paused {
-                            tracing::info!(buffered = scheduler.buffered, "Back-pressure: fetching paused.");
+                            tracing::info!(uncommitted, "Back-pressure: fetching paused.");
                         }
                         paused = true;
                         metrics.consumer_paused.set(1);
@@ -334,57 +339,501 @@ impl Pipeline {
     }
 }
 
-/// Starts ready jobs while there is room. Jobs of partitions we no longer own are
-/// dropped: their new owner redoes them.
-fn dispatch(
-    scheduler: &mut Scheduler<Job>,
-    workers: &mut JoinSet<Finished>,
-    running: &mut HashMap<tokio::task::Id, RunningJob>,
-    held: &mut HashMap<i32, VecDeque<Job>>,
-    worker: &Arc<Worker>,
-    assignments: &Assignments,
-    max_in_flight: usize,
-) {
-    while let Some(job) = scheduler.start_next(max_in_flight) {
-        if !assignments.is_current(&job.ticket) {
-            scheduler.finish(&job.ordering_key);
-            continue;
+impl Scheduler {
+    fn is_idle(&self) -> bool {
+        self.events.is_empty() && self.held_count == 0 && self.tasks.is_empty()
+    }
+
+    /// A tracked record: fanned out now, or held while its partition restores.
+    fn accept(&mut self, accepted: Accepted) {
+        let partition = accepted.ticket.partition;
+        if self.assignments.is_restoring(partition) {
+            self.held.entry(partition).or_default().push_back(accepted);
+            self.held_count += 1;
+            return;
         }
-        if assignments.is_restoring(job.ticket.partition) {
-            scheduler.hold();
-            held.entry(job.ticket.partition).or_default().push_back(job);
-            continue;
-        }
-        let Job {
+        self.fan_out(accepted);
+    }
+
+    fn fan_out(&mut self, accepted: Accepted) {
+        let Accepted {
             record,
             decoded,
             ticket,
-            ordering_key,
-        } = job;
-        let task_worker = worker.clone();
-        let task_record = record.clone();
-        let task_ticket = ticket.clone();
-        let task_key = ordering_key.clone();
-        let handle = workers.spawn(async move {
-            process::process(task_worker, task_record, decoded, &task_ticket).await;
-            Finished {
-                ticket: task_ticket,
-                ordering_key: task_key,
+        } = accepted;
+        if !self.assignments.is_current(&ticket) {
+            // Revoked meanwhile: the new owner reads it again.
+            return;
+        }
+        let event = match decoded {
+            Ok(event) => event,
+            Err(error) => {
+                let worker = self.worker.clone();
+                let task_record = record.clone();
+                let task_ticket = ticket.clone();
+                let handle = self.tasks.spawn(async move {
+                    process::reject(worker, task_record, error).await;
+                    TaskDone::Finished { ticket: task_ticket }
+                });
+                self.task_kinds
+                    .insert(handle.id(), TaskKind::Finished { ticket, record });
+                return;
             }
+        };
+        match process::prepare(&self.worker, record.clone(), event, ticket.clone()) {
+            Prepared::Unrouted { context, reason } => {
+                let worker = self.worker.clone();
+                let task_ticket = ticket.clone();
+                let handle = self.tasks.spawn(async move {
+                    process::finish_unrouted(worker, context, reason).await;
+                    TaskDone::Finished { ticket: task_ticket }
+                });
+                self.task_kinds
+                    .insert(handle.id(), TaskKind::Finished { ticket, record });
+            }
+            Prepared::Plan {
+                context,
+                steps,
+                results,
+            } => {
+                let id = self.next_event;
+                self.next_event += 1;
+                let ordering_key: Arc<str> = match self.ordering {
+                    OrderingMode::User => context.ordering_key().into(),
+                    OrderingMode::Partition => format!("partition/{}", record.partition).into(),
+                };
+                let bindings: Vec<Arc<Binding>> = steps.into_iter().map(|step| step.binding).collect();
+                let mut outstanding = 0;
+                let mut outstanding_blocking = 0;
+                for (index, (binding, result)) in bindings.iter().zip(&results).enumerate() {
+                    if result.is_some() {
+                        continue;
+                    }
+                    outstanding += 1;
+                    if binding.blocking {
+                        outstanding_blocking += 1;
+                    }
+                    self.lanes.accept(Operation {
+                        event: id,
+                        index,
+                        lane: LaneKey {
+                            connector: binding.connector.as_str().into(),
+                            ordering_key: ordering_key.clone(),
+                        },
+                        binding: binding.clone(),
+                    });
+                }
+                let reply = if context.reply_route.is_some() {
+                    let waited = context.record.received_at.elapsed();
+                    let deadline = Instant::now() + self.reply_deadline.saturating_sub(waited);
+                    self.reply_deadlines.push(Reverse((deadline, id)));
+                    ReplyState::Waiting
+                } else {
+                    ReplyState::None
+                };
+                self.events.insert(
+                    id,
+                    EventEntry {
+                        context,
+                        bindings,
+                        results,
+                        outstanding,
+                        outstanding_blocking,
+                        reply,
+                        completing: false,
+                        parked: false,
+                    },
+                );
+                self.progress(id);
+            }
+        }
+    }
+
+    /// Starts ready operations while their connectors have room.
+    fn dispatch(&mut self) {
+        for connector in self.lanes.connectors() {
+            while let Some(operation) = self.lanes.start_next(&connector, self.max_in_flight) {
+                let Some(entry) = self.events.get(&operation.event) else {
+                    // Cannot happen: an event lives until its operations are done.
+                    self.lanes.finish(&operation.lane);
+                    continue;
+                };
+                let context = entry.context.clone();
+                let signal = self.parking_signal(&connector);
+                let worker = self.worker.clone();
+                let Operation {
+                    event,
+                    index,
+                    lane,
+                    binding,
+                } = operation;
+                let kind = TaskKind::Operation {
+                    event,
+                    index,
+                    lane: lane.clone(),
+                    connector: binding.connector.clone(),
+                    blocking: binding.blocking,
+                };
+                let handle = self.tasks.spawn(async move {
+                    let done = Box::new(process::run_operation(worker, context, binding, signal).await);
+                    TaskDone::Operation {
+                        event,
+                        index,
+                        lane,
+                        done,
+                    }
+                });
+                self.task_kinds.insert(handle.id(), kind);
+            }
+        }
+    }
+
+    /// The watch a connector's operations read to learn that it parks.
+    fn parking_signal(&mut self, connector: &Arc<str>) -> Option<watch::Receiver<bool>> {
+        if !self.parking.enabled() {
+            return None;
+        }
+        if let Some(receiver) = self.parking_signals.get(connector) {
+            return Some(receiver.clone());
+        }
+        let parking = self.parking.is_parking(connector);
+        let (sender, receiver) = watch::channel(parking);
+        self.parking_senders.insert(connector.clone(), sender);
+        self.parking_signals.insert(connector.clone(), receiver.clone());
+        Some(receiver)
+    }
+
+    /// Handles a finished task; answers the ticket to mark finished, if any.
+    fn on_task_done(&mut self, joined: Result<(tokio::task::Id, TaskDone), tokio::task::JoinError>) -> Option<Ticket> {
+        let done = match joined {
+            Ok((id, done)) => {
+                self.task_kinds.remove(&id);
+                done
+            }
+            Err(error) => {
+                let kind = self.task_kinds.remove(&error.id())?;
+                return self.on_task_panicked(kind, &error);
+            }
+        };
+        match done {
+            TaskDone::Operation {
+                event,
+                index,
+                lane,
+                done,
+            } => {
+                self.lanes.finish(&lane);
+                self.operation_done(event, index, *done);
+                None
+            }
+            TaskDone::Reply { event } => {
+                if let Some(entry) = self.events.get_mut(&event) {
+                    entry.reply = ReplyState::Sent;
+                }
+                self.progress(event);
+                None
+            }
+            TaskDone::Completed { event } => self.completed(event),
+            TaskDone::Finished { ticket } => Some(ticket),
+        }
+    }
+
+    fn on_task_panicked(&mut self, kind: TaskKind, error: &tokio::task::JoinError) -> Option<Ticket> {
+        match kind {
+            TaskKind::Operation {
+                event,
+                index,
+                lane,
+                connector,
+                blocking,
+            } => {
+                tracing::error!(connector = %connector, error = %error, "Connector operation panicked; it fails for good.");
+                self.lanes.finish(&lane);
+                let now = Utc::now();
+                let operation = self
+                    .events
+                    .get(&event)
+                    .map(|entry| entry.context.operation)
+                    .unwrap_or(crate::result::Operation::Update);
+                let result = ConnectorResult {
+                    connector,
+                    operation,
+                    outcome: Outcome::Failed,
+                    blocking,
+                    remote_id: None,
+                    attempts: 0,
+                    error: Some(ResultError {
+                        kind: ErrorKind::Internal,
+                        message: "the operation panicked; see the service log".into(),
+                        http_status: None,
+                        retryable: false,
+                    }),
+                    superseded_by: None,
+                    started_at: now,
+                    finished_at: now,
+                };
+                self.operation_done(event, index, OperationDone { result, parked: false });
+                None
+            }
+            TaskKind::Reply { event } => {
+                tracing::error!(error = %error, "Publishing a reply panicked; the caller gets none.");
+                if let Some(entry) = self.events.get_mut(&event) {
+                    entry.reply = ReplyState::Sent;
+                }
+                self.progress(event);
+                None
+            }
+            TaskKind::Completed { event, record } => {
+                // A bug, not bad input: dead-letter the event so the partition moves on.
+                tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset, error = %error, "Completing an event panicked; dead-lettering it.");
+                let worker = self.worker.clone();
+                let task_record = record.clone();
+                let handle = self.tasks.spawn(async move {
+                    process::dead_letter_after_panic(&worker, &task_record).await;
+                    TaskDone::Completed { event }
+                });
+                self.task_kinds
+                    .insert(handle.id(), TaskKind::Completed { event, record });
+                None
+            }
+            TaskKind::Finished { ticket, record } => {
+                tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset, error = %error, "Worker panicked; dead-lettering the event.");
+                let worker = self.worker.clone();
+                let task_record = record.clone();
+                let task_ticket = ticket.clone();
+                let handle = self.tasks.spawn(async move {
+                    process::dead_letter_after_panic(&worker, &task_record).await;
+                    TaskDone::Finished { ticket: task_ticket }
+                });
+                self.task_kinds
+                    .insert(handle.id(), TaskKind::Finished { ticket, record });
+                None
+            }
+        }
+    }
+
+    fn operation_done(&mut self, event: u64, index: usize, done: OperationDone) {
+        let Some(entry) = self.events.get_mut(&event) else {
+            return;
+        };
+        if entry.results[index].is_none() {
+            entry.outstanding -= 1;
+            if entry.bindings[index].blocking {
+                entry.outstanding_blocking -= 1;
+            }
+        }
+        if done.parked && !entry.parked {
+            entry.parked = true;
+            // Until this event's pending result is written, a drained operation of it
+            // waits (it would find nothing to fill in).
+            let key = entry.context.pending_key();
+            self.pending_keys.entry(key).or_default();
+        }
+        entry.results[index] = Some(done.result);
+        self.progress(event);
+    }
+
+    /// Sends the reply or starts the completion once the event is ready for it.
+    fn progress(&mut self, event: u64) {
+        let Some(entry) = self.events.get_mut(&event) else {
+            return;
+        };
+        if entry.reply == ReplyState::Waiting && entry.outstanding_blocking == 0 {
+            let results = blocking_results(entry, false);
+            entry.reply = ReplyState::Sending;
+            self.spawn_reply(event, results);
+            return;
+        }
+        if entry.outstanding > 0 || entry.completing || entry.reply == ReplyState::Sending {
+            return;
+        }
+        entry.completing = true;
+        if entry.context.drained.is_some() {
+            let key = entry.context.pending_key();
+            match self.pending_keys.get_mut(&key) {
+                // Another writer has the key: wait for its turn.
+                Some(waiting) => {
+                    waiting.push_back(event);
+                    return;
+                }
+                None => {
+                    self.pending_keys.insert(key, VecDeque::new());
+                }
+            }
+        }
+        self.spawn_completion(event);
+    }
+
+    fn spawn_reply(&mut self, event: u64, results: Vec<ConnectorResult>) {
+        let Some(entry) = self.events.get(&event) else {
+            return;
+        };
+        let worker = self.worker.clone();
+        let context = entry.context.clone();
+        let handle = self.tasks.spawn(async move {
+            process::publish_blocking_reply(worker, context, results).await;
+            TaskDone::Reply { event }
         });
-        running.insert(
-            handle.id(),
-            RunningJob {
-                ticket,
-                ordering_key,
-                record,
-            },
-        );
+        self.task_kinds.insert(handle.id(), TaskKind::Reply { event });
+    }
+
+    fn spawn_completion(&mut self, event: u64) {
+        let Some(entry) = self.events.get(&event) else {
+            return;
+        };
+        let worker = self.worker.clone();
+        let context = entry.context.clone();
+        let record = context.record.clone();
+        let results: Vec<ConnectorResult> = entry.results.iter().flatten().cloned().collect();
+        let handle = if context.drained.is_some() {
+            let result = results.into_iter().next().expect("a drained event has one operation");
+            self.tasks.spawn(async move {
+                process::complete_drained(worker, context, result).await;
+                TaskDone::Completed { event }
+            })
+        } else {
+            self.tasks.spawn(async move {
+                process::complete_event(worker, context, results).await;
+                TaskDone::Completed { event }
+            })
+        };
+        self.task_kinds
+            .insert(handle.id(), TaskKind::Completed { event, record });
+    }
+
+    /// An event's outputs are durable: forget it, and let the next writer of its
+    /// pending result go.
+    fn completed(&mut self, event: u64) -> Option<Ticket> {
+        let entry = self.events.remove(&event)?;
+        if entry.parked || entry.context.drained.is_some() {
+            let key = entry.context.pending_key();
+            let next = self.pending_keys.get_mut(&key).and_then(VecDeque::pop_front);
+            match next {
+                Some(next) => self.spawn_completion(next),
+                None => {
+                    self.pending_keys.remove(&key);
+                }
+            }
+        }
+        Some(entry.context.ticket.clone())
+    }
+
+    /// Replies whose deadline passed go out now, with unfinished bindings `queued`.
+    fn on_reply_deadlines(&mut self, now: Instant) {
+        while let Some(Reverse((deadline, event))) = self.reply_deadlines.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.reply_deadlines.pop();
+            let Some(entry) = self.events.get_mut(&event) else {
+                continue;
+            };
+            if entry.reply != ReplyState::Waiting {
+                continue;
+            }
+            let results = blocking_results(entry, true);
+            entry.reply = ReplyState::Sending;
+            self.metrics.replies_past_deadline.inc();
+            tracing::info!(event_id = %entry.context.event.id, "Reply deadline reached; unfinished blocking bindings reported as queued.");
+            self.spawn_reply(event, results);
+        }
+    }
+
+    fn on_partition_event(&mut self, partition_event: PartitionEvent) {
+        match partition_event {
+            PartitionEvent::Restored { partition, restore } => {
+                if self.assignments.finish_restore(partition, restore) {
+                    let held = self.held.remove(&partition).unwrap_or_default();
+                    self.held_count -= held.len();
+                    for accepted in held {
+                        self.fan_out(accepted);
+                    }
+                }
+            }
+            PartitionEvent::RestoreFailed { partition, restore } => {
+                if self.assignments.finish_restore(partition, restore) {
+                    self.assignments.start_restore(partition, Duration::from_secs(5));
+                }
+            }
+            PartitionEvent::Revoked { partition } => {
+                let held = self.held.remove(&partition).unwrap_or_default();
+                self.held_count -= held.len();
+            }
+        }
+    }
+
+    /// Re-decides which connectors park, and pauses or resumes their drains.
+    fn evaluate_parking(&mut self, consumer: &EventConsumer, paused: bool) {
+        let now = std::time::Instant::now();
+        let parking_topics = self.worker.parking.get();
+        for connector in self.lanes.connectors() {
+            let held = self.lanes.held(&connector);
+            self.metrics
+                .connector_held_operations
+                .with_label_values(&[&connector])
+                .set(held as i64);
+            let circuit_open = self
+                .worker
+                .connectors
+                .get(&connector)
+                .is_some_and(|handle| handle.gate.circuit_state() == crate::connectors::gate::CircuitState::Open);
+            let change = self.parking.evaluate(&connector, circuit_open, held, now);
+            if let Some(sender) = self.parking_senders.get(&connector) {
+                let parking = self.parking.is_parking(&connector);
+                sender.send_if_modified(|current| std::mem::replace(current, parking) != parking);
+            }
+            if let (Some(pause), Some(parking)) = (change.retry_paused, parking_topics) {
+                let topic = format!("{}{}", parking.prefix, connector);
+                // While everything is paused for back-pressure, a resume waits for that.
+                if pause || !paused {
+                    consumer.set_topic_paused(&topic, pause);
+                }
+            }
+        }
+    }
+
+    /// After a back-pressure resume: retry topics paused for their own bound stay paused.
+    fn repause_retry_topics(&self, consumer: &EventConsumer) {
+        let Some(parking) = self.worker.parking.get() else {
+            return;
+        };
+        for connector in self.lanes.connectors() {
+            if self.parking.retry_paused(&connector) {
+                consumer.set_topic_paused(&format!("{}{}", parking.prefix, connector), true);
+            }
+        }
     }
 }
 
-/// Completes at the drain deadline; never, while not draining.
-async fn sleep_until_deadline(deadline: Option<tokio::time::Instant>) {
+/// The blocking bindings' results; at the deadline, unfinished ones as `queued`.
+fn blocking_results(entry: &EventEntry, at_deadline: bool) -> Vec<ConnectorResult> {
+    let now = Utc::now();
+    entry
+        .bindings
+        .iter()
+        .zip(&entry.results)
+        .filter(|(binding, _)| binding.blocking)
+        .filter_map(|(binding, result)| match result {
+            Some(result) => Some(result.clone()),
+            None if at_deadline => Some(ConnectorResult {
+                connector: binding.connector.clone(),
+                operation: entry.context.operation,
+                outcome: Outcome::Queued,
+                blocking: true,
+                remote_id: None,
+                attempts: 0,
+                error: None,
+                superseded_by: None,
+                started_at: now,
+                finished_at: now,
+            }),
+            None => None,
+        })
+        .collect()
+}
+
+/// Completes at the deadline; never, without one.
+async fn sleep_until_deadline(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
@@ -394,116 +843,5 @@ async fn sleep_until_deadline(deadline: Option<tokio::time::Instant>) {
 fn flush_producer(worker: &Worker) {
     if let Err(error) = worker.producer.flush(Duration::from_secs(10)) {
         tracing::warn!(error = %error, in_flight = worker.producer.in_flight_count(), "Producer flush incomplete.");
-    }
-}
-
-/// Events about the same user must not overtake each other. The key is taken from the
-/// decoded event (`tenant/user id`), not the Kafka key, which producers may not set.
-/// Undecodable records get a unique key: there is nothing to order them against.
-fn ordering_key_for(record: &InboundRecord, decoded: &Result<UserEvent, DecodeError>) -> String {
-    match decoded {
-        Ok(event) => event.user_key(),
-        Err(_) => format!(
-            "\u{0}undecodable/{}/{}/{}",
-            record.topic, record.partition, record.offset
-        ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A job: its key and its place in the input.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    struct TestJob(&'static str, u32);
-
-    impl Keyed for TestJob {
-        fn ordering_key(&self) -> &str {
-            self.0
-        }
-    }
-
-    fn scheduler(jobs: &[TestJob]) -> Scheduler<TestJob> {
-        let mut scheduler = Scheduler::default();
-        for job in jobs {
-            scheduler.accept(job.clone());
-        }
-        scheduler
-    }
-
-    #[test]
-    fn a_key_runs_one_job_at_a_time_in_arrival_order() {
-        let mut scheduler = scheduler(&[
-            TestJob("alice", 1),
-            TestJob("alice", 2),
-            TestJob("bob", 3),
-            TestJob("alice", 4),
-        ]);
-        assert_eq!(scheduler.start_next(10), Some(TestJob("alice", 1)));
-        assert_eq!(scheduler.start_next(10), Some(TestJob("bob", 3)));
-        assert_eq!(scheduler.start_next(10), None, "alice 2 waits behind alice 1");
-        scheduler.finish("alice");
-        assert_eq!(scheduler.start_next(10), Some(TestJob("alice", 2)));
-        assert_eq!(scheduler.start_next(10), None);
-        scheduler.finish("bob");
-        assert_eq!(scheduler.start_next(10), None, "bob has nothing more");
-        scheduler.finish("alice");
-        assert_eq!(scheduler.start_next(10), Some(TestJob("alice", 4)));
-    }
-
-    #[test]
-    fn no_more_than_max_in_flight_run_at_once() {
-        let jobs: Vec<TestJob> = ["a", "b", "c", "d", "e"]
-            .iter()
-            .zip(1..)
-            .map(|(key, place)| TestJob(key, place))
-            .collect();
-        let mut scheduler = scheduler(&jobs);
-        assert_eq!(scheduler.start_next(2), Some(TestJob("a", 1)));
-        assert_eq!(scheduler.start_next(2), Some(TestJob("b", 2)));
-        assert_eq!(scheduler.start_next(2), None, "two already run");
-        assert_eq!(scheduler.running, 2);
-        scheduler.finish("a");
-        assert_eq!(scheduler.start_next(2), Some(TestJob("c", 3)));
-        assert_eq!(scheduler.start_next(2), None);
-    }
-
-    #[test]
-    fn buffered_counts_every_held_job_until_it_finishes() {
-        let mut scheduler = scheduler(&[TestJob("a", 1), TestJob("a", 2), TestJob("b", 3)]);
-        assert_eq!(scheduler.buffered, 3, "running, ready and waiting all count");
-        scheduler.start_next(1);
-        assert_eq!(scheduler.buffered, 3, "starting a job does not release it");
-        scheduler.finish("a");
-        assert_eq!(scheduler.buffered, 2);
-        assert_eq!(scheduler.running, 0);
-    }
-
-    #[test]
-    fn draining_finishes_everything_held_in_per_key_order() {
-        let keys = ["a", "b", "c"];
-        let jobs: Vec<TestJob> = (0..30).map(|place| TestJob(keys[place as usize % 3], place)).collect();
-        let mut scheduler = scheduler(&jobs);
-        let mut finished: Vec<TestJob> = Vec::new();
-        let mut running: VecDeque<TestJob> = VecDeque::new();
-        // What the pipeline's drain does: keep starting and finishing until nothing is held.
-        while scheduler.buffered > 0 {
-            while let Some(job) = scheduler.start_next(2) {
-                running.push_back(job);
-            }
-            let done = running.pop_front().expect("something runs while jobs are held");
-            scheduler.finish(done.0);
-            finished.push(done);
-        }
-        assert_eq!(finished.len(), jobs.len());
-        assert!(scheduler.waiting_by_key.is_empty() && scheduler.ready.is_empty());
-        assert_eq!(scheduler.running, 0);
-        for key in keys {
-            let order: Vec<u32> = finished.iter().filter(|job| job.0 == key).map(|job| job.1).collect();
-            let mut sorted = order.clone();
-            sorted.sort_unstable();
-            assert_eq!(order, sorted, "key {key} finished out of order");
-        }
     }
 }

@@ -1,15 +1,20 @@
-//! The work for one event: route it, apply every binding with retries, reply to a
-//! blocking caller once the blocking bindings are done, publish the complete result,
-//! and dead-letter what failed for good.
+//! The work for one event, in pieces the pipeline loop schedules: [`prepare`] routes it
+//! into operations (one per binding), [`run_operation`] applies one binding (or parks
+//! it), [`publish_blocking_reply`] answers a blocking caller once the blocking bindings
+//! are final (or at the reply deadline), and [`complete_event`] writes the complete
+//! result and dead letter. A parked operation read back from its retry topic runs
+//! through [`run_operation`] too and ends in [`complete_drained`].
 //!
-//! **Invariant:** [`process`] returns only after the event's reply (if any), its result
-//! and its dead letter (if any) have been acknowledged by the broker. The pipeline stores
-//! the input offset only after that.
+//! **Invariant:** each piece returns only after what it writes is acknowledged by the
+//! broker. The pipeline stores an input offset only after the event's operations are
+//! final or parked, and its reply, result (or pending result) and dead letter are
+//! durable.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::connectors::{ConnectorError, ConnectorHandle, ConnectorSet};
@@ -21,12 +26,14 @@ use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::Assignments;
 use crate::pipeline::offsets::Ticket;
-use crate::pipeline::router::{Decision, Router, Routing, Step};
+use crate::pipeline::parking::{self, RetryTopics};
+use crate::pipeline::router::{Binding, Decision, Router, Routing, Step};
 use crate::result::{
     ConnectorResult, ErrorKind, EventVersion, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status,
     Superseded,
 };
-use crate::retry::run_with_retries;
+use crate::retry::{run_with_retries, RetryPolicy};
+use crate::state::pending::{pending_key, PendingResult, PENDING_SCHEMA_VERSION};
 use crate::state::record::{AccountState, StateKey, StateRecord, STATE_SCHEMA_VERSION};
 use crate::state::version::Relation;
 use crate::state::ProvisioningState;
@@ -45,201 +52,281 @@ pub struct Worker {
     pub state: Option<Arc<ProvisioningState>>,
     /// Which partitions are still ours: revoked work makes no new attempt.
     pub assignments: Arc<Assignments>,
+    /// Durable parking, when `[parking]` and `[state]` are enabled: set at start-up once
+    /// the retry topics are known.
+    pub parking: OnceLock<Parking>,
 }
 
-/// What the provisioning state needs to know about the event being applied.
-struct Versioned<'a> {
-    state: &'a ProvisioningState,
-    version: EventVersion,
-    /// The input partition: the state record goes to the same partition number.
-    partition: i32,
+/// What operations need to park and drain.
+pub struct Parking {
+    pub topics: RetryTopics,
+    pub prefix: String,
+    pub max_parked_time: Duration,
 }
 
-/// Runs one event to completion: when it returns, every output is durable.
-pub async fn process(
-    worker: Arc<Worker>,
-    record: Arc<InboundRecord>,
-    decoded: Result<UserEvent, DecodeError>,
-    ticket: &Ticket,
-) {
+/// One event being worked on, shared by its operations.
+pub struct EventContext {
+    pub record: Arc<InboundRecord>,
+    pub event: UserEvent,
+    pub ticket: Ticket,
+    pub version: Option<EventVersion>,
+    pub reply_route: Option<ReplyRoute>,
+    pub received_at: DateTime<Utc>,
+    pub operation: Operation,
+    /// Where the event was first published: names its pending result.
+    pub origin: (i32, i64),
+    /// Set when this is a parked operation read back from a retry topic.
+    pub drained: Option<Drained>,
+    span: tracing::Span,
+}
+
+/// A parked operation read back from its retry topic.
+pub struct Drained {
+    /// `None` when the connector is no longer configured.
+    pub connector: Option<String>,
+    pub blocking: bool,
+    pub parked_at: DateTime<Utc>,
+}
+
+impl EventContext {
+    pub fn ordering_key(&self) -> String {
+        self.event.user_key()
+    }
+
+    pub fn pending_key(&self) -> String {
+        pending_key(self.origin.0, self.origin.1)
+    }
+
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+}
+
+/// What routing made of an event.
+pub enum Prepared {
+    /// Nothing to apply: answer and finish at once ([`finish_unrouted`]).
+    Unrouted { context: Arc<EventContext>, reason: String },
+    /// One result slot per binding: `Some` for those already final (skipped), `None`
+    /// for those to run.
+    Plan {
+        context: Arc<EventContext>,
+        steps: Vec<Step>,
+        results: Vec<Option<ConnectorResult>>,
+    },
+}
+
+/// Decodes what the pipeline needs from an input or retry record and routes it.
+pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: UserEvent, ticket: Ticket) -> Prepared {
     let span = tracing::info_span!(
         "event",
         topic = %record.topic,
         partition = record.partition,
         offset = record.offset,
-        event_id = tracing::field::Empty,
-        event_type = tracing::field::Empty,
-        tenant = tracing::field::Empty,
-        user_id = tracing::field::Empty,
+        event_id = %event.id,
+        event_type = event.event_type.as_str(),
+        tenant = %event.data.tenant,
+        user_id = %event.data.user.id,
     );
-    async move {
-        match decoded {
-            Ok(event) => process_event(&worker, &record, event, ticket).await,
-            Err(error) => reject_undecodable(&worker, &record, error).await,
-        }
+    let drained = worker
+        .parking
+        .get()
+        .filter(|parking| parking.topics.is_retry_topic(&record.topic))
+        .map(|parking| Drained {
+            connector: parking.topics.connector_of(&record.topic).map(str::to_string),
+            blocking: header(&record.headers, parking::BLOCKING_HEADER).as_deref() == Some("true"),
+            parked_at: header(&record.headers, parking::PARKED_AT_HEADER)
+                .and_then(|value| DateTime::parse_from_rfc3339(&value).ok())
+                .map(|value| value.with_timezone(&Utc))
+                .unwrap_or_else(Utc::now),
+        });
+    if drained.is_none() {
+        worker
+            .metrics
+            .events_consumed
+            .with_label_values(&[event.event_type.as_str()])
+            .inc();
     }
-    .instrument(span)
-    .await
-}
-
-async fn process_event(worker: &Worker, record: &InboundRecord, event: UserEvent, ticket: &Ticket) {
-    let span = tracing::Span::current();
-    span.record("event_id", event.id.as_str());
-    span.record("event_type", event.event_type.as_str());
-    span.record("tenant", event.data.tenant.as_str());
-    span.record("user_id", event.data.user.id.as_str());
-    worker
-        .metrics
-        .events_consumed
-        .with_label_values(&[event.event_type.as_str()])
-        .inc();
-    let reply_route = allowed_reply_route(worker, record);
-    let correlation_id = reply_route.as_ref().map(|route| route.correlation_id.clone());
+    let reply_route = if drained.is_none() {
+        allowed_reply_route(worker, &record)
+    } else {
+        None
+    };
     let operation = event.event_type.operation();
     let received_at = Utc::now() - chrono::Duration::from_std(record.received_at.elapsed()).unwrap_or_default();
-    let versioned = worker.state.as_deref().map(|state| Versioned {
-        state,
-        version: state.event_version(
+    let version = worker.state.as_deref().map(|state| {
+        state.event_version(
             record.partition,
             record.offset,
             &record.headers,
             &event.source,
             event.sequence.as_deref(),
-        ),
-        partition: record.partition,
-    });
-    let version = versioned.as_ref().map(|versioned| versioned.version.clone());
-
-    let (provider, steps) = match worker.router.route(&event) {
-        Routing::UnknownTenant => {
-            let reason = format!("tenant `{}` is not configured", event.data.tenant);
-            tracing::info!(reason = %reason, "Event skipped.");
-            let result = summary(
-                &version,
-                &event,
-                correlation_id,
-                Vec::new(),
-                ResultScope::Complete,
-                Some(reason),
-                received_at,
-            );
-            if let Some(route) = &reply_route {
-                let reply = ProvisioningResult {
-                    scope: ResultScope::Blocking,
-                    ..result.clone()
-                };
-                publish_reply(worker, route, &reply).await;
-            }
-            publish_result(worker, &event, &result).await;
-            return;
-        }
-        Routing::Plan { provider, steps } => (provider, steps),
-    };
-    tracing::debug!(provider = %provider, bindings = steps.len(), "Event routed.");
-
-    let (blocking_steps, background_steps): (Vec<Step>, Vec<Step>) =
-        steps.into_iter().partition(|step| step.binding.blocking);
-    let blocking_work = async {
-        let results = futures::future::join_all(
-            blocking_steps
-                .iter()
-                .map(|step| apply_step(worker, step, operation, &event, versioned.as_ref(), ticket)),
         )
-        .await;
-        if let Some(route) = reply_route.as_ref().filter(|_| worker.assignments.is_current(ticket)) {
-            let reason = results
-                .is_empty()
-                .then(|| "no blocking binding applies; non-blocking bindings continue".to_string());
-            let reply = summary(
-                &version,
-                &event,
-                correlation_id.clone(),
-                results.clone(),
-                ResultScope::Blocking,
-                reason,
-                received_at,
-            );
-            publish_reply(worker, route, &reply).await;
-            worker
-                .metrics
-                .reply_duration
-                .with_label_values(&[reply.status.as_str()])
-                .observe(record.received_at.elapsed().as_secs_f64());
-        }
-        results
-    };
-    let background_work = futures::future::join_all(
-        background_steps
-            .iter()
-            .map(|step| apply_step(worker, step, operation, &event, versioned.as_ref(), ticket)),
-    );
-    let (mut results, background_results) = tokio::join!(blocking_work, background_work);
-    results.extend(background_results);
-    if !worker.assignments.is_current(ticket) {
-        // Revoked meanwhile: the new owner applies the event again and writes its
-        // result; ours would only be a duplicate, or a failure that is not one.
-        tracing::info!("Partition revoked while the event was applied; its new owner finishes it.");
-        return;
-    }
-
-    let failed: Vec<&ConnectorResult> = results
-        .iter()
-        .filter(|result| result.outcome == Outcome::Failed)
-        .collect();
-    if !failed.is_empty() {
-        let message = failed
-            .iter()
-            .map(|result| {
-                let error = result
-                    .error
-                    .as_ref()
-                    .map(|error| error.message.as_str())
-                    .unwrap_or("failed");
-                format!("{}: {error}", result.connector)
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
-        publish_dead_letter(worker, record, CONNECTOR_FAILED_REASON, &message).await;
-    }
-    let result = summary(
-        &version,
-        &event,
-        correlation_id,
-        results,
-        ResultScope::Complete,
-        None,
+    });
+    let origin = dead_letter::origin_of(&record.headers, record.partition, record.offset);
+    let context = Arc::new(EventContext {
+        record,
+        event,
+        ticket,
+        version,
+        reply_route,
         received_at,
-    );
-    publish_result(worker, &event, &result).await;
-    worker
-        .metrics
-        .events_completed
-        .with_label_values(&[result.status.as_str()])
-        .inc();
-    worker
-        .metrics
-        .event_duration
-        .with_label_values(&[result.status.as_str()])
-        .observe(record.received_at.elapsed().as_secs_f64());
+        operation,
+        origin,
+        drained,
+        span,
+    });
+    if let Some(drained) = &context.drained {
+        // A parked operation: its one binding, whatever the routing says now (a rule
+        // change must not drop work that was accepted).
+        let step = Step {
+            binding: Arc::new(Binding::parked(
+                drained.connector.as_deref().unwrap_or("<removed>"),
+                drained.blocking,
+            )),
+            decision: Decision::Apply,
+        };
+        return Prepared::Plan {
+            context,
+            steps: vec![step],
+            results: vec![None],
+        };
+    }
+    match worker.router.route(&context.event) {
+        Routing::UnknownTenant => {
+            let reason = format!("tenant `{}` is not configured", context.event.data.tenant);
+            Prepared::Unrouted { context, reason }
+        }
+        Routing::Plan { provider, steps } => {
+            context
+                .span
+                .in_scope(|| tracing::debug!(provider = %provider, bindings = steps.len(), "Event routed."));
+            let results = steps
+                .iter()
+                .map(|step| decided_result(worker, step, context.operation))
+                .collect();
+            Prepared::Plan {
+                context,
+                steps,
+                results,
+            }
+        }
+    }
 }
 
-/// Applies one binding, or records why it was skipped.
-async fn apply_step(
-    worker: &Worker,
-    step: &Step,
-    operation: Operation,
-    event: &UserEvent,
-    versioned: Option<&Versioned<'_>>,
-    ticket: &Ticket,
-) -> ConnectorResult {
-    let started_at = Utc::now();
-    let connector = step.binding.connector.clone();
-    let blocking = step.binding.blocking;
-    let skipped = |error: Option<ResultError>| ConnectorResult {
-        connector: connector.clone(),
+/// The result of a binding that needs no call (skipped, rule error), else `None`.
+fn decided_result(worker: &Worker, step: &Step, operation: Operation) -> Option<ConnectorResult> {
+    let error = match &step.decision {
+        Decision::Apply => return None,
+        Decision::Skip { reason } => {
+            tracing::debug!(connector = %step.binding.connector, reason = %reason, "Binding skipped.");
+            None
+        }
+        Decision::RuleError { message } => {
+            tracing::warn!(connector = %step.binding.connector, error = %message, "Rule failed; binding denied.");
+            Some(ResultError {
+                kind: ErrorKind::Rule,
+                message: message.clone(),
+                http_status: None,
+                retryable: false,
+            })
+        }
+    };
+    let now = Utc::now();
+    let result = ConnectorResult {
+        connector: step.binding.connector.clone(),
         operation,
         outcome: Outcome::Skipped,
-        blocking,
+        blocking: step.binding.blocking,
+        remote_id: None,
+        attempts: 0,
+        error,
+        superseded_by: None,
+        started_at: now,
+        finished_at: now,
+    };
+    count_result(worker, &result);
+    Some(result)
+}
+
+fn count_result(worker: &Worker, result: &ConnectorResult) {
+    worker
+        .metrics
+        .connector_results
+        .with_label_values(&[result.connector.as_str(), result.outcome.as_str()])
+        .inc();
+}
+
+fn header(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .rev()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
+}
+
+/// An event with nothing to apply (unknown tenant): reply, publish its result.
+pub async fn finish_unrouted(worker: Arc<Worker>, context: Arc<EventContext>, reason: String) {
+    let span = context.span.clone();
+    async move {
+        tracing::info!(reason = %reason, "Event skipped.");
+        let result = summary(&context, Vec::new(), ResultScope::Complete, Some(reason));
+        if let Some(route) = &context.reply_route {
+            let reply = ProvisioningResult {
+                scope: ResultScope::Blocking,
+                ..result.clone()
+            };
+            publish_reply(&worker, route, &reply).await;
+        }
+        publish_result(&worker, &context.event, &result).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// An undecodable record: dead-letter it, and tell a blocking caller why.
+pub async fn reject(worker: Arc<Worker>, record: Arc<InboundRecord>, error: DecodeError) {
+    let span =
+        tracing::info_span!("event", topic = %record.topic, partition = record.partition, offset = record.offset);
+    reject_undecodable(&worker, &record, error).instrument(span).await
+}
+
+/// How one operation ended.
+pub struct OperationDone {
+    pub result: ConnectorResult,
+    /// It was written to its connector's retry topic: `result` says `queued`.
+    pub parked: bool,
+}
+
+/// Applies one binding of an event, or parks it. For a parked operation read back,
+/// applies it and clears its lane's parked mark once the drain has passed it.
+pub async fn run_operation(
+    worker: Arc<Worker>,
+    context: Arc<EventContext>,
+    binding: Arc<Binding>,
+    parking_signal: Option<watch::Receiver<bool>>,
+) -> OperationDone {
+    let span = context.span.clone();
+    async move {
+        let done = operate(&worker, &context, &binding, parking_signal).await;
+        count_result(&worker, &done.result);
+        done
+    }
+    .instrument(span)
+    .await
+}
+
+async fn operate(
+    worker: &Worker,
+    context: &EventContext,
+    binding: &Binding,
+    parking_signal: Option<watch::Receiver<bool>>,
+) -> OperationDone {
+    let started_at = Utc::now();
+    let finished = |outcome: Outcome, error: Option<ResultError>| ConnectorResult {
+        connector: binding.connector.clone(),
+        operation: context.operation,
+        outcome,
+        blocking: binding.blocking,
         remote_id: None,
         attempts: 0,
         error,
@@ -247,69 +334,323 @@ async fn apply_step(
         started_at,
         finished_at: Utc::now(),
     };
-    let result = match &step.decision {
-        Decision::Skip { reason } => {
-            tracing::debug!(connector = %connector, reason = %reason, "Binding skipped.");
-            skipped(None)
+    let internal = |message: String| ResultError {
+        kind: ErrorKind::Internal,
+        message,
+        http_status: None,
+        retryable: false,
+    };
+    let Some(handle) = worker.connectors.get(&binding.connector) else {
+        let message = match &context.drained {
+            Some(_) => format!(
+                "parked for connector `{}`, which is no longer configured",
+                context.record.topic
+            ),
+            None => format!("connector `{}` is not running", binding.connector),
+        };
+        return OperationDone {
+            result: finished(Outcome::Failed, Some(internal(message))),
+            parked: false,
+        };
+    };
+    let lane = match (&worker.state, context.version.as_ref()) {
+        (Some(state), Some(version)) => Some(Lane {
+            state,
+            version,
+            key: StateKey::new(&handle.name, &context.ordering_key()),
+            partition: context.record.partition,
+        }),
+        _ => None,
+    };
+    let parking = worker.parking.get();
+    let Some(lane) = lane else {
+        // No state: no versions and no parking, only the call.
+        let result = call_connector(worker, handle, context, None, binding.blocking, None, None).await;
+        return OperationDone {
+            result: result.unwrap_or_else(|| finished(Outcome::Failed, None)),
+            parked: false,
+        };
+    };
+    let prior = lane.state.lookup(lane.partition, &lane.key);
+
+    if let Some(drained) = &context.drained {
+        let parking = parking.expect("drained work comes from a retry topic");
+        // The lane stays parked while work parked after this one waits.
+        let parked_until = prior
+            .as_ref()
+            .and_then(|prior| prior.parked_until)
+            .filter(|until| *until > context.record.offset);
+        let expires_at =
+            drained.parked_at + chrono::Duration::from_std(parking.max_parked_time).unwrap_or(chrono::Duration::MAX);
+        let remaining = (expires_at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        if remaining.is_zero() {
+            if let Some(prior) = &prior {
+                clear_parked_mark(worker, &lane, prior, parked_until).await;
+            }
+            let message = format!(
+                "parked at {} and not applied within parking.max_parked_time ({})",
+                drained.parked_at.to_rfc3339(),
+                humantime::format_duration(parking.max_parked_time)
+            );
+            return OperationDone {
+                result: finished(
+                    Outcome::Failed,
+                    Some(ResultError {
+                        kind: ErrorKind::Exhausted,
+                        message,
+                        http_status: None,
+                        retryable: true,
+                    }),
+                ),
+                parked: false,
+            };
         }
-        Decision::RuleError { message } => {
-            tracing::warn!(connector = %connector, error = %message, "Rule failed; binding denied.");
-            skipped(Some(ResultError {
-                kind: ErrorKind::Rule,
-                message: message.clone(),
-                http_status: None,
-                retryable: false,
-            }))
+        // Parked work retries until it expires: the target was down when it was
+        // parked, and the drain waits on the gate like any other call.
+        let policy = RetryPolicy {
+            max_attempts: u32::MAX,
+            max_elapsed: remaining,
+            ..handle.retry
+        };
+        let result = apply_versioned(
+            worker,
+            handle,
+            context,
+            binding.blocking,
+            &lane,
+            prior.as_ref(),
+            parked_until,
+            Some(policy),
+            None,
+        )
+        .await
+        .expect("a drained operation is never parked again");
+        if matches!(result.outcome, Outcome::Stale | Outcome::Skipped) {
+            if let Some(prior) = &prior {
+                clear_parked_mark(worker, &lane, prior, parked_until).await;
+            }
         }
-        Decision::Apply => match worker.connectors.get(&connector) {
-            Some(handle) => match versioned {
-                Some(versioned) => apply_versioned(worker, handle, operation, event, blocking, versioned, ticket).await,
-                None => call_connector(worker, handle, operation, event, None, blocking, ticket).await,
-            },
-            None => ConnectorResult {
-                outcome: Outcome::Failed,
-                error: Some(ResultError {
-                    kind: ErrorKind::Internal,
-                    message: format!("connector `{connector}` is not running"),
-                    http_status: None,
-                    retryable: false,
-                }),
-                ..skipped(None)
-            },
+        let label = match result.outcome {
+            Outcome::Failed => "failed",
+            Outcome::Stale => "stale",
+            _ => "applied",
+        };
+        if result
+            .error
+            .as_ref()
+            .is_none_or(|error| error.kind != ErrorKind::Revoked)
+        {
+            worker
+                .metrics
+                .operations_drained
+                .with_label_values(&[handle.name.as_str(), label])
+                .inc();
+        }
+        return OperationDone { result, parked: false };
+    }
+
+    let lane_parked = prior.as_ref().is_some_and(|prior| prior.parked_until.is_some());
+    let connector_parking = parking_signal.as_ref().is_some_and(|signal| *signal.borrow());
+    if let Some(parking) = parking.filter(|_| lane_parked || connector_parking) {
+        return park(
+            worker,
+            handle,
+            context,
+            binding,
+            &lane,
+            prior.as_ref(),
+            parking,
+            started_at,
+            0,
+        )
+        .await;
+    }
+    let parked_until = prior.as_ref().and_then(|prior| prior.parked_until);
+    let signal = parking.and(parking_signal);
+    match apply_versioned(
+        worker,
+        handle,
+        context,
+        binding.blocking,
+        &lane,
+        prior.as_ref(),
+        parked_until,
+        None,
+        signal,
+    )
+    .await
+    {
+        Some(result) => OperationDone { result, parked: false },
+        // The connector started parking while this operation waited off the wire.
+        None => {
+            let parking = parking.expect("only a parking connector interrupts");
+            let prior = lane.state.lookup(lane.partition, &lane.key);
+            park(
+                worker,
+                handle,
+                context,
+                binding,
+                &lane,
+                prior.as_ref(),
+                parking,
+                started_at,
+                0,
+            )
+            .await
+        }
+    }
+}
+
+/// What the provisioning state needs to know about one (connector, user) lane.
+struct Lane<'a> {
+    state: &'a ProvisioningState,
+    version: &'a EventVersion,
+    key: StateKey,
+    /// The input partition: state records go to the same partition number.
+    partition: i32,
+}
+
+/// Writes the operation to its connector's retry topic (same partition number as the
+/// input record), then marks its lane parked up to that offset.
+#[allow(clippy::too_many_arguments)]
+async fn park(
+    worker: &Worker,
+    handle: &ConnectorHandle,
+    context: &EventContext,
+    binding: &Binding,
+    lane: &Lane<'_>,
+    prior: Option<&StateRecord>,
+    parking: &Parking,
+    started_at: DateTime<Utc>,
+    attempts: u32,
+) -> OperationDone {
+    let queued = |error: Option<ResultError>, outcome: Outcome| ConnectorResult {
+        connector: handle.name.clone(),
+        operation: context.operation,
+        outcome,
+        blocking: binding.blocking,
+        remote_id: prior.and_then(|prior| prior.remote_id.clone()),
+        attempts,
+        error,
+        superseded_by: None,
+        started_at,
+        finished_at: Utc::now(),
+    };
+    if !worker.assignments.is_current(&context.ticket) {
+        let error = ResultError {
+            kind: ErrorKind::Revoked,
+            message: "partition revoked before the operation was parked".into(),
+            http_status: None,
+            retryable: true,
+        };
+        return OperationDone {
+            result: queued(Some(error), Outcome::Failed),
+            parked: false,
+        };
+    }
+    let topic = format!("{}{}", parking.prefix, handle.name);
+    let record = &context.record;
+    let origin = dead_letter::format_origin(context.origin.0, context.origin.1);
+    let parked_at = Utc::now().to_rfc3339();
+    let blocking = if binding.blocking { "true" } else { "false" };
+    // The original headers, minus our own (a replayed dead letter's) and the reply
+    // route: the caller has its answer (`queued`) already.
+    let mut headers: Vec<(&str, &[u8])> = record
+        .headers
+        .iter()
+        .filter(|(name, _)| !name.starts_with(dead_letter::HEADER_PREFIX))
+        .filter(|(name, _)| name != event::REPLY_TO_HEADER)
+        .map(|(name, value)| (name.as_str(), value.as_slice()))
+        .collect();
+    headers.extend([
+        (parking::CONNECTOR_HEADER, handle.name.as_bytes()),
+        (parking::PARKED_AT_HEADER, parked_at.as_bytes()),
+        (parking::BLOCKING_HEADER, blocking.as_bytes()),
+        (dead_letter::ORIGIN_HEADER, origin.as_bytes()),
+    ]);
+    let offset = produce_durably(
+        worker,
+        "retry",
+        OutboundRecord {
+            topic: &topic,
+            partition: Some(record.partition),
+            key: record.key.as_deref(),
+            payload: record.value.as_deref().unwrap_or_default(),
+            headers,
+        },
+    )
+    .await
+    .expect("only dead letters give up on a produce");
+    let mark = match prior {
+        Some(prior) => StateRecord {
+            parked_until: Some(offset),
+            updated_at: Utc::now(),
+            ..prior.clone()
+        },
+        None => StateRecord {
+            schema: STATE_SCHEMA_VERSION,
+            version: lane.version.clone(),
+            account: AccountState::NotApplied,
+            remote_id: None,
+            event_id: context.event.id.clone(),
+            updated_at: Utc::now(),
+            parked_until: Some(offset),
         },
     };
+    publish_state(worker, lane, &mark).await;
     worker
         .metrics
-        .connector_results
-        .with_label_values(&[result.connector.as_str(), result.outcome.as_str()])
+        .operations_parked
+        .with_label_values(&[handle.name.as_str()])
         .inc();
-    result
+    tracing::info!(connector = %handle.name, retry_topic = %topic, retry_offset = offset, "Operation parked.");
+    OperationDone {
+        result: queued(None, Outcome::Queued),
+        parked: true,
+    }
+}
+
+/// A drained operation that wrote no state record of its own: move the lane's parked
+/// mark (or clear it when nothing parked after it remains).
+async fn clear_parked_mark(worker: &Worker, lane: &Lane<'_>, prior: &StateRecord, parked_until: Option<i64>) {
+    if prior.parked_until == parked_until {
+        return;
+    }
+    let record = StateRecord {
+        parked_until,
+        updated_at: Utc::now(),
+        ..prior.clone()
+    };
+    publish_state(worker, lane, &record).await;
 }
 
 /// Applies one binding under the provisioning state: a stale event makes no call; the
 /// call goes by the stored remote id; what the target then holds is written to the
 /// state topic (acknowledged) and the local store before the result is returned.
+/// `None` when the parking signal interrupted it before any call was on the wire.
+#[allow(clippy::too_many_arguments)]
 async fn apply_versioned(
     worker: &Worker,
     handle: &ConnectorHandle,
-    operation: Operation,
-    event: &UserEvent,
+    context: &EventContext,
     blocking: bool,
-    versioned: &Versioned<'_>,
-    ticket: &Ticket,
-) -> ConnectorResult {
-    let key = StateKey::new(&handle.name, &event.user_key());
-    let prior = versioned.state.lookup(versioned.partition, &key);
-    if let Some(prior) = &prior {
-        if versioned.version.relation_to(&prior.version) == Relation::Older {
-            tracing::info!(connector = %handle.name, applied = %prior.version, event_version = %versioned.version, "Stale event: a newer one was applied already; no call made.");
+    lane: &Lane<'_>,
+    prior: Option<&StateRecord>,
+    parked_until: Option<i64>,
+    policy: Option<RetryPolicy>,
+    parking_signal: Option<watch::Receiver<bool>>,
+) -> Option<ConnectorResult> {
+    let operation = context.operation;
+    if let Some(prior) = prior {
+        if lane.version.relation_to(&prior.version) == Relation::Older {
+            tracing::info!(connector = %handle.name, applied = %prior.version, event_version = %lane.version, "Stale event: a newer one was applied already; no call made.");
             worker
                 .metrics
                 .stale_events
                 .with_label_values(&[handle.name.as_str()])
                 .inc();
             let now = Utc::now();
-            return ConnectorResult {
+            return Some(ConnectorResult {
                 connector: handle.name.clone(),
                 operation,
                 outcome: Outcome::Stale,
@@ -323,85 +664,99 @@ async fn apply_versioned(
                 }),
                 started_at: now,
                 finished_at: now,
-            };
+            });
         }
     }
     // A deleted account has no id to go by; a failed one keeps the id it had.
     let known_id = prior
-        .as_ref()
         .filter(|prior| prior.account != AccountState::Deleted)
         .and_then(|prior| prior.remote_id.as_deref());
-    let result = call_connector(worker, handle, operation, event, known_id, blocking, ticket).await;
+    let result = call_connector(worker, handle, context, known_id, blocking, policy, parking_signal).await?;
     if result
         .error
         .as_ref()
         .is_some_and(|error| error.kind == ErrorKind::Revoked)
     {
         // No call was made: nothing to remember.
-        return result;
+        return Some(result);
     }
     let account = match result.outcome {
         Outcome::Created | Outcome::Adopted | Outcome::Updated => AccountState::Present,
         Outcome::Deactivated => AccountState::Deactivated,
         Outcome::Deleted | Outcome::AlreadyAbsent => AccountState::Deleted,
         Outcome::Failed => AccountState::Failed,
-        Outcome::Skipped | Outcome::Stale => return result,
+        Outcome::Skipped | Outcome::Stale | Outcome::Queued => return Some(result),
     };
     let remote_id = match account {
         AccountState::Deleted => None,
         _ => result
             .remote_id
             .clone()
-            .or_else(|| prior.as_ref().and_then(|prior| prior.remote_id.clone())),
+            .or_else(|| prior.and_then(|prior| prior.remote_id.clone())),
     };
     let record = StateRecord {
         schema: STATE_SCHEMA_VERSION,
-        version: versioned.version.clone(),
+        version: lane.version.clone(),
         account,
         remote_id,
-        event_id: event.id.clone(),
+        event_id: context.event.id.clone(),
         updated_at: Utc::now(),
+        parked_until,
     };
-    publish_state(worker, versioned, &key, &record).await;
-    result
+    publish_state(worker, lane, &record).await;
+    Some(result)
 }
 
 /// Writes a state record to the state topic, on the input record's partition number,
 /// and once acknowledged to the local store.
-async fn publish_state(worker: &Worker, versioned: &Versioned<'_>, key: &StateKey, record: &StateRecord) {
+async fn publish_state(worker: &Worker, lane: &Lane<'_>, record: &StateRecord) {
     let payload = record.encode();
-    let encoded_key = key.encode();
+    let encoded_key = lane.key.encode();
     // Retried until written: only dead letters give up (see produce_durably).
     let _ = produce_durably(
         worker,
         "state",
         OutboundRecord {
-            topic: versioned.state.topic(),
-            partition: Some(versioned.partition),
+            topic: lane.state.topic(),
+            partition: Some(lane.partition),
             key: Some(encoded_key.as_bytes()),
             payload: &payload,
             headers: vec![("content-type", b"application/json")],
         },
     )
     .await;
-    versioned.state.remember(versioned.partition, key, record);
+    lane.state.remember(lane.partition, &lane.key, record);
 }
 
+/// What woke the wait for a connector call.
+enum Turn<T> {
+    Finished(T),
+    Parking { alive: bool },
+    Revoked,
+}
+
+/// Calls the connector with retries. `None` when `parking_signal` turned true while no
+/// attempt was on the wire (waiting on the gate or sleeping between attempts): the
+/// caller parks the operation instead. An attempt on the wire is never abandoned.
 async fn call_connector(
     worker: &Worker,
     handle: &ConnectorHandle,
-    operation: Operation,
-    event: &UserEvent,
+    context: &EventContext,
     known_id: Option<&str>,
     blocking: bool,
-    ticket: &Ticket,
-) -> ConnectorResult {
+    policy: Option<RetryPolicy>,
+    mut parking_signal: Option<watch::Receiver<bool>>,
+) -> Option<ConnectorResult> {
     let started_at = Utc::now();
     let metrics = &worker.metrics;
     let name = handle.name.as_str();
-    let deadline = tokio::time::Instant::now() + handle.retry.max_elapsed;
-    let outcome = run_with_retries(
-        handle.retry,
+    let operation = context.operation;
+    let ticket = &context.ticket;
+    let policy = policy.unwrap_or(handle.retry);
+    let deadline = tokio::time::Instant::now() + policy.max_elapsed;
+    let on_the_wire = std::sync::atomic::AtomicBool::new(false);
+    let attempts = run_with_retries(
+        policy,
         || async {
             // Admission is per attempt, so a backoff sleep holds no slot; an open circuit
             // holds the attempt here (not failing it) until the event's retry time ends.
@@ -415,6 +770,7 @@ async fn call_connector(
                 return Err(ConnectorError::Revoked);
             }
             let _on_the_wire = worker.assignments.attempt(ticket.partition);
+            on_the_wire.store(true, std::sync::atomic::Ordering::SeqCst);
             metrics.connector_attempts.with_label_values(&[name]).inc();
             let timer = metrics
                 .connector_request_duration
@@ -422,11 +778,12 @@ async fn call_connector(
                 .start_timer();
             let change = UserChange {
                 remote_id: known_id,
-                ..event.change(operation)
+                ..context.event.change(operation)
             };
             let result = handle.connector.apply(change).await;
             timer.observe_duration();
             admission.finish(&result);
+            on_the_wire.store(false, std::sync::atomic::Ordering::SeqCst);
             result
         },
         |error, delay, attempt| {
@@ -436,8 +793,62 @@ async fn call_connector(
                 .inc();
             tracing::warn!(connector = name, attempt, delay_ms = delay.as_millis() as u64, error = %error, "Retrying connector call.");
         },
-    )
-    .await;
+    );
+    tokio::pin!(attempts);
+    let mut revocations = worker.assignments.revocations();
+    let off_the_wire = || !on_the_wire.load(std::sync::atomic::Ordering::SeqCst);
+    let outcome = loop {
+        let turn = {
+            let parking_started = async {
+                match parking_signal.as_mut() {
+                    Some(signal) => signal.wait_for(|parking| *parking).await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                outcome = attempts.as_mut() => Turn::Finished(outcome),
+                alive = parking_started => Turn::Parking { alive },
+                _ = revocations.changed() => Turn::Revoked,
+            }
+        };
+        match turn {
+            Turn::Finished(outcome) => break outcome,
+            // The monitor is gone (shutting down): just finish.
+            Turn::Parking { alive: false } => parking_signal = None,
+            Turn::Parking { alive: true } if off_the_wire() => return None,
+            // A revoke elsewhere, or ours while an attempt is on the wire (the attempt
+            // loop refuses the next one): go on.
+            Turn::Revoked if worker.assignments.is_current(ticket) || !off_the_wire() => {}
+            Turn::Revoked => {
+                // Waiting off the wire for a partition no longer ours: stop now, not
+                // at the end of the retry time (parked work retries for days).
+                return Some(ConnectorResult {
+                    connector: handle.name.clone(),
+                    operation,
+                    outcome: Outcome::Failed,
+                    blocking,
+                    remote_id: None,
+                    attempts: 0,
+                    error: Some(ResultError {
+                        kind: ErrorKind::Revoked,
+                        message: ConnectorError::Revoked.to_string(),
+                        http_status: None,
+                        retryable: false,
+                    }),
+                    superseded_by: None,
+                    started_at,
+                    finished_at: Utc::now(),
+                });
+            }
+            // On the wire: let this attempt finish, then look again.
+            Turn::Parking { alive: true } => {
+                tokio::select! {
+                    outcome = attempts.as_mut() => break outcome,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        }
+    };
     let (outcome_kind, remote_id, error) = match outcome.result {
         Ok(applied) => {
             tracing::info!(
@@ -471,7 +882,7 @@ async fn call_connector(
             )
         }
     };
-    ConnectorResult {
+    Some(ConnectorResult {
         connector: handle.name.clone(),
         operation,
         outcome: outcome_kind,
@@ -482,20 +893,225 @@ async fn call_connector(
         superseded_by: None,
         started_at,
         finished_at: Utc::now(),
+    })
+}
+
+/// Answers a blocking caller with its blocking bindings' results. At the reply deadline
+/// `results` holds `queued` for those not final yet.
+pub async fn publish_blocking_reply(worker: Arc<Worker>, context: Arc<EventContext>, results: Vec<ConnectorResult>) {
+    let Some(route) = context.reply_route.as_ref() else {
+        return;
+    };
+    if !worker.assignments.is_current(&context.ticket) {
+        return;
     }
+    let span = context.span.clone();
+    async {
+        let reason = results
+            .is_empty()
+            .then(|| "no blocking binding applies; non-blocking bindings continue".to_string());
+        let reply = summary(&context, results, ResultScope::Blocking, reason);
+        publish_reply(&worker, route, &reply).await;
+        worker
+            .metrics
+            .reply_duration
+            .with_label_values(&[reply.status.as_str()])
+            .observe(context.record.received_at.elapsed().as_secs_f64());
+    }
+    .instrument(span)
+    .await
+}
+
+/// Every operation of an input event is final or parked: dead-letter what failed, and
+/// write the complete result, or (when some were parked) a queued notice per parked
+/// connector and the pending result their drain completes.
+pub async fn complete_event(worker: Arc<Worker>, context: Arc<EventContext>, results: Vec<ConnectorResult>) {
+    let span = context.span.clone();
+    async move {
+        if !worker.assignments.is_current(&context.ticket) {
+            // Revoked meanwhile: the new owner applies the event again and writes its
+            // result; ours would only be a duplicate, or a failure that is not one.
+            tracing::info!("Partition revoked while the event was applied; its new owner finishes it.");
+            return;
+        }
+        dead_letter_failures(&worker, &context.record, &results, CONNECTOR_FAILED_REASON).await;
+        let parked: Vec<&ConnectorResult> = results
+            .iter()
+            .filter(|result| result.outcome == Outcome::Queued)
+            .collect();
+        if parked.is_empty() {
+            let result = summary(&context, results, ResultScope::Complete, None);
+            finish_complete_result(&worker, &context, &result).await;
+            return;
+        }
+        let state = worker.state.as_deref().expect("parking needs the state");
+        let pending = PendingResult {
+            schema: PENDING_SCHEMA_VERSION,
+            outstanding: parked.iter().map(|result| result.connector.clone()).collect(),
+            result: summary(&context, results.clone(), ResultScope::Complete, None),
+        };
+        publish_pending(
+            &worker,
+            state,
+            context.record.partition,
+            &context.pending_key(),
+            Some(&pending),
+        )
+        .await;
+        for result in parked {
+            let notice = summary(&context, vec![result.clone()], ResultScope::Queued, None);
+            publish_result(&worker, &context.event, &notice).await;
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// A drained operation is final: fill its connector's outcome into the event's pending
+/// result, and write the complete result when it was the last one outstanding.
+pub async fn complete_drained(worker: Arc<Worker>, context: Arc<EventContext>, result: ConnectorResult) {
+    let span = context.span.clone();
+    async move {
+        if result.error.as_ref().is_some_and(|error| error.kind == ErrorKind::Revoked)
+            || !worker.assignments.is_current(&context.ticket)
+        {
+            return;
+        }
+        if result.outcome == Outcome::Failed {
+            let reason = match &context.drained {
+                Some(Drained { connector: None, .. }) => parking::CONNECTOR_REMOVED_REASON,
+                _ if result.error.as_ref().is_some_and(|error| error.message.contains("parking.max_parked_time")) => {
+                    parking::PARKED_TOO_LONG_REASON
+                }
+                _ => CONNECTOR_FAILED_REASON,
+            };
+            dead_letter_failures(&worker, &context.record, std::slice::from_ref(&result), reason).await;
+        }
+        let state = worker.state.as_deref().expect("parking needs the state");
+        let key = context.pending_key();
+        let partition = context.record.partition;
+        let Some(mut pending) = state.pending_result(partition, &key) else {
+            // Already completed (this operation is being redone after a restart), or
+            // its event was redone and finished without it: nothing more to write.
+            tracing::info!(pending = %key, "No pending result for the drained operation; its event's result is written already.");
+            return;
+        };
+        if let Some(slot) = pending
+            .result
+            .results
+            .iter_mut()
+            .find(|slot| slot.connector == result.connector && slot.outcome == Outcome::Queued)
+        {
+            *slot = result.clone();
+        }
+        pending.outstanding.retain(|connector| connector != &result.connector);
+        if pending.outstanding.is_empty() {
+            let mut complete = pending.result;
+            complete.status = Status::from_results(&complete.results);
+            complete.completed_at = Utc::now();
+            finish_complete_result(&worker, &context, &complete).await;
+            publish_pending(&worker, state, partition, &key, None).await;
+        } else {
+            publish_pending(&worker, state, partition, &key, Some(&pending)).await;
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn finish_complete_result(worker: &Worker, context: &EventContext, result: &ProvisioningResult) {
+    publish_result(worker, &context.event, result).await;
+    worker
+        .metrics
+        .events_completed
+        .with_label_values(&[result.status.as_str()])
+        .inc();
+    worker
+        .metrics
+        .event_duration
+        .with_label_values(&[result.status.as_str()])
+        .observe(
+            (Utc::now() - result.received_at)
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+}
+
+async fn dead_letter_failures(worker: &Worker, record: &InboundRecord, results: &[ConnectorResult], reason: &str) {
+    let failed: Vec<&ConnectorResult> = results
+        .iter()
+        .filter(|result| result.outcome == Outcome::Failed)
+        .collect();
+    if failed.is_empty() {
+        return;
+    }
+    let message = failed
+        .iter()
+        .map(|result| {
+            let error = result
+                .error
+                .as_ref()
+                .map(|error| error.message.as_str())
+                .unwrap_or("failed");
+            format!("{}: {error}", result.connector)
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    publish_dead_letter(worker, record, reason, &message).await;
+}
+
+/// Writes (or with `None`, tombstones) a pending result on the state topic, then the
+/// local store.
+async fn publish_pending(
+    worker: &Worker,
+    state: &ProvisioningState,
+    partition: i32,
+    key: &str,
+    pending: Option<&PendingResult>,
+) {
+    match pending.map(PendingResult::encode) {
+        Some(payload) => {
+            let _ = produce_durably(
+                worker,
+                "state",
+                OutboundRecord {
+                    topic: state.topic(),
+                    partition: Some(partition),
+                    key: Some(key.as_bytes()),
+                    payload: &payload,
+                    headers: vec![("content-type", b"application/json")],
+                },
+            )
+            .await;
+        }
+        None => {
+            // Compaction then drops the key: a finished pending result is not needed.
+            let mut delay = Duration::from_millis(200);
+            while let Err(error) = worker
+                .producer
+                .send_tombstone(state.topic(), partition, key.as_bytes())
+                .await
+            {
+                worker.metrics.produce_failures.with_label_values(&["state"]).inc();
+                tracing::warn!(error = %error, delay_ms = delay.as_millis() as u64, "Writing a pending result's tombstone failed; retrying.");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    state.remember_pending(partition, key, pending);
 }
 
 fn summary(
-    version: &Option<EventVersion>,
-    event: &UserEvent,
-    correlation_id: Option<String>,
+    context: &EventContext,
     results: Vec<ConnectorResult>,
     scope: ResultScope,
     reason: Option<String>,
-    received_at: chrono::DateTime<Utc>,
 ) -> ProvisioningResult {
+    let event = &context.event;
     ProvisioningResult {
-        correlation_id,
+        correlation_id: context.reply_route.as_ref().map(|route| route.correlation_id.clone()),
         event_id: event.id.clone(),
         event_type: Some(event.event_type),
         tenant: event.data.tenant.clone(),
@@ -504,8 +1120,8 @@ fn summary(
         scope,
         reason,
         results,
-        version: version.clone(),
-        received_at,
+        version: context.version.clone(),
+        received_at: context.received_at,
         completed_at: Utc::now(),
     }
 }
@@ -656,7 +1272,7 @@ async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &s
 /// outputs are not durable; at shutdown the drain's grace period bounds it and an
 /// aborted event is redone). A dead letter too large to ever be written is returned as
 /// an error at once, for its caller to truncate: retrying it would wedge the partition.
-async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRecord<'_>) -> Result<(), ProduceError> {
+async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRecord<'_>) -> Result<i64, ProduceError> {
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = OutboundRecord {
@@ -666,8 +1282,8 @@ async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRec
             payload: record.payload,
             headers: record.headers.clone(),
         };
-        match worker.producer.send(attempt).await {
-            Ok(()) => return Ok(()),
+        match worker.producer.send_for_offset(attempt).await {
+            Ok(offset) => return Ok(offset),
             // Only a dead letter carries an arbitrary payload, and only its caller can
             // shrink it. Results, replies and state records are small: a topic that
             // refuses them is misconfigured, and retrying (visibly) loses nothing.

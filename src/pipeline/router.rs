@@ -21,6 +21,19 @@ pub struct Binding {
     rule: Option<CompiledRule>,
 }
 
+impl Binding {
+    /// The binding of a parked operation read back from its retry topic: it was routed
+    /// when it was accepted, and is not routed again.
+    pub fn parked(connector: &str, blocking: bool) -> Binding {
+        Binding {
+            connector: connector.to_string(),
+            blocking,
+            jit_outbound: true,
+            rule: None,
+        }
+    }
+}
+
 struct CompiledRule {
     source: String,
     program: Program,

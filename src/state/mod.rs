@@ -14,6 +14,7 @@
 //! on the topic (acknowledged), then the local store, then the result; the input offset
 //! is stored only after all of them.
 
+pub mod pending;
 pub mod record;
 pub mod settings;
 pub mod show;
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 use crate::kafka::settings::KafkaSettings;
 use crate::kafka::state_topic::{self, TopicFacts};
 use crate::metrics::Metrics;
+use crate::state::pending::PendingResult;
 use crate::state::record::{StateKey, StateRecord};
 use crate::state::settings::StateSettings;
 use crate::state::store::{LocalStore, StoreError};
@@ -288,6 +290,33 @@ impl ProvisioningState {
         }
     }
 
+    /// The pending complete result stored under `key` (see [`pending`]).
+    pub fn pending_result(&self, partition: i32, key: &str) -> Option<PendingResult> {
+        match self.store.get_pending(partition, key) {
+            Ok(Some(bytes)) => match PendingResult::decode(&bytes) {
+                Ok(pending) => Some(pending),
+                Err(error) => {
+                    tracing::warn!(key, partition, error = %error, "Ignoring an undecodable pending result.");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(error) => {
+                tracing::error!(key, partition, error = %error, "Local state store read of a pending result failed.");
+                None
+            }
+        }
+    }
+
+    /// Stores (or, with `None`, removes) a pending result the pipeline has written to
+    /// the state topic and seen acknowledged.
+    pub fn remember_pending(&self, partition: i32, key: &str, pending: Option<&PendingResult>) {
+        let entry = (key.to_string(), pending.map(PendingResult::encode));
+        if let Err(error) = self.store.put_pending(partition, &[entry]) {
+            tracing::error!(key, partition, error = %error, "Local state store write of a pending result failed; the state topic has it.");
+        }
+    }
+
     /// Stores a record the pipeline has written to the state topic and seen
     /// acknowledged. A local failure is logged: the topic has the record, and the next
     /// restore brings it back.
@@ -368,8 +397,14 @@ impl ProvisioningState {
                     return;
                 }
                 let mut records = Vec::with_capacity(batch.len());
+                let mut pending = Vec::new();
                 for entry in batch {
                     let key = entry.key.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                    if key.starts_with(pending::PENDING_KEY_PREFIX) {
+                        // Pending results: the last write wins; a tombstone removes one.
+                        pending.push((key.into_owned(), entry.value.clone()));
+                        continue;
+                    }
                     let decoded = entry
                         .value
                         .as_deref()
@@ -386,7 +421,11 @@ impl ProvisioningState {
                         }
                     }
                 }
-                if let Err(error) = self.store.restore_batch(partition, &records) {
+                if let Err(error) = self
+                    .store
+                    .restore_batch(partition, &records)
+                    .and_then(|()| self.store.put_pending(partition, &pending))
+                {
                     failure = Some(error);
                 }
             },

@@ -60,6 +60,9 @@ pub enum AccountState {
     Deleted,
     /// The last event failed for good (dead-lettered); what the target holds is unknown.
     Failed,
+    /// Nothing applied yet: the lane's first operation is parked. The record exists to
+    /// say that the lane is parked (`parked_until`); its version is the parked one's.
+    NotApplied,
 }
 
 impl AccountState {
@@ -69,6 +72,7 @@ impl AccountState {
             AccountState::Deactivated => "deactivated",
             AccountState::Deleted => "deleted",
             AccountState::Failed => "failed",
+            AccountState::NotApplied => "not_applied",
         }
     }
 }
@@ -86,6 +90,12 @@ pub struct StateRecord {
     /// The event that set this record.
     pub event_id: String,
     pub updated_at: DateTime<Utc>,
+    /// While set, this (connector, user) lane is parked: its operations up to this
+    /// offset of the connector's retry topic (same partition number) wait there, and
+    /// every newer operation joins them so that none overtakes. Cleared when the
+    /// operation at (or past) this offset has been drained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_until: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +145,7 @@ mod tests {
             remote_id: Some("2819c223".into()),
             event_id: format!("e{offset}"),
             updated_at: Utc::now(),
+            parked_until: None,
         }
     }
 

@@ -27,6 +27,8 @@ use crate::state::record::StateRecord;
 const RECORDS: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("records");
 /// input partition → next state-topic offset to read on restore.
 const CHECKPOINTS: TableDefinition<u32, i64> = TableDefinition::new("checkpoints");
+/// Pending complete results (`state::pending`), by partition and key, as their JSON.
+const PENDING: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("pending");
 /// "identity" → which state topic this store caches.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
@@ -127,8 +129,10 @@ impl LocalStore {
             .map_err(StoreError::storage)?;
         write.delete_table(RECORDS).map_err(StoreError::storage)?;
         write.delete_table(CHECKPOINTS).map_err(StoreError::storage)?;
+        write.delete_table(PENDING).map_err(StoreError::storage)?;
         {
             write.open_table(RECORDS).map_err(StoreError::storage)?;
+            write.open_table(PENDING).map_err(StoreError::storage)?;
             write.open_table(CHECKPOINTS).map_err(StoreError::storage)?;
             let mut meta = write.open_table(META).map_err(StoreError::storage)?;
             meta.insert("identity", identity).map_err(StoreError::storage)?;
@@ -202,6 +206,43 @@ impl LocalStore {
         write.commit().map_err(StoreError::storage)
     }
 
+    /// A pending result's JSON, if `partition` holds one under `key`.
+    pub fn get_pending(&self, partition: i32, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let read = self.database.begin_read().map_err(StoreError::storage)?;
+        let table = match read.open_table(PENDING) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(error) => return Err(StoreError::storage(error)),
+        };
+        let value = table.get((partition as u32, key)).map_err(StoreError::storage)?;
+        Ok(value.map(|value| value.value().to_vec()))
+    }
+
+    /// Writes (`Some`) or removes (`None`) pending results, in one transaction. Not
+    /// made durable here: the state topic has them, and a restore brings them back.
+    pub fn put_pending(&self, partition: i32, entries: &[(String, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let mut write = self.database.begin_write().map_err(StoreError::storage)?;
+        write.set_durability(Durability::None).map_err(StoreError::storage)?;
+        {
+            let mut table = write.open_table(PENDING).map_err(StoreError::storage)?;
+            for (key, value) in entries {
+                match value {
+                    Some(value) => {
+                        table
+                            .insert((partition as u32, key.as_str()), value.as_slice())
+                            .map_err(StoreError::storage)?;
+                    }
+                    None => {
+                        table
+                            .remove((partition as u32, key.as_str()))
+                            .map_err(StoreError::storage)?;
+                    }
+                }
+            }
+        }
+        write.commit().map_err(StoreError::storage)
+    }
+
     /// The state-topic offset from which `partition`'s restore must read.
     pub fn checkpoint(&self, partition: i32) -> Result<Option<i64>, StoreError> {
         let read = self.database.begin_read().map_err(StoreError::storage)?;
@@ -244,6 +285,10 @@ impl LocalStore {
                 .map_err(StoreError::storage)?;
             let mut checkpoints = write.open_table(CHECKPOINTS).map_err(StoreError::storage)?;
             checkpoints.remove(partition).map_err(StoreError::storage)?;
+            let mut pending = write.open_table(PENDING).map_err(StoreError::storage)?;
+            pending
+                .retain_in((partition, "")..(partition + 1, ""), |_, _| false)
+                .map_err(StoreError::storage)?;
         }
         write.commit().map_err(StoreError::storage)
     }
@@ -288,6 +333,7 @@ mod tests {
             remote_id: Some(format!("remote-{offset}")),
             event_id: format!("e{offset}"),
             updated_at: Utc::now(),
+            parked_until: None,
         }
     }
 

@@ -166,7 +166,7 @@ fn every_result_the_code_can_emit_is_schema_valid() {
             started_at: now,
             finished_at: now,
         }];
-        for scope in [ResultScope::Blocking, ResultScope::Complete] {
+        for scope in [ResultScope::Blocking, ResultScope::Complete, ResultScope::Queued] {
             let result = ProvisioningResult {
                 correlation_id: Some("c".into()),
                 event_id: "e".into(),
@@ -204,7 +204,13 @@ fn every_result_the_code_can_emit_is_schema_valid() {
             "error kind {kind:?} is missing from the schema"
         );
     }
-    for status in [Status::Succeeded, Status::Failed, Status::Partial, Status::Skipped] {
+    for status in [
+        Status::Succeeded,
+        Status::Failed,
+        Status::Partial,
+        Status::Skipped,
+        Status::Queued,
+    ] {
         assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
     }
 }

@@ -185,6 +185,9 @@ async fn the_broker_goes_down_and_comes_back() {
         ("results", 1),
         ("replies", 1),
         ("dead-letters", 1),
+        // The connector's retry topic (parking): the mock cluster cannot create topics
+        // through the admin API, so the service could not create it itself.
+        ("provisioner.retry.directory", 4),
     ] {
         cluster.create_topic(topic, partitions, 1).unwrap();
     }

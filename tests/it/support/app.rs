@@ -29,6 +29,8 @@ pub struct Names {
     pub replies: String,
     pub dead_letters: String,
     pub state: String,
+    /// The retry topics' prefix (`parking.topic_prefix`).
+    pub retry_prefix: String,
     /// The local state store of a service *process* started with these names
     /// (in-process apps get a directory of their own each, see [`TestApp`]).
     pub state_dir: Arc<tempfile::TempDir>,
@@ -43,6 +45,7 @@ impl Names {
             replies: unique_topic(&format!("{test}-replies")),
             dead_letters: unique_topic(&format!("{test}-dlq")),
             state: unique_topic(&format!("{test}-state")),
+            retry_prefix: format!("{}.", unique_topic(&format!("{test}-retry"))),
             state_dir: Arc::new(
                 tempfile::Builder::new()
                     .prefix("provisioner-test-state-")
@@ -88,6 +91,9 @@ impl Names {
             topic = "{state}"
             dir = "{state_dir}"
 
+            [parking]
+            topic_prefix = "{retry_prefix}"
+
             [admin]
             listen = "127.0.0.1:0"
             "#,
@@ -98,6 +104,7 @@ impl Names {
             replies = self.replies,
             dead_letters = self.dead_letters,
             state = self.state,
+            retry_prefix = self.retry_prefix,
             state_dir = self.state_dir.path().display(),
         )
     }
