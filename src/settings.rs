@@ -110,6 +110,11 @@ pub struct PipelineSettings {
     /// anyway (unfinished events are redelivered to the next owner).
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A partition whose oldest unfinished offset has not moved for this long, while
+    /// events of it wait, is wedged: it shows on metrics and fails `/readyz`. Set it
+    /// above the connectors' `max_elapsed`, which one event may spend retrying.
+    #[serde(default = "default_wedge_after", with = "humantime_serde")]
+    pub wedge_after: Duration,
     /// `user`: one event per user at a time, users concurrently (the default).
     /// `partition`: one event per partition at a time, what a plain at-least-once
     /// consumer does; the benchmark's baseline.
@@ -323,6 +328,9 @@ impl Settings {
         if pipeline.max_event_bytes < 1024 {
             problem("pipeline.max_event_bytes".into(), "must be at least 1024".into());
         }
+        if pipeline.wedge_after.is_zero() {
+            problem("pipeline.wedge_after".into(), "must be greater than zero".into());
+        }
 
         for (name, connector) in &self.connectors {
             let key = format!("connectors.{name}");
@@ -414,6 +422,9 @@ fn default_max_event_bytes() -> usize {
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)
 }
+fn default_wedge_after() -> Duration {
+    Duration::from_secs(5 * 60)
+}
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
 }
@@ -428,6 +439,7 @@ impl Default for PipelineSettings {
             max_buffered_events: default_max_buffered_events(),
             max_event_bytes: default_max_event_bytes(),
             shutdown_grace: default_shutdown_grace(),
+            wedge_after: default_wedge_after(),
             ordering: OrderingMode::default(),
         }
     }
