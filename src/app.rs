@@ -16,6 +16,7 @@ use crate::pipeline::assignments::{AssignmentListener, Assignments};
 use crate::pipeline::offsets::OffsetTracker;
 use crate::pipeline::process::Worker;
 use crate::pipeline::router::Router;
+use crate::pipeline::wedge::{WedgeObserver, WedgeWatch};
 use crate::pipeline::Pipeline;
 use crate::settings::{Problem, Settings, SettingsError};
 use crate::state::{ProvisioningState, StateError};
@@ -49,6 +50,7 @@ pub struct Application {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     admin_listener: TcpListener,
+    wedge_watch: WedgeWatch,
 }
 
 impl Application {
@@ -93,6 +95,12 @@ impl Application {
             .map(|connector| connector.http().request_timeout)
             .max()
             .unwrap_or(Duration::from_secs(10));
+        let wedge_watch = WedgeWatch::new(
+            tracker.clone(),
+            metrics.clone(),
+            readiness.clone(),
+            settings.pipeline.wedge_after,
+        );
         let (assignments, partition_events) = Assignments::new(tracker, state.clone(), revoke_wait);
         let producer = EventProducer::new(&settings.kafka)?;
         let consumer = EventConsumer::new(
@@ -144,6 +152,7 @@ impl Application {
             metrics,
             readiness,
             admin_listener,
+            wedge_watch,
         })
     }
 
@@ -171,6 +180,7 @@ impl Application {
             metrics,
             readiness,
             admin_listener,
+            wedge_watch,
         } = self;
         // The admin server outlives the drain, so probes and scrapes keep working.
         let admin_shutdown = CancellationToken::new();
@@ -181,6 +191,8 @@ impl Application {
             admin_shutdown.clone(),
         ));
         let connection_check = tokio::spawn(wait_for_broker(producer, readiness.clone(), shutdown.clone()));
+        let wedge_shutdown = CancellationToken::new();
+        let wedge_task = tokio::spawn(wedge_watch.run(wedge_shutdown.clone()));
         // A state-topic problem stops the pipeline through this child token.
         let pipeline_shutdown = shutdown.child_token();
         let mut config_check = None;
@@ -212,6 +224,9 @@ impl Application {
         };
         readiness.set_consumer_assigned(false);
         connection_check.abort();
+        // Watched through the drain (a drain stuck on a wedged event shows), stopped with it.
+        wedge_shutdown.cancel();
+        let _ = wedge_task.await;
         admin_shutdown.cancel();
         if let Ok(Err(error)) = admin_task.await {
             tracing::warn!(error = %error, "Admin server stopped with an error.");
@@ -230,6 +245,14 @@ impl Application {
 impl AssignmentObserver for Readiness {
     fn set_consumer_assigned(&self, assigned: bool) {
         Readiness::set_consumer_assigned(self, assigned);
+    }
+}
+
+/// The wedge watch tells the readiness probe how many partitions are wedged through
+/// this; `pipeline` does not know `admin`.
+impl WedgeObserver for Readiness {
+    fn set_wedged_partitions(&self, wedged: usize) {
+        Readiness::set_wedged_partitions(self, wedged);
     }
 }
 

@@ -15,6 +15,7 @@ pub mod assignments;
 pub mod offsets;
 pub mod process;
 pub mod router;
+pub mod wedge;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
