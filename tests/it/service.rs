@@ -55,6 +55,29 @@ async fn the_binary_serves_probes_processes_events_and_stops_cleanly_on_sigterm(
         "{metrics}"
     );
 
+    // The start-up size check: the defaults (1 MiB events, librdkafka's 1,000,000-byte
+    // producer limit, Kafka's 1,048,588-byte topic limit) leave no room for a dead
+    // letter of the largest event, and the log says so, naming both sides.
+    let size_warning = eventually("the dead-letter size warnings", Duration::from_secs(30), || async {
+        let log = service.log_text();
+        let warnings: Vec<String> = log
+            .lines()
+            .filter(|line| line.contains("pipeline.max_event_bytes = 1048576"))
+            .map(str::to_string)
+            .collect();
+        (warnings.len() == 2).then_some(warnings.join("\n"))
+    })
+    .await;
+    assert!(
+        size_warning.contains("message.max.bytes = 1000000 of the producer")
+            && size_warning.contains(&format!(
+                "max.message.bytes = 1048588 of the dead-letter topic `{}`",
+                names.dead_letters
+            ))
+            && size_warning.contains("\"level\":\"WARN\""),
+        "{size_warning}"
+    );
+
     service.signal("TERM");
     let status = service.wait(Duration::from_secs(60)).await;
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
