@@ -94,8 +94,9 @@ async fn a_partition_stuck_on_a_failing_target_is_wedged_until_the_event_finishe
     assert_eq!(wedged(&text), Some(0.0), "{text}");
 
     let event = event_json("wedge-1", "user.created", "acme", "u1", serde_json::json!({}));
-    publish(&producer(), &names.events, Some(&user_key(&event)), &event, &[]).await;
+    // Taken before the publish, so the service cannot have read the event before it.
     let published = Instant::now();
+    publish(&producer(), &names.events, Some(&user_key(&event)), &event, &[]).await;
 
     let text = eventually("the partition to show as wedged", Duration::from_secs(30), || async {
         get(&metrics)
