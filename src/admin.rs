@@ -1,7 +1,7 @@
 //! The admin HTTP server: `/metrics`, `/healthz` and `/readyz`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -15,11 +15,20 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 
 /// What `/readyz` reports: ready once the consumer holds an assignment and the
-/// producer has reached a broker. Liveness (`/healthz`) is simply "the process answers".
+/// producer has reached a broker, and while no partition is wedged. Liveness
+/// (`/healthz`) is simply "the process answers".
+///
+/// A wedged partition fails readiness, never liveness: a restart would not unwedge it.
+/// The partition's events would be redelivered to whichever replica takes it over, which
+/// would wedge on the same event and be restarted in turn, a restart storm that moves the
+/// wedge between replicas and adds rebalances to it. Readiness shows the problem (rollouts
+/// pause, `kubectl get pods` shows it) and leaves the process running to recover by itself
+/// when the target does.
 #[derive(Default)]
 pub struct Readiness {
     consumer_assigned: AtomicBool,
     producer_connected: AtomicBool,
+    wedged_partitions: AtomicUsize,
 }
 
 impl Readiness {
@@ -31,8 +40,19 @@ impl Readiness {
         self.producer_connected.store(connected, Ordering::Relaxed);
     }
 
+    /// How many partitions are wedged now (see `pipeline::wedge`).
+    pub fn set_wedged_partitions(&self, wedged: usize) {
+        self.wedged_partitions.store(wedged, Ordering::Relaxed);
+    }
+
+    pub fn wedged_partitions(&self) -> usize {
+        self.wedged_partitions.load(Ordering::Relaxed)
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.consumer_assigned.load(Ordering::Relaxed) && self.producer_connected.load(Ordering::Relaxed)
+        self.consumer_assigned.load(Ordering::Relaxed)
+            && self.producer_connected.load(Ordering::Relaxed)
+            && self.wedged_partitions() == 0
     }
 }
 
@@ -74,8 +94,30 @@ async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
 
 async fn render_readiness(State(state): State<AdminState>) -> impl IntoResponse {
     if state.readiness.is_ready() {
-        (StatusCode::OK, "ready\n")
+        return (StatusCode::OK, "ready\n".to_string());
+    }
+    let wedged = state.readiness.wedged_partitions();
+    let body = if wedged > 0 {
+        format!("not ready: {wedged} wedged partition(s)\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        "not ready\n".to_string()
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wedged_partition_makes_the_service_unready_until_it_moves() {
+        let readiness = Readiness::default();
+        readiness.set_consumer_assigned(true);
+        readiness.set_producer_connected(true);
+        assert!(readiness.is_ready());
+        readiness.set_wedged_partitions(2);
+        assert!(!readiness.is_ready());
+        readiness.set_wedged_partitions(0);
+        assert!(readiness.is_ready());
     }
 }

@@ -10,14 +10,16 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, Readiness};
 use crate::connectors::{BuildError, ConnectorSet};
 use crate::kafka::consumer::{AssignmentObserver, ConsumeError, EventConsumer};
-use crate::kafka::producer::{EventProducer, ProduceError};
+use crate::kafka::producer::{self, EventProducer, ProduceError};
 use crate::kafka::settings::KafkaSettings;
+use crate::kafka::state_topic;
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::{AssignmentListener, Assignments};
 use crate::pipeline::offsets::OffsetTracker;
 use crate::pipeline::parking::{self, ParkingError, ParkingMonitor};
 use crate::pipeline::process::{Parking, Worker};
 use crate::pipeline::router::Router;
+use crate::pipeline::wedge::{WedgeObserver, WedgeWatch};
 use crate::pipeline::Pipeline;
 use crate::settings::{ParkingSettings, Problem, Settings, SettingsError};
 use crate::state::{ProvisioningState, StateError};
@@ -55,6 +57,10 @@ pub struct Application {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
     admin_listener: TcpListener,
+    wedge_watch: WedgeWatch,
+    /// For the start-up check of dead-letter sizes.
+    kafka: KafkaSettings,
+    max_event_bytes: usize,
 }
 
 impl Application {
@@ -99,6 +105,13 @@ impl Application {
             .map(|connector| connector.http().request_timeout)
             .max()
             .unwrap_or(Duration::from_secs(10));
+        let wedge_watch = WedgeWatch::new(
+            tracker.clone(),
+            metrics.clone(),
+            readiness.clone(),
+            settings.pipeline.wedge_after,
+            settings.kafka.event_topics.clone(),
+        );
         let (assignments, partition_events) = Assignments::new(tracker, state.clone(), revoke_wait);
         let producer = EventProducer::new(&settings.kafka)?;
         let consumer = EventConsumer::new(
@@ -168,6 +181,9 @@ impl Application {
             metrics,
             readiness,
             admin_listener,
+            wedge_watch,
+            kafka: settings.kafka.clone(),
+            max_event_bytes: settings.pipeline.max_event_bytes,
         })
     }
 
@@ -196,6 +212,9 @@ impl Application {
             metrics,
             readiness,
             admin_listener,
+            wedge_watch,
+            kafka,
+            max_event_bytes,
         } = self;
         // The admin server outlives the drain, so probes and scrapes keep working.
         let admin_shutdown = CancellationToken::new();
@@ -206,6 +225,11 @@ impl Application {
             admin_shutdown.clone(),
         ));
         let connection_check = tokio::spawn(wait_for_broker(producer, readiness.clone(), shutdown.clone()));
+        let wedge_shutdown = CancellationToken::new();
+        let wedge_task = tokio::spawn(wedge_watch.run(wedge_shutdown.clone()));
+        // Warns only, so it runs beside start-up instead of holding it (a broker that
+        // cannot describe configs answers only after a request timeout).
+        let size_check = tokio::spawn(check_dead_letter_sizes(kafka, max_event_bytes, shutdown.clone()));
         // A state-topic problem stops the pipeline through this child token.
         let pipeline_shutdown = shutdown.child_token();
         let mut config_checks = Vec::new();
@@ -286,6 +310,10 @@ impl Application {
         }
         readiness.set_consumer_assigned(false);
         connection_check.abort();
+        size_check.abort();
+        // Watched through the drain (a drain stuck on a wedged event shows), stopped with it.
+        wedge_shutdown.cancel();
+        let _ = wedge_task.await;
         admin_shutdown.cancel();
         if let Ok(Err(error)) = admin_task.await {
             tracing::warn!(error = %error, "Admin server stopped with an error.");
@@ -316,6 +344,14 @@ impl AssignmentObserver for Readiness {
     }
 }
 
+/// The wedge watch tells the readiness probe how many partitions are wedged through
+/// this; `pipeline` does not know `admin`.
+impl WedgeObserver for Readiness {
+    fn set_wedged_partitions(&self, wedged: usize) {
+        Readiness::set_wedged_partitions(self, wedged);
+    }
+}
+
 fn invalid(problems: Vec<Problem>) -> StartupError {
     StartupError::Settings(SettingsError::Invalid(problems))
 }
@@ -342,6 +378,98 @@ where
     }
 }
 
+/// What a dead letter carries beyond the event's value: the event's key and headers,
+/// and ours (reason, error message, source topic, partition and offset, time, origin).
+/// A connector's error message is the longest of ours; 16 KiB covers them with room.
+pub const DEAD_LETTER_HEADER_ALLOWANCE: usize = 16 * 1024;
+
+/// A limit on the size of a record written to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterLimit {
+    /// The limit's configuration key, as Kafka names it.
+    pub key: &'static str,
+    /// Whose limit it is, and where it is set.
+    pub of: String,
+    pub bytes: i64,
+}
+
+/// The limits that a dead letter of the largest event the service accepts
+/// (`max_event_bytes`, plus [`DEAD_LETTER_HEADER_ALLOWANCE`]) would exceed. Limits that
+/// could not be read are not passed in, and so never judged.
+pub fn dead_letter_limits_exceeded(max_event_bytes: usize, limits: Vec<DeadLetterLimit>) -> Vec<DeadLetterLimit> {
+    let largest_dead_letter = max_event_bytes.saturating_add(DEAD_LETTER_HEADER_ALLOWANCE);
+    let largest_dead_letter = i64::try_from(largest_dead_letter).unwrap_or(i64::MAX);
+    limits
+        .into_iter()
+        .filter(|limit| largest_dead_letter > limit.bytes)
+        .collect()
+}
+
+/// Compares `pipeline.max_event_bytes` with the producer's `message.max.bytes` and the
+/// dead-letter topic's `max.message.bytes`, and warns about each limit a dead letter of
+/// an event that large would exceed.
+///
+/// A warning, not a start-up error: the service stays correct. A dead letter too large to
+/// write is written truncated, saying so (`publish_dead_letter`), and the partition moves
+/// on; only the tail of the few events near the size limit is lost from the dead-letter
+/// topic. Refusing to start would turn that into an outage, and would refuse the
+/// defaults themselves (1 MiB events, librdkafka's 1,000,000-byte producer limit). The
+/// topic's limit also cannot always be read (a broker that cannot describe configs, an
+/// account without DescribeConfigs), and start-up should not depend on that either.
+async fn check_dead_letter_sizes(kafka: KafkaSettings, max_event_bytes: usize, shutdown: CancellationToken) {
+    let mut limits = Vec::new();
+    match producer::message_max_bytes(&kafka) {
+        Some(bytes) => limits.push(DeadLetterLimit {
+            key: "message.max.bytes",
+            of: "the producer (librdkafka's default unless kafka.properties sets it)".into(),
+            bytes,
+        }),
+        None => tracing::debug!("librdkafka did not say the producer's message.max.bytes."),
+    }
+    let topic = &kafka.dead_letter_topic;
+    let facts = loop {
+        match state_topic::describe_topic(&kafka, topic, true).await {
+            Ok(facts) => break facts,
+            Err(error) => {
+                tracing::debug!(topic = %topic, error = %error, "Cannot describe the dead-letter topic yet; retrying.")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    };
+    match facts {
+        // A missing topic is reported where it is produced to, not here.
+        None => {}
+        Some(facts) => match facts.max_message_bytes {
+            Some(bytes) => limits.push(DeadLetterLimit {
+                key: "max.message.bytes",
+                of: format!("the dead-letter topic `{topic}` (a topic config)"),
+                bytes,
+            }),
+            None => {
+                tracing::info!(topic = %topic, "The broker did not describe the dead-letter topic's configuration; cannot check its max.message.bytes against pipeline.max_event_bytes.")
+            }
+        },
+    }
+    for limit in dead_letter_limits_exceeded(max_event_bytes, limits) {
+        tracing::warn!(
+            max_event_bytes,
+            header_allowance = DEAD_LETTER_HEADER_ALLOWANCE,
+            limit_key = limit.key,
+            limit_of = %limit.of,
+            limit_bytes = limit.bytes,
+            "pipeline.max_event_bytes = {max_event_bytes}, plus {DEAD_LETTER_HEADER_ALLOWANCE} bytes for dead-letter headers, exceeds {} = {} of {}: the dead letter of an event that large cannot be written whole and is written truncated to its first {} bytes. Lower pipeline.max_event_bytes or raise {}.",
+            limit.key,
+            limit.bytes,
+            limit.of,
+            crate::dead_letter::TRUNCATED_VALUE_BYTES,
+            limit.key,
+        );
+    }
+}
+
 /// Marks the producer side ready once a broker answers a metadata request.
 async fn wait_for_broker(producer: EventProducer, readiness: Arc<Readiness>, shutdown: CancellationToken) {
     loop {
@@ -360,5 +488,59 @@ async fn wait_for_broker(producer: EventProducer, readiness: Arc<Readiness>, shu
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(of: &str, bytes: i64) -> DeadLetterLimit {
+        DeadLetterLimit {
+            key: "max.bytes",
+            of: of.into(),
+            bytes,
+        }
+    }
+
+    /// librdkafka's producer default and Kafka's topic default.
+    fn default_limits() -> Vec<DeadLetterLimit> {
+        vec![limit("producer", 1_000_000), limit("topic", 1_048_588)]
+    }
+
+    #[test]
+    fn the_default_event_size_exceeds_both_default_limits() {
+        let exceeded = dead_letter_limits_exceeded(1024 * 1024, default_limits());
+        assert_eq!(exceeded, default_limits());
+    }
+
+    #[test]
+    fn an_event_size_that_leaves_room_for_the_headers_passes() {
+        let largest = 1_000_000 - DEAD_LETTER_HEADER_ALLOWANCE;
+        assert_eq!(dead_letter_limits_exceeded(largest, default_limits()), vec![]);
+        assert_eq!(
+            dead_letter_limits_exceeded(largest + 1, default_limits()),
+            vec![limit("producer", 1_000_000)],
+            "one byte more no longer fits the producer's limit, still fits the topic's"
+        );
+    }
+
+    #[test]
+    fn only_the_limits_too_small_are_reported() {
+        let limits = vec![limit("producer", 3_000_000), limit("topic", 1_048_588)];
+        assert_eq!(
+            dead_letter_limits_exceeded(2_000_000, limits),
+            vec![limit("topic", 1_048_588)]
+        );
+    }
+
+    #[test]
+    fn unknown_limits_are_not_judged() {
+        assert_eq!(dead_letter_limits_exceeded(usize::MAX, vec![]), vec![]);
+        assert_eq!(
+            dead_letter_limits_exceeded(usize::MAX, vec![limit("topic", i64::MAX)]),
+            vec![],
+            "nothing exceeds the largest limit"
+        );
     }
 }

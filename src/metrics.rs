@@ -52,6 +52,14 @@ pub struct Metrics {
     pub offset_commits: IntCounterVec,
     /// Partitions assigned to this instance.
     pub assigned_partitions: IntGauge,
+    /// Per assigned partition: how long its oldest unfinished offset has been the oldest
+    /// (0 when nothing read is unfinished). The stored offset waits for it.
+    pub partition_oldest_unfinished_age: GaugeVec,
+    /// Per assigned partition: 1 while it is wedged (its oldest unfinished offset has
+    /// not moved for `pipeline.wedge_after`), else 0.
+    pub partition_wedged: IntGaugeVec,
+    /// Wedged partitions on this instance; `/readyz` fails while it is above 0.
+    pub partitions_wedged: IntGauge,
     /// Circuit breaker per connector: 0 closed, 1 open, 2 half-open.
     pub circuit_state: IntGaugeVec,
     /// Salesforce API calls used in the org's rolling 24-hour allocation (`Sforce-Limit-Info`).
@@ -258,6 +266,34 @@ impl Metrics {
             assigned_partitions: gauge(
                 "provisioner_assigned_partitions",
                 "Partitions currently assigned to this instance.",
+            ),
+            partition_oldest_unfinished_age: {
+                let metric = GaugeVec::new(
+                    Opts::new(
+                        "provisioner_partition_oldest_unfinished_age_seconds",
+                        "Per assigned partition: how long its oldest unfinished offset has been the oldest (0 when idle).",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            partition_wedged: {
+                let metric = IntGaugeVec::new(
+                    Opts::new(
+                        "provisioner_partition_wedged",
+                        "Per assigned partition: 1 while its oldest unfinished offset has not moved for pipeline.wedge_after.",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            partitions_wedged: gauge(
+                "provisioner_partitions_wedged",
+                "Wedged partitions on this instance; /readyz fails while above 0.",
             ),
             circuit_state: {
                 let metric = IntGaugeVec::new(

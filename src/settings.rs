@@ -118,6 +118,11 @@ pub struct PipelineSettings {
     /// applied later), never waited on for the connector's whole `max_elapsed`.
     #[serde(default = "default_reply_deadline", with = "humantime_serde")]
     pub reply_deadline: Duration,
+    /// A partition whose oldest unfinished offset has not moved for this long, while
+    /// events of it wait, is wedged: it shows on metrics and fails `/readyz`. Set it
+    /// above the connectors' `max_elapsed`, which one event may spend retrying.
+    #[serde(default = "default_wedge_after", with = "humantime_serde")]
+    pub wedge_after: Duration,
     /// `user`: one event per user at a time, users concurrently (the default).
     /// `partition`: one event per partition at a time, what a plain at-least-once
     /// consumer does; the benchmark's baseline.
@@ -450,6 +455,9 @@ impl Settings {
                 }
             }
         }
+        if pipeline.wedge_after.is_zero() {
+            problem("pipeline.wedge_after".into(), "must be greater than zero".into());
+        }
 
         for (name, connector) in &self.connectors {
             let key = format!("connectors.{name}");
@@ -535,14 +543,19 @@ fn default_max_in_flight() -> usize {
 fn default_max_buffered_events() -> usize {
     4096
 }
+/// Librdkafka's default `message.max.bytes` (1,000,000) less 16 KiB of dead-letter
+/// headers: the largest event whose dead letter fits whole with default limits.
 fn default_max_event_bytes() -> usize {
-    1024 * 1024
+    983_616
 }
 fn default_reply_deadline() -> Duration {
     Duration::from_secs(10)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(20)
+}
+fn default_wedge_after() -> Duration {
+    Duration::from_secs(5 * 60)
 }
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
@@ -559,6 +572,7 @@ impl Default for PipelineSettings {
             max_event_bytes: default_max_event_bytes(),
             shutdown_grace: default_shutdown_grace(),
             reply_deadline: default_reply_deadline(),
+            wedge_after: default_wedge_after(),
             ordering: OrderingMode::default(),
         }
     }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -60,6 +61,28 @@ pub struct OutboundRecord<'a> {
     pub headers: Vec<(&'a str, &'a [u8])>,
 }
 
+/// The producer's configuration: ours, then `kafka.properties`.
+fn producer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = base_client_config(settings);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string());
+    apply_overrides(&mut config, settings);
+    config
+}
+
+/// The largest record the producer sends (`message.max.bytes`), as librdkafka itself
+/// reads the producer's configuration: its default (1,000,000) unless `kafka.properties`
+/// sets it. `None` when librdkafka refuses the configuration (creating the producer
+/// reports that) or answers something that is not a number.
+pub fn message_max_bytes(settings: &KafkaSettings) -> Option<i64> {
+    let native = producer_config(settings).create_native_config().ok()?;
+    native.get("message.max.bytes").ok()?.trim().parse().ok()
+}
+
 #[derive(Clone)]
 pub struct EventProducer {
     producer: FutureProducer,
@@ -68,15 +91,7 @@ pub struct EventProducer {
 
 impl EventProducer {
     pub fn new(settings: &KafkaSettings) -> Result<EventProducer, ProduceError> {
-        let mut config = base_client_config(settings);
-        config
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("compression.type", "lz4")
-            .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string());
-        apply_overrides(&mut config, settings);
-        let producer = config.create().map_err(ProduceError::Create)?;
+        let producer = producer_config(settings).create().map_err(ProduceError::Create)?;
         Ok(EventProducer {
             producer,
             produce_timeout: settings.produce_timeout,
@@ -143,5 +158,23 @@ impl EventProducer {
 
     pub fn in_flight_count(&self) -> i32 {
         self.producer.in_flight_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: &str) -> KafkaSettings {
+        toml::from_str(&format!("bootstrap_servers = \"127.0.0.1:9\"\n{extra}")).expect("kafka settings")
+    }
+
+    #[test]
+    fn message_max_bytes_is_librdkafkas_default_unless_overridden() {
+        assert_eq!(message_max_bytes(&settings("")), Some(1_000_000));
+        assert_eq!(
+            message_max_bytes(&settings("[properties]\n\"message.max.bytes\" = \"2000000\"")),
+            Some(2_000_000)
+        );
     }
 }

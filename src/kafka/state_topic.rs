@@ -1,6 +1,7 @@
 //! The provisioning-state topic: reading a partition back for a restore, and checking at
 //! start-up that the topic can be the source of truth (compacted, partitioned like the
-//! input). Blocking calls: run them from a blocking task.
+//! input). Blocking calls: run them from a blocking task. [`describe_topic`] also serves
+//! the start-up check of the dead-letter topic's `max.message.bytes` (`app.rs`).
 
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,8 @@ impl StateTopicError {
     }
 }
 
-/// A topic's partition count and the configs that matter for the state.
+/// A topic's partition count and the configs that matter for the state and for the
+/// size of dead letters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicFacts {
     pub partitions: usize,

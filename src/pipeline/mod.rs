@@ -25,6 +25,7 @@ pub mod offsets;
 pub mod parking;
 pub mod process;
 pub mod router;
+pub mod wedge;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -766,6 +767,7 @@ impl Scheduler {
     fn evaluate_parking(&mut self, consumer: &EventConsumer, paused: bool) {
         let now = std::time::Instant::now();
         let parking_topics = self.worker.parking.get();
+        let shared = self.worker.connectors.names().count() > 1;
         for connector in self.lanes.connectors() {
             let held = self.lanes.held(&connector);
             self.metrics
@@ -777,7 +779,7 @@ impl Scheduler {
                 .connectors
                 .get(&connector)
                 .is_some_and(|handle| handle.gate.circuit_state() == crate::connectors::gate::CircuitState::Open);
-            let change = self.parking.evaluate(&connector, circuit_open, held, now);
+            let change = self.parking.evaluate(&connector, circuit_open, held, shared, now);
             if let Some(sender) = self.parking_senders.get(&connector) {
                 let parking = self.parking.is_parking(&connector);
                 sender.send_if_modified(|current| std::mem::replace(current, parking) != parking);

@@ -10,9 +10,15 @@
 //! Each assignment of a partition gets a new generation. Work from an older generation
 //! (the partition was revoked, maybe re-assigned since) finishes without storing
 //! anything: the new owner, or our new generation, redoes it.
+//!
+//! Each partition also remembers since when its oldest unfinished offset (the head of
+//! `pending`, the offset the stored watermark waits for) has been the head, so that a
+//! partition that does not move can be told from one that moves slowly
+//! ([`OffsetTracker::oldest_unfinished`], read by `wedge.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::kafka::consumer::{PartitionListener, TopicPartition};
 
@@ -30,6 +36,19 @@ struct PartitionState {
     generation: u64,
     /// Offsets read and not yet below the watermark, ascending, with a done flag.
     pending: VecDeque<(i64, bool)>,
+    /// When the head of `pending` became the head: tracked into an empty queue, or
+    /// left at the front when the watermark moved. `None` while `pending` is empty.
+    head_since: Option<Instant>,
+}
+
+/// A partition with work read and not finished: its oldest unfinished offset, and how
+/// long that offset has been the oldest (how long the stored watermark has waited).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldestUnfinished {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub age: Duration,
 }
 
 #[derive(Default)]
@@ -47,6 +66,10 @@ impl OffsetTracker {
     /// Starts tracking a record just read. `None` when the partition is not assigned
     /// (a record that raced a revoke): the caller drops it, the next owner reads it.
     pub fn track(&self, topic: &str, partition: i32, offset: i64) -> Option<Ticket> {
+        self.track_at(topic, partition, offset, Instant::now())
+    }
+
+    fn track_at(&self, topic: &str, partition: i32, offset: i64, now: Instant) -> Option<Ticket> {
         let mut state = self.inner.lock().expect("offset tracker lock");
         let partition_state = state.partitions.get_mut(&(topic.to_string(), partition))?;
         if let Some((last, _)) = partition_state.pending.back() {
@@ -55,6 +78,9 @@ impl OffsetTracker {
                 // already tracked and will be processed.
                 return None;
             }
+        }
+        if partition_state.pending.is_empty() {
+            partition_state.head_since = Some(now);
         }
         partition_state.pending.push_back((offset, false));
         Some(Ticket {
@@ -77,6 +103,10 @@ impl OffsetTracker {
     /// Marks the ticket's event finished. Returns the offset to store (first unfinished
     /// offset) when the watermark moved.
     pub fn complete(&self, ticket: &Ticket) -> Option<i64> {
+        self.complete_at(ticket, Instant::now())
+    }
+
+    fn complete_at(&self, ticket: &Ticket, now: Instant) -> Option<i64> {
         let mut state = self.inner.lock().expect("offset tracker lock");
         let partition = state.partitions.get_mut(&(ticket.topic.clone(), ticket.partition))?;
         if partition.generation != ticket.generation {
@@ -92,6 +122,11 @@ impl OffsetTracker {
             partition.pending.pop_front();
             watermark = Some(offset + 1);
         }
+        if watermark.is_some() {
+            // The head moved: a new oldest unfinished offset starts its wait now, however
+            // long ago it was read (what is measured is the watermark standing still).
+            partition.head_since = (!partition.pending.is_empty()).then_some(now);
+        }
         watermark
     }
 
@@ -99,6 +134,38 @@ impl OffsetTracker {
     pub fn pending_count(&self) -> usize {
         let state = self.inner.lock().expect("offset tracker lock");
         state.partitions.values().map(|partition| partition.pending.len()).sum()
+    }
+
+    /// Every partition assigned now, busy or idle, sorted.
+    pub fn assigned_partitions(&self) -> Vec<TopicPartition> {
+        let state = self.inner.lock().expect("offset tracker lock");
+        let mut partitions: Vec<TopicPartition> = state.partitions.keys().cloned().collect();
+        partitions.sort();
+        partitions
+    }
+
+    /// For each assigned partition with unfinished work, its oldest unfinished offset
+    /// and how long, as of `now`, that offset has been the oldest. Sorted by topic and
+    /// partition. Idle partitions (nothing read and unfinished) are left out: nothing
+    /// waits on them.
+    pub fn oldest_unfinished(&self, now: Instant) -> Vec<OldestUnfinished> {
+        let state = self.inner.lock().expect("offset tracker lock");
+        let mut heads: Vec<OldestUnfinished> = state
+            .partitions
+            .iter()
+            .filter_map(|((topic, partition), partition_state)| {
+                let (offset, _) = partition_state.pending.front()?;
+                let since = partition_state.head_since?;
+                Some(OldestUnfinished {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                    age: now.saturating_duration_since(since),
+                })
+            })
+            .collect();
+        heads.sort_by(|left, right| (&left.topic, left.partition).cmp(&(&right.topic, right.partition)));
+        heads
     }
 }
 
@@ -113,6 +180,7 @@ impl PartitionListener for OffsetTracker {
                 PartitionState {
                     generation,
                     pending: VecDeque::new(),
+                    head_since: None,
                 },
             );
         }
@@ -167,6 +235,111 @@ mod tests {
     fn unassigned_partitions_are_not_tracked() {
         let tracker = tracker();
         assert_eq!(tracker.track("events", 1, 0), None);
+    }
+
+    fn head(tracker: &OffsetTracker, now: Instant) -> Vec<(i32, i64, Duration)> {
+        tracker
+            .oldest_unfinished(now)
+            .into_iter()
+            .map(|head| (head.partition, head.offset, head.age))
+            .collect()
+    }
+
+    #[test]
+    fn an_idle_partition_has_no_oldest_unfinished_offset() {
+        let tracker = tracker();
+        let start = Instant::now();
+        assert_eq!(head(&tracker, start), vec![]);
+        assert_eq!(tracker.assigned_partitions(), vec![("events".to_string(), 0)]);
+        let ticket = tracker.track_at("events", 0, 7, start).unwrap();
+        assert_eq!(tracker.complete_at(&ticket, start + Duration::from_secs(1)), Some(8));
+        assert_eq!(
+            head(&tracker, start + Duration::from_secs(60)),
+            vec![],
+            "nothing waits once everything read is finished"
+        );
+    }
+
+    #[test]
+    fn the_age_counts_from_when_the_head_was_first_tracked() {
+        let tracker = tracker();
+        let start = Instant::now();
+        tracker.track_at("events", 0, 10, start).unwrap();
+        tracker
+            .track_at("events", 0, 11, start + Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(
+            head(&tracker, start + Duration::from_secs(30)),
+            vec![(0, 10, Duration::from_secs(30))],
+            "later records do not reset the wait of the oldest"
+        );
+    }
+
+    #[test]
+    fn the_age_restarts_when_the_head_moves_and_not_otherwise() {
+        let tracker = tracker();
+        let start = Instant::now();
+        let tickets: Vec<Ticket> = (10..13)
+            .map(|offset| tracker.track_at("events", 0, offset, start).unwrap())
+            .collect();
+        // A later offset finishing does not move the watermark: the wait goes on.
+        assert_eq!(tracker.complete_at(&tickets[1], start + Duration::from_secs(10)), None);
+        assert_eq!(
+            head(&tracker, start + Duration::from_secs(20)),
+            vec![(0, 10, Duration::from_secs(20))]
+        );
+        // The head finishes: 10 and 11 go below the watermark, 12 is the new head, and
+        // its wait starts now although it was read at `start`.
+        let moved = start + Duration::from_secs(25);
+        assert_eq!(tracker.complete_at(&tickets[0], moved), Some(12));
+        assert_eq!(
+            head(&tracker, moved + Duration::from_secs(3)),
+            vec![(0, 12, Duration::from_secs(3))]
+        );
+    }
+
+    #[test]
+    fn a_head_tracked_again_after_an_idle_spell_starts_a_new_wait() {
+        let tracker = tracker();
+        let start = Instant::now();
+        let first = tracker.track_at("events", 0, 1, start).unwrap();
+        tracker.complete_at(&first, start + Duration::from_secs(1)).unwrap();
+        tracker
+            .track_at("events", 0, 2, start + Duration::from_secs(100))
+            .unwrap();
+        assert_eq!(
+            head(&tracker, start + Duration::from_secs(101)),
+            vec![(0, 2, Duration::from_secs(1))]
+        );
+    }
+
+    #[test]
+    fn revoked_partitions_are_not_reported_and_a_new_assignment_starts_afresh() {
+        let tracker = tracker();
+        tracker.assigned(&[("events".to_string(), 1)]);
+        let start = Instant::now();
+        tracker.track_at("events", 0, 5, start).unwrap();
+        tracker.track_at("events", 1, 9, start).unwrap();
+        let later = start + Duration::from_secs(10);
+        assert_eq!(
+            head(&tracker, later),
+            vec![(0, 5, Duration::from_secs(10)), (1, 9, Duration::from_secs(10))]
+        );
+        tracker.revoked(&[("events".to_string(), 1)]);
+        assert_eq!(head(&tracker, later), vec![(0, 5, Duration::from_secs(10))]);
+        assert_eq!(tracker.assigned_partitions(), vec![("events".to_string(), 0)]);
+        tracker.assigned(&[("events".to_string(), 1)]);
+        assert_eq!(head(&tracker, later), vec![(0, 5, Duration::from_secs(10))]);
+    }
+
+    #[test]
+    fn a_clock_before_the_head_reads_as_no_wait() {
+        let tracker = tracker();
+        let start = Instant::now();
+        tracker
+            .track_at("events", 0, 3, start + Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(head(&tracker, start), vec![(0, 3, Duration::ZERO)]);
     }
 
     /// Random completion orders: the watermark never passes an unfinished offset and

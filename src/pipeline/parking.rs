@@ -263,7 +263,10 @@ impl ParkingMonitor {
     }
 
     /// Re-evaluates `connector` given its circuit and the operations it holds.
-    pub fn evaluate(&mut self, connector: &str, circuit_open: bool, held: usize, now: Instant) -> Change {
+    /// `shared`: other connectors run beside it. Holding too much parks only then: with
+    /// one connector, parking would help no other target and only add writes, and
+    /// back-pressure is the right answer to a slow one.
+    pub fn evaluate(&mut self, connector: &str, circuit_open: bool, held: usize, shared: bool, now: Instant) -> Change {
         let enabled = self.enabled;
         let park_after = self.park_after;
         let max_held = self.max_held;
@@ -281,7 +284,7 @@ impl ParkingMonitor {
             .circuit_open_since
             .is_some_and(|since| now.duration_since(since) >= park_after);
         let parking = entry.parking.load(Ordering::Relaxed);
-        if !parking && (open_too_long || held > max_held) {
+        if !parking && (open_too_long || (shared && held > max_held)) {
             tracing::warn!(
                 connector,
                 held,
@@ -290,7 +293,7 @@ impl ParkingMonitor {
             );
             entry.parking.store(true, Ordering::Relaxed);
             metrics.connector_parking.with_label_values(&[connector]).set(1);
-        } else if parking && !circuit_open && held <= max_held / 2 {
+        } else if parking && !circuit_open && (!shared || held <= max_held / 2) {
             tracing::info!(connector, held, "Connector keeps up again: its new work runs directly.");
             entry.parking.store(false, Ordering::Relaxed);
             metrics.connector_parking.with_label_values(&[connector]).set(0);
@@ -328,15 +331,15 @@ mod tests {
     fn an_open_circuit_parks_only_after_park_after() {
         let mut monitor = monitor();
         let start = Instant::now();
-        monitor.evaluate("google", true, 5, start);
+        monitor.evaluate("google", true, 5, true, start);
         assert!(!monitor.is_parking("google"));
-        monitor.evaluate("google", true, 5, start + Duration::from_secs(29));
+        monitor.evaluate("google", true, 5, true, start + Duration::from_secs(29));
         assert!(!monitor.is_parking("google"));
-        monitor.evaluate("google", true, 5, start + Duration::from_secs(30));
+        monitor.evaluate("google", true, 5, true, start + Duration::from_secs(30));
         assert!(monitor.is_parking("google"));
         assert!(!monitor.is_parking("scim"), "other connectors are not affected");
         // Closed again, and holding little: parking stops.
-        monitor.evaluate("google", false, 5, start + Duration::from_secs(31));
+        monitor.evaluate("google", false, 5, true, start + Duration::from_secs(31));
         assert!(!monitor.is_parking("google"));
     }
 
@@ -345,22 +348,22 @@ mod tests {
         let mut monitor = monitor();
         let now = Instant::now();
         assert_eq!(
-            monitor.evaluate("google", false, 100, now),
+            monitor.evaluate("google", false, 100, true, now),
             Change {
                 retry_paused: Some(true)
             }
         );
         assert!(!monitor.is_parking("google"), "at the bound, not above it");
-        monitor.evaluate("google", false, 101, now);
+        monitor.evaluate("google", false, 101, true, now);
         assert!(monitor.is_parking("google"));
         assert_eq!(
-            monitor.evaluate("google", false, 60, now),
+            monitor.evaluate("google", false, 60, true, now),
             Change::default(),
             "above half: no change"
         );
         assert!(monitor.is_parking("google"));
         assert_eq!(
-            monitor.evaluate("google", false, 50, now),
+            monitor.evaluate("google", false, 50, true, now),
             Change {
                 retry_paused: Some(false)
             }
@@ -369,10 +372,27 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_connector_parks_for_its_circuit_not_for_its_backlog() {
+        let mut monitor = monitor();
+        let start = Instant::now();
+        monitor.evaluate("scim", false, 10_000, false, start);
+        assert!(
+            !monitor.is_parking("scim"),
+            "back-pressure, not parking, slows a lone connector"
+        );
+        monitor.evaluate("scim", true, 10_000, false, start);
+        monitor.evaluate("scim", true, 10_000, false, start + Duration::from_secs(30));
+        assert!(
+            monitor.is_parking("scim"),
+            "a circuit open past park_after parks even a lone connector"
+        );
+    }
+
+    #[test]
     fn disabled_parking_never_parks() {
         let settings = ParkingSettings::default();
         let mut monitor = ParkingMonitor::new(&settings, 100, false, Arc::new(Metrics::new()));
-        monitor.evaluate("google", true, 1_000_000, Instant::now());
+        monitor.evaluate("google", true, 1_000_000, true, Instant::now());
         assert!(!monitor.is_parking("google"));
     }
 }

@@ -253,3 +253,20 @@ fn tls_verification_is_on_unless_switched_off() {
     let settings = Settings::from_toml_str(&with_section).unwrap();
     assert!(settings.kafka.security.ssl_verify_hostname);
 }
+
+#[test]
+fn wedge_after_defaults_to_five_minutes_and_must_be_greater_than_zero() {
+    let settings = Settings::from_toml_str(MINIMAL).unwrap();
+    assert_eq!(settings.pipeline.wedge_after, std::time::Duration::from_secs(300));
+    let short = Settings::from_toml_str(&format!("{MINIMAL}\n[pipeline]\nwedge_after = \"2s\"\n")).unwrap();
+    assert_eq!(short.pipeline.wedge_after, std::time::Duration::from_secs(2));
+    let Err(SettingsError::Invalid(problems)) =
+        Settings::from_toml_str(&format!("{MINIMAL}\n[pipeline]\nwedge_after = \"0s\"\n"))
+    else {
+        panic!("a zero wedge_after must be refused")
+    };
+    assert!(
+        problems.iter().any(|problem| problem.key == "pipeline.wedge_after"),
+        "{problems:?}"
+    );
+}

@@ -1,9 +1,10 @@
 //! Checks that keep the deployment files honest without Docker or a cluster: the compose
 //! file's references exist and its services are wired to each other, the alert rules and
-//! the Prometheus configuration pass `promtool`, the dashboard is well formed, every metric
-//! (and label) the dashboard and the alerts use exists in the real `/metrics` output after a
-//! demo run, and the Kubernetes manifests have what an SRE relies on and a configuration
-//! that passes `check-config` with the Secret mounted where the Deployment mounts it.
+//! the Prometheus configuration pass `promtool` (and the alerts their unit tests in
+//! `alerts.test.yml`), the dashboard is well formed, every metric (and label) the
+//! dashboard and the alerts use exists in the real `/metrics` output after a demo run,
+//! and the Kubernetes manifests have what an SRE relies on and a configuration that
+//! passes `check-config` with the Secret mounted where the Deployment mounts it.
 //!
 //! YAML is read with `scripts/yaml2json.py` and the PyYAML of the venv `scripts/test`
 //! creates; `promtool` comes from Debian's `prometheus` package, which it also installs.
@@ -386,6 +387,18 @@ fn the_alert_rules_and_prometheus_config_pass_promtool() {
     assert!(config.status.success(), "promtool check config: {}", describe(&config));
 }
 
+/// The alerts' own unit tests (`deploy/prometheus/alerts.test.yml`): series in, alerts
+/// out, at given times.
+#[test]
+fn the_alert_rules_pass_their_promtool_unit_tests() {
+    let tests = Command::new(promtool())
+        .args(["test", "rules", "alerts.test.yml"])
+        .current_dir(root().join("deploy/prometheus"))
+        .output()
+        .expect("promtool runs");
+    assert!(tests.status.success(), "promtool test rules: {}", describe(&tests));
+}
+
 // --- A small PromQL scanner ---------------------------------------------------------
 
 /// What a PromQL expression refers to. Enough of PromQL for the expressions here: string
@@ -757,6 +770,7 @@ fn every_alert_has_a_severity_a_summary_a_description_and_a_runbook_hint() {
         "provisioner_reply_publish_failures_total",
         "provisioner_produce_failures_total",
         "provisioner_consumer_paused",
+        "provisioner_partition_wedged",
         "provisioner_salesforce_api_usage / provisioner_salesforce_api_limit",
     ] {
         assert!(expressions.contains(watched), "no alert uses {watched}");

@@ -37,3 +37,5 @@ mod state;
 #[cfg(feature = "devtools")]
 mod state_faults;
 mod support;
+#[cfg(feature = "devtools")]
+mod wedge;

@@ -23,7 +23,10 @@ async fn the_binary_serves_probes_processes_events_and_stops_cleanly_on_sigterm(
     let kafka = names.kafka_toml();
     std::fs::write(
         &config,
-        format!("{kafka}\n[telemetry]\nformat = \"json\"\n[tenants.acme.resident]\n"),
+        // 1 MiB events: more than the default, so that the start-up size check speaks.
+        format!(
+            "{kafka}\n[pipeline]\nmax_event_bytes = 1048576\n[telemetry]\nformat = \"json\"\n[tenants.acme.resident]\n"
+        ),
     )
     .unwrap();
 
@@ -53,6 +56,29 @@ async fn the_binary_serves_probes_processes_events_and_stops_cleanly_on_sigterm(
     assert!(
         metrics.contains("provisioner_events_completed_total{status=\"skipped\"} 1"),
         "{metrics}"
+    );
+
+    // The start-up size check: 1 MiB events with librdkafka's 1,000,000-byte producer
+    // limit and Kafka's 1,048,588-byte topic limit leave no room for a dead letter of
+    // the largest event, and the log says so, naming both sides.
+    let size_warning = eventually("the dead-letter size warnings", Duration::from_secs(30), || async {
+        let log = service.log_text();
+        let warnings: Vec<String> = log
+            .lines()
+            .filter(|line| line.contains("pipeline.max_event_bytes = 1048576"))
+            .map(str::to_string)
+            .collect();
+        (warnings.len() == 2).then_some(warnings.join("\n"))
+    })
+    .await;
+    assert!(
+        size_warning.contains("message.max.bytes = 1000000 of the producer")
+            && size_warning.contains(&format!(
+                "max.message.bytes = 1048588 of the dead-letter topic `{}`",
+                names.dead_letters
+            ))
+            && size_warning.contains("\"level\":\"WARN\""),
+        "{size_warning}"
     );
 
     service.signal("TERM");
