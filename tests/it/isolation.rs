@@ -1,0 +1,317 @@
+//! Isolation of targets: one target that is down holds up no other target and no
+//! blocking caller; its work waits durably in its retry topic and is applied, in
+//! per-user order, when it returns. Real Apache Kafka broker, SCIM emulators as targets.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use provisioner::client::Client;
+use provisioner::devtools::emulators::scim::{self as scim_emulator, ScimEmulator, ScimEmulatorSettings};
+use provisioner::devtools::emulators::Faults;
+use provisioner::result::{Outcome, ProvisioningResult, ResultScope, Status};
+use provisioner::settings::Settings;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::app::{Names, TestApp, TopicReader};
+use crate::support::doubles::event_json;
+use crate::support::eventually;
+use crate::support::workload::{converge, differences, scim_state, Expected, Workload};
+
+/// 667 users × 3 events: 2,001 blocking callers.
+const USERS: usize = 667;
+const PARTITIONS: i32 = 4;
+
+async fn scim(faults: Faults) -> (ScimEmulator, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let emulator = scim_emulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ScimEmulatorSettings {
+            faults,
+            ..ScimEmulatorSettings::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (emulator, shutdown)
+}
+
+fn settings(names: &Names, directory: &str, workspace: &str) -> Settings {
+    Settings::from_toml_str(&format!(
+        r#"{kafka}
+        [pipeline]
+        reply_deadline = "10s"
+
+        [connectors.directory]
+        type = "scim2"
+        base_url = "{directory}"
+
+        [connectors.workspace]
+        type = "scim2"
+        base_url = "{workspace}"
+        [connectors.workspace.http]
+        request_timeout = "2s"
+        [connectors.workspace.delivery]
+        max_elapsed = "3s"
+        circuit_breaker_failures = 3
+        circuit_breaker_cooldown = "500ms"
+
+        [[tenants.acme.resident.bindings]]
+        connector = "directory"
+        blocking = true
+
+        [[tenants.acme.resident.bindings]]
+        connector = "workspace"
+        blocking = false
+        "#,
+        // Names' [kafka] section has a [parking] table already (the retry topics' prefix).
+        kafka = names
+            .kafka_toml()
+            .replace("[parking]", "[parking]\npark_after = \"1s\""),
+    ))
+    .expect("valid settings")
+}
+
+/// What one run measured.
+struct Run {
+    replies: Vec<Duration>,
+    parked: u64,
+    drained: u64,
+    peak_rss_mib: u64,
+    drain_time: Duration,
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+    sorted[((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+/// Sends the workload as blocking callers, round by round (a user's events in order),
+/// with `workspace` down when `outage` is set; brings it back; waits for a sentinel's
+/// complete result and for both targets to match the oracle; checks that every event
+/// has exactly one complete result.
+async fn run(test: &str, outage: bool) -> Run {
+    let names = Names::new(test);
+    names.create(PARTITIONS).await;
+    let latency = Faults {
+        latency: Duration::from_millis(5),
+        jitter: Duration::from_millis(10),
+        ..Faults::default()
+    };
+    let (directory, _directory_shutdown) = scim(latency.clone()).await;
+    let (workspace, _workspace_shutdown) = scim(latency.clone()).await;
+    if outage {
+        workspace.set_faults(Faults {
+            rate_500: 1.0,
+            ..latency.clone()
+        });
+    }
+    let settings = settings(&names, &directory.base_url(), &workspace.base_url());
+    let app = TestApp::spawn_configured(settings.clone()).await;
+    let client = Client::connect(&settings.kafka).await.unwrap();
+    let workload = Workload::new(USERS, "acme");
+
+    let mut replies: Vec<Duration> = Vec::with_capacity(workload.events.len());
+    let mut peak_rss_mib = rss_mib();
+    for round in workload.events.chunks(USERS) {
+        let answers = futures::future::join_all(round.iter().map(|(_, payload)| {
+            let client = &client;
+            async move {
+                let sent = Instant::now();
+                let reply = client.send_and_wait(payload, Duration::from_secs(60)).await;
+                (sent.elapsed(), reply)
+            }
+        }))
+        .await;
+        for (waited, reply) in answers {
+            let reply: ProvisioningResult = reply.expect("every blocking caller gets a reply");
+            assert_eq!(reply.scope, ResultScope::Blocking);
+            assert_eq!(reply.status, Status::Succeeded, "{reply:?}");
+            assert!(
+                reply.results.iter().all(|result| result.connector == "directory"),
+                "a reply carries the blocking bindings only: {reply:?}"
+            );
+            replies.push(waited);
+        }
+        peak_rss_mib = peak_rss_mib.max(rss_mib());
+    }
+    // The healthy target has everything while the other is still down.
+    converge(&directory, &workload.expected(), Duration::from_secs(60)).await;
+    if outage {
+        assert!(
+            workspace.users().is_empty(),
+            "the down target accepted {} users",
+            workspace.users().len()
+        );
+        eventually("work to be parked", Duration::from_secs(60), || async {
+            (app.metrics.operations_parked.with_label_values(&["workspace"]).get() > 0).then_some(())
+        })
+        .await;
+    }
+
+    // The target returns; a sentinel published after everything else marks the end.
+    let recovered_at = Instant::now();
+    workspace.set_faults(latency);
+    let sentinel = event_json("sentinel", "user.created", "acme", "sentinel", serde_json::json!({}));
+    let reply = client.send_and_wait(&sentinel, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(reply.status, Status::Succeeded);
+    let mut results = TopicReader::new(&names.results, 1);
+    results
+        .read_until("the sentinel's complete result", Duration::from_secs(180), |records| {
+            records.iter().any(|record| {
+                let result = record.result();
+                result.event_id == "sentinel" && result.scope == ResultScope::Complete
+            })
+        })
+        .await;
+    // Everything parked is applied in per-user order: the final state is the oracle's
+    // (a reordered update or delete would leave v2, or bring a deleted user back).
+    let expected = workload.expected();
+    converge_without(&workspace, &expected, "sentinel", Duration::from_secs(180)).await;
+    converge_without(&directory, &expected, "sentinel", Duration::from_secs(60)).await;
+    let drain_time = recovered_at.elapsed();
+
+    // Exactly one complete result per event (read to the sentinel's, which comes last
+    // for its partition but not necessarily for the topic: keep reading until every
+    // event has one).
+    let event_ids: Vec<String> = workload
+        .events
+        .iter()
+        .map(|(_, payload)| {
+            serde_json::from_slice::<serde_json::Value>(payload).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let complete_per_event = |records: &[crate::support::app::OutputRecord]| {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for record in records {
+            let result = record.result();
+            if result.scope == ResultScope::Complete {
+                *counts.entry(result.event_id).or_default() += 1;
+            }
+        }
+        counts
+    };
+    results
+        .read_until(
+            "a complete result for every event",
+            Duration::from_secs(180),
+            |records| {
+                let counts = complete_per_event(records);
+                event_ids.iter().all(|id| counts.contains_key(id))
+            },
+        )
+        .await;
+    let counts = complete_per_event(&results.records);
+    for id in &event_ids {
+        assert_eq!(counts.get(id), Some(&1), "event {id}: complete results");
+    }
+    let parked = app.metrics.operations_parked.with_label_values(&["workspace"]).get();
+    let drained = app
+        .metrics
+        .operations_drained
+        .with_label_values(&["workspace", "applied"])
+        .get()
+        + app
+            .metrics
+            .operations_drained
+            .with_label_values(&["workspace", "stale"])
+            .get();
+    let notices = results
+        .records
+        .iter()
+        .filter(|record| record.result().scope == ResultScope::Queued)
+        .count() as u64;
+    assert_eq!(notices, parked, "one queued notice per parked operation");
+    assert_eq!(drained, parked, "every parked operation drained and applied");
+    if outage {
+        // The complete results say what finally happened on the returned target.
+        for record in &results.records {
+            let result = record.result();
+            if result.scope == ResultScope::Complete && result.event_id != "sentinel" {
+                let workspace_result = result.results.iter().find(|result| result.connector == "workspace");
+                assert!(
+                    workspace_result
+                        .is_some_and(|result| result.outcome != Outcome::Queued && result.outcome != Outcome::Failed),
+                    "{result:?}"
+                );
+            }
+        }
+    }
+    app.stop().await;
+    Run {
+        replies,
+        parked,
+        drained,
+        peak_rss_mib,
+        drain_time,
+    }
+}
+
+/// [`converge`] on every user but `skip`.
+async fn converge_without(emulator: &ScimEmulator, expected: &Expected, skip: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut state = scim_state(emulator);
+        state.remove(skip);
+        let problems = differences(expected, &state);
+        if problems.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the target did not converge within {timeout:?}; {} differences, first: {:?}",
+            problems.len(),
+            &problems[..problems.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_blocking_target_that_is_down_holds_up_no_blocking_caller_and_its_work_is_applied_in_order_when_it_returns(
+) {
+    let healthy = run("isolation-healthy", false).await;
+    let outage = run("isolation-outage", true).await;
+    let mut healthy_replies = healthy.replies.clone();
+    healthy_replies.sort();
+    let mut outage_replies = outage.replies.clone();
+    outage_replies.sort();
+    let (healthy_p50, healthy_p99) = (percentile(&healthy_replies, 0.5), percentile(&healthy_replies, 0.99));
+    let (outage_p50, outage_p99) = (percentile(&outage_replies, 0.5), percentile(&outage_replies, 0.99));
+    eprintln!(
+        "ISOLATION-REPORT {} blocking callers per run; all targets up: reply p50 {healthy_p50:?} p99 {healthy_p99:?}, test-process peak RSS {} MiB; \
+         non-blocking target down (past its max_elapsed): reply p50 {outage_p50:?} p99 {outage_p99:?}, peak RSS {} MiB, \
+         {} operations parked, {} drained and applied in order {:?} after the target returned",
+        outage.replies.len(),
+        healthy.peak_rss_mib,
+        outage.peak_rss_mib,
+        outage.parked,
+        outage.drained,
+        outage.drain_time,
+    );
+    assert_eq!(healthy.parked, 0, "nothing parks while every target is up");
+    assert!(outage.parked > 0, "the down target's work was parked");
+    // Within 2× of the healthy run (plus 50 ms of slack for a timer tick on a busy machine).
+    assert!(
+        outage_p99 <= healthy_p99 * 2 + Duration::from_millis(50),
+        "reply p99 {outage_p99:?} with the outage vs {healthy_p99:?} without"
+    );
+    // Peak RSS is reported, not asserted: it is the whole test process, shared with
+    // whichever other tests run beside this one.
+}
