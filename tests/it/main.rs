@@ -21,6 +21,8 @@ mod deploy;
 mod faults;
 #[cfg(feature = "devtools")]
 mod google;
+mod isolation;
+mod isolation_parking;
 mod kafka_broker;
 mod kafka_roundtrip;
 mod layering;
