@@ -234,9 +234,15 @@ impl Pipeline {
         let mut parking_tick = tokio::time::interval(PARKING_TICK);
         parking_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+        // The window counts input offsets only: drained work has its own bound (its
+        // connector's), and must never hold up the input of the others.
+        let input_uncommitted = || {
+            let retry_topics = worker.parking.get().map(|parking| &parking.topics);
+            tracker.pending_count_where(|topic| retry_topics.is_none_or(|topics| !topics.is_retry_topic(topic)))
+        };
         loop {
             scheduler.dispatch();
-            let uncommitted = tracker.pending_count();
+            let uncommitted = input_uncommitted();
             metrics.events_buffered.set(uncommitted as i64);
             metrics.events_in_flight.set(scheduler.lanes.running() as i64);
             if paused && uncommitted <= resume_below {
@@ -310,7 +316,7 @@ impl Pipeline {
                     }
                     scheduler.accept(Accepted { record: Arc::new(record), decoded, ticket });
                     // Also re-pause while paused: a rebalance may have added unpaused partitions.
-                    let uncommitted = tracker.pending_count();
+                    let uncommitted = input_uncommitted();
                     if uncommitted >= max_buffered_events {
                         consumer.pause_all();
                         if !paused {

@@ -130,6 +130,18 @@ impl OffsetTracker {
         watermark
     }
 
+    /// Offsets read but not yet below the watermark, in partitions of topics `counted`
+    /// accepts.
+    pub fn pending_count_where(&self, counted: impl Fn(&str) -> bool) -> usize {
+        let state = self.inner.lock().expect("offset tracker lock");
+        state
+            .partitions
+            .iter()
+            .filter(|((topic, _), _)| counted(topic))
+            .map(|(_, partition)| partition.pending.len())
+            .sum()
+    }
+
     /// Events read but not yet below the watermark, across partitions.
     pub fn pending_count(&self) -> usize {
         let state = self.inner.lock().expect("offset tracker lock");

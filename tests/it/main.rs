@@ -21,7 +21,9 @@ mod deploy;
 mod faults;
 #[cfg(feature = "devtools")]
 mod google;
+#[cfg(feature = "devtools")]
 mod isolation;
+#[cfg(feature = "devtools")]
 mod isolation_parking;
 mod kafka_broker;
 mod kafka_roundtrip;
