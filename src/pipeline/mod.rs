@@ -314,7 +314,14 @@ impl Pipeline {
                     if worker.state.is_some() {
                         decoded = decoded.and_then(|event| event::check_key(event, record.key.as_deref()));
                     }
+                    let drained = worker.parking.get().is_some_and(|parking| parking.topics.is_retry_topic(&record.topic));
                     scheduler.accept(Accepted { record: Arc::new(record), decoded, ticket });
+                    if drained {
+                        // Parked work read back is bounded by its connector's own bound,
+                        // checked now (not at the next tick), so that one fetch cannot
+                        // load a whole retry backlog into memory.
+                        scheduler.evaluate_parking(&consumer, paused);
+                    }
                     // Also re-pause while paused: a rebalance may have added unpaused partitions.
                     let uncommitted = input_uncommitted();
                     if uncommitted >= max_buffered_events {
