@@ -178,9 +178,16 @@ pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: UserEvent, ti
     if let Some(drained) = &context.drained {
         // A parked operation: its one binding, whatever the routing says now (a rule
         // change must not drop work that was accepted).
+        // A removed connector keeps its name (the retry topic's suffix), so that its
+        // failure fills its slot in the event's pending result.
+        let removed_name = worker
+            .parking
+            .get()
+            .and_then(|parking| context.record.topic.strip_prefix(parking.prefix.as_str()))
+            .unwrap_or(context.record.topic.as_str());
         let step = Step {
             binding: Arc::new(Binding::parked(
-                drained.connector.as_deref().unwrap_or("<removed>"),
+                drained.connector.as_deref().unwrap_or(removed_name),
                 drained.blocking,
             )),
             decision: Decision::Apply,
@@ -343,8 +350,8 @@ async fn operate(
     let Some(handle) = worker.connectors.get(&binding.connector) else {
         let message = match &context.drained {
             Some(_) => format!(
-                "parked for connector `{}`, which is no longer configured",
-                context.record.topic
+                "parked in `{}` for connector `{}`, which is no longer configured",
+                context.record.topic, binding.connector
             ),
             None => format!("connector `{}` is not running", binding.connector),
         };
