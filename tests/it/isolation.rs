@@ -498,3 +498,83 @@ async fn a_second_instance_joining_while_work_is_parked_takes_its_share_and_drai
         drained_by[1]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_work_of_a_connector_removed_from_the_configuration_is_dead_lettered_with_the_reason() {
+    let names = Names::new("parked-removed");
+    names.create(PARTITIONS).await;
+    let latency = Faults {
+        latency: Duration::from_millis(5),
+        ..Faults::default()
+    };
+    let (directory, _directory_shutdown) = scim(latency.clone()).await;
+    let (workspace, _workspace_shutdown) = scim(Faults {
+        rate_500: 1.0,
+        ..latency.clone()
+    })
+    .await;
+    let toml = settings_toml(&names, &directory.base_url(), &workspace.base_url());
+    let app = TestApp::spawn_configured(Settings::from_toml_str(&toml).unwrap()).await;
+    let workload = Workload::new(10, "acme");
+    workload.publish(&producer(), &names.events).await;
+    eventually("every workspace operation parked", Duration::from_secs(90), || async {
+        (app.metrics.operations_parked.with_label_values(&["workspace"]).get() >= workload.events.len() as u64)
+            .then_some(())
+    })
+    .await;
+    let parked = app.metrics.operations_parked.with_label_values(&["workspace"]).get();
+    app.stop().await;
+
+    // The operator removes the connector (and its binding) while work is parked for it.
+    // Everything before `[connectors.workspace]` (the Kafka, pipeline and directory
+    // sections), and the directory's binding alone.
+    let without_workspace = format!(
+        "{}\n[[tenants.acme.resident.bindings]]\nconnector = \"directory\"\nblocking = true\n",
+        toml.split("[connectors.workspace]").next().unwrap()
+    );
+    let app = TestApp::spawn_configured(Settings::from_toml_str(&without_workspace).unwrap()).await;
+    let mut dead_letters = TopicReader::new(&names.dead_letters, 1);
+    dead_letters
+        .read_until(
+            "a dead letter per parked operation",
+            Duration::from_secs(90),
+            |records| {
+                records
+                    .iter()
+                    .filter(|record| {
+                        record.headers.get("x-provisioner-reason").map(String::as_str) == Some("connector_removed")
+                    })
+                    .count() as u64
+                    >= parked
+            },
+        )
+        .await;
+    // Each event's complete result is written once its parked operation has failed for good.
+    let mut results = TopicReader::new(&names.results, 1);
+    results
+        .read_until("a complete result per event", Duration::from_secs(90), |records| {
+            records
+                .iter()
+                .filter(|record| record.result().scope == ResultScope::Complete)
+                .count()
+                >= workload.events.len()
+        })
+        .await;
+    for record in &results.records {
+        let result = record.result();
+        if result.scope != ResultScope::Complete {
+            continue;
+        }
+        let workspace_result = result
+            .results
+            .iter()
+            .find(|result| result.connector == "workspace")
+            .unwrap_or_else(|| panic!("{result:?}"));
+        assert_eq!(workspace_result.outcome, Outcome::Failed, "{result:?}");
+        assert_eq!(result.status, Status::Partial, "{result:?}");
+    }
+    app.stop().await;
+    eprintln!(
+        "ISOLATION-REPORT removed connector: {parked} parked operations of a connector removed from the configuration, each dead-lettered `connector_removed` by the next run; every event's complete result says `failed` for it"
+    );
+}
