@@ -468,7 +468,6 @@ async fn operate(
             prior.as_ref(),
             parking,
             started_at,
-            0,
         )
         .await;
     }
@@ -501,7 +500,6 @@ async fn operate(
                 prior.as_ref(),
                 parking,
                 started_at,
-                0,
             )
             .await
         }
@@ -529,7 +527,6 @@ async fn park(
     prior: Option<&StateRecord>,
     parking: &Parking,
     started_at: DateTime<Utc>,
-    attempts: u32,
 ) -> OperationDone {
     let queued = |error: Option<ResultError>, outcome: Outcome| ConnectorResult {
         connector: handle.name.clone(),
@@ -537,7 +534,8 @@ async fn park(
         outcome,
         blocking: binding.blocking,
         remote_id: prior.and_then(|prior| prior.remote_id.clone()),
-        attempts,
+        // Attempts made before parking are not carried over; the drain counts its own.
+        attempts: 0,
         error,
         superseded_by: None,
         started_at,
