@@ -320,6 +320,35 @@ async fn a_non_blocking_target_that_is_down_holds_up_no_blocking_caller_and_its_
     // whichever other tests run beside this one.
 }
 
+/// A healthy `directory` and a `workspace` failing every call (a 500), both with a
+/// small latency (`latency`, which brings `workspace` back).
+struct Targets {
+    directory: ScimEmulator,
+    workspace: ScimEmulator,
+    latency: Faults,
+    _shutdown: [CancellationToken; 2],
+}
+
+async fn targets_with_workspace_down() -> Targets {
+    let latency = Faults {
+        latency: Duration::from_millis(5),
+        jitter: Duration::from_millis(5),
+        ..Faults::default()
+    };
+    let (directory, directory_shutdown) = scim(latency.clone()).await;
+    let (workspace, workspace_shutdown) = scim(Faults {
+        rate_500: 1.0,
+        ..latency.clone()
+    })
+    .await;
+    Targets {
+        directory,
+        workspace,
+        latency,
+        _shutdown: [directory_shutdown, workspace_shutdown],
+    }
+}
+
 /// The value of `metric` (a counter or gauge with these exact labels) on `/metrics`.
 async fn metric(admin: std::net::SocketAddr, series: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://{admin}/metrics"))
@@ -338,17 +367,12 @@ async fn metric(admin: std::net::SocketAddr, series: &str) -> Option<f64> {
 async fn a_kill_while_work_is_parked_loses_nothing_and_keeps_per_user_order() {
     let names = Names::new("parked-kill");
     names.create(PARTITIONS).await;
-    let latency = Faults {
-        latency: Duration::from_millis(5),
-        jitter: Duration::from_millis(5),
-        ..Faults::default()
-    };
-    let (directory, _directory_shutdown) = scim(latency.clone()).await;
-    let (workspace, _workspace_shutdown) = scim(Faults {
-        rate_500: 1.0,
-        ..latency.clone()
-    })
-    .await;
+    let Targets {
+        directory,
+        workspace,
+        latency,
+        _shutdown,
+    } = targets_with_workspace_down().await;
     let folder = tempfile::tempdir().unwrap();
     let config = folder.path().join("provisioner.toml");
     std::fs::write(
@@ -402,17 +426,12 @@ async fn a_kill_while_work_is_parked_loses_nothing_and_keeps_per_user_order() {
 async fn a_second_instance_joining_while_work_is_parked_takes_its_share_and_drains_it_in_order() {
     let names = Names::new("parked-join");
     names.create(PARTITIONS).await;
-    let latency = Faults {
-        latency: Duration::from_millis(5),
-        jitter: Duration::from_millis(5),
-        ..Faults::default()
-    };
-    let (directory, _directory_shutdown) = scim(latency.clone()).await;
-    let (workspace, _workspace_shutdown) = scim(Faults {
-        rate_500: 1.0,
-        ..latency.clone()
-    })
-    .await;
+    let Targets {
+        directory,
+        workspace,
+        latency,
+        _shutdown,
+    } = targets_with_workspace_down().await;
     let folder = tempfile::tempdir().unwrap();
     let toml = settings_toml(&names, &directory.base_url(), &workspace.base_url());
     let first_config = folder.path().join("first.toml");
@@ -503,16 +522,12 @@ async fn a_second_instance_joining_while_work_is_parked_takes_its_share_and_drai
 async fn parked_work_of_a_connector_removed_from_the_configuration_is_dead_lettered_with_the_reason() {
     let names = Names::new("parked-removed");
     names.create(PARTITIONS).await;
-    let latency = Faults {
-        latency: Duration::from_millis(5),
-        ..Faults::default()
-    };
-    let (directory, _directory_shutdown) = scim(latency.clone()).await;
-    let (workspace, _workspace_shutdown) = scim(Faults {
-        rate_500: 1.0,
-        ..latency.clone()
-    })
-    .await;
+    let Targets {
+        directory,
+        workspace,
+        latency: _,
+        _shutdown,
+    } = targets_with_workspace_down().await;
     let toml = settings_toml(&names, &directory.base_url(), &workspace.base_url());
     let app = TestApp::spawn_configured(Settings::from_toml_str(&toml).unwrap()).await;
     let workload = Workload::new(10, "acme");
