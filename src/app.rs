@@ -293,6 +293,7 @@ impl Application {
                     topics,
                     prefix: plan.settings.topic_prefix.clone(),
                     max_parked_time: plan.settings.max_parked_time,
+                    lane_writes: Default::default(),
                 });
             }
         }

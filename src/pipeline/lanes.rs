@@ -7,6 +7,15 @@
 //! connectors: an operation waiting on one connector's target occupies only that
 //! connector's slots, so a target that is down holds up no other target.
 //!
+//! Parked work read back (a *drained* operation) may wait on its target for days. Two
+//! rules keep it from holding up new work:
+//! - drained operations have their own slots, so they never take the slots that new
+//!   work of the same connector needs to run or to park;
+//! - new work that arrives behind a drained operation in its lane does not wait for it
+//!   when the lanes park past drains (parking on): it is started as *park only*, one
+//!   at a time per lane, in arrival order. It goes to the retry topic behind the
+//!   drained operation, which is where its order puts it anyway.
+//!
 //! It only counts and orders; the pipeline loop runs the operations.
 
 use std::collections::{HashMap, VecDeque};
@@ -22,12 +31,26 @@ pub struct LaneKey {
 /// What the lanes need of an operation.
 pub trait Laned {
     fn lane(&self) -> &LaneKey;
+    /// Parked work read back from a retry topic.
+    fn drained(&self) -> bool;
+}
+
+/// An operation the loop may start now.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Started<Op> {
+    pub operation: Op,
+    /// Park it without trying: its lane's head is a drained operation.
+    pub park_only: bool,
 }
 
 /// One connector's share: its ready operations and counts.
 struct ConnectorLanes<Op> {
-    ready: VecDeque<Op>,
+    /// New work, and park-only operations.
+    ready: VecDeque<Started<Op>>,
     running: usize,
+    /// Drained operations: their own queue and slots.
+    ready_drained: VecDeque<Op>,
+    running_drained: usize,
     /// Operations held: running, ready or waiting in a lane.
     held: usize,
 }
@@ -37,65 +60,150 @@ impl<Op> Default for ConnectorLanes<Op> {
         ConnectorLanes {
             ready: VecDeque::new(),
             running: 0,
+            ready_drained: VecDeque::new(),
+            running_drained: 0,
             held: 0,
         }
     }
 }
 
+/// A lane with an operation ready or running.
+struct Lane<Op> {
+    /// The head (ready or running) is a drained operation.
+    head_drained: bool,
+    /// The head has finished; the lane waits for its park-only operation.
+    head_done: bool,
+    /// A park-only operation taken out of `waiting` is ready or running.
+    parking: bool,
+    /// Operations behind the head, in arrival order.
+    waiting: VecDeque<Op>,
+}
+
 pub struct Lanes<Op> {
-    /// A lane is present while one of its operations is ready or running; the queue
-    /// holds those waiting behind it.
-    waiting: HashMap<LaneKey, VecDeque<Op>>,
+    lanes: HashMap<LaneKey, Lane<Op>>,
     connectors: HashMap<Arc<str>, ConnectorLanes<Op>>,
+    /// New work behind a drained operation is parked rather than held.
+    park_past_drains: bool,
 }
 
 impl<Op> Default for Lanes<Op> {
     fn default() -> Self {
         Lanes {
-            waiting: HashMap::new(),
+            lanes: HashMap::new(),
             connectors: HashMap::new(),
+            park_past_drains: false,
         }
     }
 }
 
 impl<Op: Laned> Lanes<Op> {
+    /// `park_past_drains`: parking is on, so new work may be parked behind a drain.
+    pub fn new(park_past_drains: bool) -> Self {
+        Lanes {
+            park_past_drains,
+            ..Lanes::default()
+        }
+    }
+
     pub fn accept(&mut self, operation: Op) {
         let connector = self.connectors.entry(operation.lane().connector.clone()).or_default();
         connector.held += 1;
-        match self.waiting.get_mut(operation.lane()) {
-            Some(queue) => queue.push_back(operation),
+        match self.lanes.get_mut(operation.lane()) {
+            Some(lane) => {
+                let key = operation.lane().clone();
+                lane.waiting.push_back(operation);
+                self.advance(&key);
+            }
             None => {
-                self.waiting.insert(operation.lane().clone(), VecDeque::new());
-                connector.ready.push_back(operation);
+                self.lanes.insert(
+                    operation.lane().clone(),
+                    Lane {
+                        head_drained: operation.drained(),
+                        head_done: false,
+                        parking: false,
+                        waiting: VecDeque::new(),
+                    },
+                );
+                push_ready(connector, operation, false);
             }
         }
     }
 
     /// The next ready operation of `connector`, counted as running, while fewer than
-    /// `limit` of its operations run.
-    pub fn start_next(&mut self, connector: &str, limit: usize) -> Option<Op> {
+    /// `limit` of its operations of that kind run (new work and drained work have a
+    /// limit each).
+    pub fn start_next(&mut self, connector: &str, limit: usize) -> Option<Started<Op>> {
         let lanes = self.connectors.get_mut(connector)?;
-        if lanes.running >= limit {
-            return None;
+        if lanes.running < limit {
+            if let Some(started) = lanes.ready.pop_front() {
+                lanes.running += 1;
+                return Some(started);
+            }
         }
-        let operation = lanes.ready.pop_front()?;
-        lanes.running += 1;
-        Some(operation)
+        if lanes.running_drained < limit {
+            if let Some(operation) = lanes.ready_drained.pop_front() {
+                lanes.running_drained += 1;
+                return Some(Started {
+                    operation,
+                    park_only: false,
+                });
+            }
+        }
+        None
     }
 
-    /// A started operation is done: its lane's next operation becomes ready.
-    pub fn finish(&mut self, lane: &LaneKey) {
-        let Some(lanes) = self.connectors.get_mut(&lane.connector) else {
+    /// A started operation is done: its lane moves on.
+    pub fn finish(&mut self, lane_key: &LaneKey, park_only: bool) {
+        let Some(lanes) = self.connectors.get_mut(&lane_key.connector) else {
             return;
         };
-        lanes.running -= 1;
         lanes.held -= 1;
-        if let Some(queue) = self.waiting.get_mut(lane) {
-            match queue.pop_front() {
-                Some(next) => lanes.ready.push_back(next),
-                None => {
-                    self.waiting.remove(lane);
+        let Some(lane) = self.lanes.get_mut(lane_key) else {
+            lanes.running -= 1;
+            return;
+        };
+        if park_only {
+            lanes.running -= 1;
+            lane.parking = false;
+        } else {
+            if lane.head_drained {
+                lanes.running_drained -= 1;
+            } else {
+                lanes.running -= 1;
+            }
+            lane.head_done = true;
+        }
+        self.advance(lane_key);
+    }
+
+    /// Starts what a lane may start: its next head once the head and any park-only
+    /// operation are done, and a park-only operation while a drained head holds it.
+    fn advance(&mut self, lane_key: &LaneKey) {
+        let Some(lane) = self.lanes.get_mut(lane_key) else {
+            return;
+        };
+        let connector = self
+            .connectors
+            .get_mut(&lane_key.connector)
+            .expect("a lane's connector is known");
+        if lane.head_done && !lane.parking {
+            match lane.waiting.pop_front() {
+                Some(next) => {
+                    lane.head_done = false;
+                    lane.head_drained = next.drained();
+                    push_ready(connector, next, false);
                 }
+                None => {
+                    self.lanes.remove(lane_key);
+                    return;
+                }
+            }
+        }
+        if self.park_past_drains && lane.head_drained && !lane.head_done && !lane.parking {
+            if let Some(position) = lane.waiting.iter().position(|operation| !operation.drained()) {
+                let operation = lane.waiting.remove(position).expect("position is in range");
+                lane.parking = true;
+                push_ready(connector, operation, true);
             }
         }
     }
@@ -112,7 +220,10 @@ impl<Op: Laned> Lanes<Op> {
 
     /// Operations running, all connectors together.
     pub fn running(&self) -> usize {
-        self.connectors.values().map(|lanes| lanes.running).sum()
+        self.connectors
+            .values()
+            .map(|lanes| lanes.running + lanes.running_drained)
+            .sum()
     }
 
     /// Operations held, all connectors together.
@@ -121,45 +232,75 @@ impl<Op: Laned> Lanes<Op> {
     }
 }
 
+fn push_ready<Op: Laned>(connector: &mut ConnectorLanes<Op>, operation: Op, park_only: bool) {
+    if operation.drained() && !park_only {
+        connector.ready_drained.push_back(operation);
+    } else {
+        connector.ready.push_back(Started { operation, park_only });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[derive(Debug, Clone, PartialEq, Eq)]
-    struct TestOp(LaneKey, u32);
+    struct TestOp(LaneKey, u32, bool);
 
     impl Laned for TestOp {
         fn lane(&self) -> &LaneKey {
             &self.0
         }
+        fn drained(&self) -> bool {
+            self.2
+        }
+    }
+
+    fn lane(connector: &str, user: &str) -> LaneKey {
+        LaneKey {
+            connector: connector.into(),
+            ordering_key: user.into(),
+        }
     }
 
     fn op(connector: &str, user: &str, place: u32) -> TestOp {
-        TestOp(
-            LaneKey {
-                connector: connector.into(),
-                ordering_key: user.into(),
-            },
-            place,
-        )
+        TestOp(lane(connector, user), place, false)
+    }
+
+    fn drained(connector: &str, user: &str, place: u32) -> TestOp {
+        TestOp(lane(connector, user), place, true)
+    }
+
+    fn run(operation: TestOp) -> Option<Started<TestOp>> {
+        Some(Started {
+            operation,
+            park_only: false,
+        })
+    }
+
+    fn park(operation: TestOp) -> Option<Started<TestOp>> {
+        Some(Started {
+            operation,
+            park_only: true,
+        })
     }
 
     #[test]
     fn a_lane_runs_one_operation_at_a_time_in_arrival_order() {
-        let mut lanes = Lanes::default();
+        let mut lanes = Lanes::new(true);
         for operation in [op("scim", "alice", 1), op("scim", "alice", 2), op("scim", "bob", 3)] {
             lanes.accept(operation);
         }
-        assert_eq!(lanes.start_next("scim", 10), Some(op("scim", "alice", 1)));
-        assert_eq!(lanes.start_next("scim", 10), Some(op("scim", "bob", 3)));
+        assert_eq!(lanes.start_next("scim", 10), run(op("scim", "alice", 1)));
+        assert_eq!(lanes.start_next("scim", 10), run(op("scim", "bob", 3)));
         assert_eq!(lanes.start_next("scim", 10), None, "alice 2 waits behind alice 1");
-        lanes.finish(&op("scim", "alice", 1).0);
-        assert_eq!(lanes.start_next("scim", 10), Some(op("scim", "alice", 2)));
+        lanes.finish(&lane("scim", "alice"), false);
+        assert_eq!(lanes.start_next("scim", 10), run(op("scim", "alice", 2)));
     }
 
     #[test]
     fn one_users_lanes_on_different_connectors_do_not_wait_for_each_other() {
-        let mut lanes = Lanes::default();
+        let mut lanes = Lanes::new(true);
         for operation in [
             op("google", "alice", 1),
             op("scim", "alice", 1),
@@ -168,11 +309,11 @@ mod tests {
         ] {
             lanes.accept(operation);
         }
-        assert_eq!(lanes.start_next("google", 10), Some(op("google", "alice", 1)));
+        assert_eq!(lanes.start_next("google", 10), run(op("google", "alice", 1)));
         // Google's first operation is stuck; SCIM's lane for the same user goes on.
-        assert_eq!(lanes.start_next("scim", 10), Some(op("scim", "alice", 1)));
-        lanes.finish(&op("scim", "alice", 1).0);
-        assert_eq!(lanes.start_next("scim", 10), Some(op("scim", "alice", 2)));
+        assert_eq!(lanes.start_next("scim", 10), run(op("scim", "alice", 1)));
+        lanes.finish(&lane("scim", "alice"), false);
+        assert_eq!(lanes.start_next("scim", 10), run(op("scim", "alice", 2)));
         assert_eq!(lanes.start_next("google", 10), None);
         assert_eq!(lanes.held("google"), 2);
         assert_eq!(lanes.held("scim"), 1);
@@ -180,7 +321,7 @@ mod tests {
 
     #[test]
     fn each_connector_has_its_own_limit() {
-        let mut lanes = Lanes::default();
+        let mut lanes = Lanes::new(true);
         for user in ["a", "b", "c"] {
             lanes.accept(op("google", user, 1));
             lanes.accept(op("scim", user, 1));
@@ -191,5 +332,75 @@ mod tests {
         assert!(lanes.start_next("scim", 2).is_some(), "scim's are not");
         assert_eq!(lanes.running(), 3);
         assert_eq!(lanes.total_held(), 6);
+    }
+
+    #[test]
+    fn drained_operations_waiting_on_their_target_leave_new_work_its_slots() {
+        let mut lanes = Lanes::new(true);
+        for user in ["a", "b"] {
+            lanes.accept(drained("google", user, 1));
+        }
+        lanes.accept(op("google", "c", 2));
+        lanes.accept(drained("google", "d", 3));
+        assert_eq!(lanes.start_next("google", 2), run(op("google", "c", 2)));
+        assert_eq!(lanes.start_next("google", 2), run(drained("google", "a", 1)));
+        assert_eq!(lanes.start_next("google", 2), run(drained("google", "b", 1)));
+        assert_eq!(lanes.start_next("google", 2), None, "both drain slots are taken");
+        lanes.accept(op("google", "e", 4));
+        assert_eq!(
+            lanes.start_next("google", 2),
+            run(op("google", "e", 4)),
+            "new work still has a slot"
+        );
+    }
+
+    #[test]
+    fn new_work_behind_a_drained_operation_is_parked_one_at_a_time_in_order() {
+        let mut lanes = Lanes::new(true);
+        lanes.accept(drained("google", "alice", 1));
+        assert_eq!(lanes.start_next("google", 10), run(drained("google", "alice", 1)));
+        lanes.accept(op("google", "alice", 2));
+        lanes.accept(drained("google", "alice", 3));
+        lanes.accept(op("google", "alice", 4));
+        assert_eq!(lanes.start_next("google", 10), park(op("google", "alice", 2)));
+        assert_eq!(lanes.start_next("google", 10), None, "one park at a time per lane");
+        lanes.finish(&lane("google", "alice"), true);
+        assert_eq!(
+            lanes.start_next("google", 10),
+            park(op("google", "alice", 4)),
+            "new work passes the drained operation 3, which stays in order behind 1"
+        );
+        lanes.finish(&lane("google", "alice"), true);
+        lanes.finish(&lane("google", "alice"), false);
+        assert_eq!(lanes.start_next("google", 10), run(drained("google", "alice", 3)));
+        lanes.finish(&lane("google", "alice"), false);
+        assert_eq!(lanes.start_next("google", 10), None);
+        assert_eq!(lanes.held("google"), 0);
+    }
+
+    #[test]
+    fn the_next_head_waits_for_a_park_in_flight() {
+        let mut lanes = Lanes::new(true);
+        lanes.accept(drained("google", "alice", 1));
+        assert!(lanes.start_next("google", 10).is_some());
+        lanes.accept(op("google", "alice", 2));
+        lanes.accept(op("google", "alice", 3));
+        assert_eq!(lanes.start_next("google", 10), park(op("google", "alice", 2)));
+        // The drain finishes while 2 is being parked: 3 must not run before 2 is parked.
+        lanes.finish(&lane("google", "alice"), false);
+        assert_eq!(lanes.start_next("google", 10), None);
+        lanes.finish(&lane("google", "alice"), true);
+        assert_eq!(lanes.start_next("google", 10), run(op("google", "alice", 3)));
+    }
+
+    #[test]
+    fn without_parking_new_work_waits_behind_a_drain() {
+        let mut lanes = Lanes::new(false);
+        lanes.accept(drained("google", "alice", 1));
+        assert!(lanes.start_next("google", 10).is_some());
+        lanes.accept(op("google", "alice", 2));
+        assert_eq!(lanes.start_next("google", 10), None);
+        lanes.finish(&lane("google", "alice"), false);
+        assert_eq!(lanes.start_next("google", 10), run(op("google", "alice", 2)));
     }
 }

@@ -43,10 +43,10 @@ use crate::kafka::consumer::{ConsumeError, EventConsumer};
 use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::{Assignments, PartitionEvent};
-use crate::pipeline::lanes::{LaneKey, Laned, Lanes};
+use crate::pipeline::lanes::{LaneKey, Laned, Lanes, Started};
 use crate::pipeline::offsets::Ticket;
 use crate::pipeline::parking::ParkingMonitor;
-use crate::pipeline::process::{EventContext, OperationDone, Prepared, Worker};
+use crate::pipeline::process::{EventContext, OperationDone, Prepared, Start, Worker};
 use crate::pipeline::router::Binding;
 use crate::result::{ConnectorResult, ErrorKind, Outcome, ResultError};
 use crate::settings::OrderingMode;
@@ -68,11 +68,16 @@ struct Operation {
     index: usize,
     lane: LaneKey,
     binding: Arc<Binding>,
+    /// Parked work read back from a retry topic.
+    drained: bool,
 }
 
 impl Laned for Operation {
     fn lane(&self) -> &LaneKey {
         &self.lane
+    }
+    fn drained(&self) -> bool {
+        self.drained
     }
 }
 
@@ -107,6 +112,7 @@ enum TaskDone {
         event: u64,
         index: usize,
         lane: LaneKey,
+        park_only: bool,
         done: Box<OperationDone>,
     },
     Reply {
@@ -127,6 +133,7 @@ enum TaskKind {
         event: u64,
         index: usize,
         lane: LaneKey,
+        park_only: bool,
         connector: String,
         blocking: bool,
     },
@@ -206,6 +213,7 @@ impl Pipeline {
             parking,
         } = self;
         let resume_below = (max_buffered_events * 3 / 4).max(1);
+        let lanes = Lanes::new(parking.enabled());
         let tracker = assignments.tracker().clone();
         let mut scheduler = Scheduler {
             worker: worker.clone(),
@@ -217,7 +225,7 @@ impl Pipeline {
             parking,
             parking_signals: HashMap::new(),
             parking_senders: HashMap::new(),
-            lanes: Lanes::default(),
+            lanes,
             events: HashMap::new(),
             next_event: 0,
             tasks: JoinSet::new(),
@@ -435,6 +443,7 @@ impl Scheduler {
                             ordering_key: ordering_key.clone(),
                         },
                         binding: binding.clone(),
+                        drained: context.drained.is_some(),
                     });
                 }
                 let reply = if context.reply_route.is_some() {
@@ -466,10 +475,10 @@ impl Scheduler {
     /// Starts ready operations while their connectors have room.
     fn dispatch(&mut self) {
         for connector in self.lanes.connectors() {
-            while let Some(operation) = self.lanes.start_next(&connector, self.max_in_flight) {
+            while let Some(Started { operation, park_only }) = self.lanes.start_next(&connector, self.max_in_flight) {
                 let Some(entry) = self.events.get(&operation.event) else {
                     // Cannot happen: an event lives until its operations are done.
-                    self.lanes.finish(&operation.lane);
+                    self.lanes.finish(&operation.lane, park_only);
                     continue;
                 };
                 let context = entry.context.clone();
@@ -480,20 +489,24 @@ impl Scheduler {
                     index,
                     lane,
                     binding,
+                    drained: _,
                 } = operation;
                 let kind = TaskKind::Operation {
                     event,
                     index,
                     lane: lane.clone(),
+                    park_only,
                     connector: binding.connector.clone(),
                     blocking: binding.blocking,
                 };
                 let handle = self.tasks.spawn(async move {
-                    let done = Box::new(process::run_operation(worker, context, binding, signal).await);
+                    let start = if park_only { Start::ParkOnly } else { Start::Run(signal) };
+                    let done = Box::new(process::run_operation(worker, context, binding, start).await);
                     TaskDone::Operation {
                         event,
                         index,
                         lane,
+                        park_only,
                         done,
                     }
                 });
@@ -534,9 +547,10 @@ impl Scheduler {
                 event,
                 index,
                 lane,
+                park_only,
                 done,
             } => {
-                self.lanes.finish(&lane);
+                self.lanes.finish(&lane, park_only);
                 self.operation_done(event, index, *done);
                 None
             }
@@ -558,11 +572,12 @@ impl Scheduler {
                 event,
                 index,
                 lane,
+                park_only,
                 connector,
                 blocking,
             } => {
                 tracing::error!(connector = %connector, error = %error, "Connector operation panicked; it fails for good.");
-                self.lanes.finish(&lane);
+                self.lanes.finish(&lane, park_only);
                 let now = Utc::now();
                 let operation = self
                     .events

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::kafka::retry_topics::{self, RetryTopicError};
@@ -26,6 +26,7 @@ use crate::kafka::settings::KafkaSettings;
 use crate::kafka::state_topic::{self, StateTopicError};
 use crate::metrics::Metrics;
 use crate::settings::ParkingSettings;
+use crate::state::record::StateKey;
 
 /// The connector a parked operation belongs to.
 pub const CONNECTOR_HEADER: &str = "x-provisioner-connector";
@@ -210,6 +211,60 @@ struct ConnectorParking {
 }
 
 /// What changed for a connector at an evaluation.
+/// Serialises the state writes of one lane while a drained operation and the parking
+/// of newer work behind it run at the same time (see `lanes`): each write reads the
+/// lane's record afresh under the lock, so a parked mark is neither lost nor moved
+/// back, and a mark never carries an older record's fields over a newer one.
+#[derive(Default)]
+pub struct LaneWriteLocks {
+    locks: Mutex<HashMap<StateKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Held while one lane's record is read and written.
+pub struct LaneWriteGuard<'a> {
+    locks: &'a LaneWriteLocks,
+    key: StateKey,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl LaneWriteLocks {
+    pub async fn lock(&self, key: &StateKey) -> LaneWriteGuard<'_> {
+        let lock = self
+            .locks
+            .lock()
+            .expect("lane locks poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let guard = lock.lock_owned().await;
+        LaneWriteGuard {
+            locks: self,
+            key: key.clone(),
+            guard: Some(guard),
+        }
+    }
+
+    /// Lanes with a lock held or awaited.
+    pub fn len(&self) -> usize {
+        self.locks.lock().expect("lane locks poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for LaneWriteGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self.locks.locks.lock().expect("lane locks poisoned");
+        // Only the map's own reference left: nobody holds or awaits this lane's lock.
+        if locks.get(&self.key).is_some_and(|lock| Arc::strong_count(lock) == 1) {
+            locks.remove(&self.key);
+        }
+    }
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Change {
     /// `Some(true)`: pause its retry partitions; `Some(false)`: resume them.
@@ -394,5 +449,26 @@ mod tests {
         let mut monitor = ParkingMonitor::new(&settings, 100, false, Arc::new(Metrics::new()));
         monitor.evaluate("google", true, 1_000_000, true, Instant::now());
         assert!(!monitor.is_parking("google"));
+    }
+
+    #[tokio::test]
+    async fn a_lane_write_lock_is_exclusive_and_forgotten_once_released() {
+        let locks = LaneWriteLocks::default();
+        let key = StateKey {
+            connector: "google".into(),
+            user_key: "acme/alice".into(),
+        };
+        let first = locks.lock(&key).await;
+        let second = tokio::time::timeout(Duration::from_millis(20), locks.lock(&key)).await;
+        assert!(second.is_err(), "a second writer of the lane waits");
+        let other = StateKey {
+            connector: "google".into(),
+            user_key: "acme/bob".into(),
+        };
+        drop(locks.lock(&other).await);
+        drop(first);
+        assert!(locks.is_empty(), "released locks are not kept");
+        drop(locks.lock(&key).await);
+        assert!(locks.is_empty());
     }
 }

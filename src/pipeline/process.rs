@@ -26,7 +26,7 @@ use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::Assignments;
 use crate::pipeline::offsets::Ticket;
-use crate::pipeline::parking::{self, RetryTopics};
+use crate::pipeline::parking::{self, LaneWriteLocks, RetryTopics};
 use crate::pipeline::router::{Binding, Decision, Router, Routing, Step};
 use crate::result::{
     ConnectorResult, ErrorKind, EventVersion, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status,
@@ -62,6 +62,8 @@ pub struct Parking {
     pub topics: RetryTopics,
     pub prefix: String,
     pub max_parked_time: Duration,
+    /// Writes of a lane's record while parking and draining may overlap.
+    pub lane_writes: LaneWriteLocks,
 }
 
 /// One event being worked on, shared by its operations.
@@ -304,17 +306,26 @@ pub struct OperationDone {
     pub parked: bool,
 }
 
+/// How the loop starts an operation.
+pub enum Start {
+    /// Apply it, or park it when its connector parks or its lane is parked. The watch
+    /// says when its connector starts parking.
+    Run(Option<watch::Receiver<bool>>),
+    /// Park it without trying: a drained operation holds its lane.
+    ParkOnly,
+}
+
 /// Applies one binding of an event, or parks it. For a parked operation read back,
 /// applies it and clears its lane's parked mark once the drain has passed it.
 pub async fn run_operation(
     worker: Arc<Worker>,
     context: Arc<EventContext>,
     binding: Arc<Binding>,
-    parking_signal: Option<watch::Receiver<bool>>,
+    start: Start,
 ) -> OperationDone {
     let span = context.span.clone();
     async move {
-        let done = operate(&worker, &context, &binding, parking_signal).await;
+        let done = operate(&worker, &context, &binding, start).await;
         count_result(&worker, &done.result);
         done
     }
@@ -322,12 +333,7 @@ pub async fn run_operation(
     .await
 }
 
-async fn operate(
-    worker: &Worker,
-    context: &EventContext,
-    binding: &Binding,
-    parking_signal: Option<watch::Receiver<bool>>,
-) -> OperationDone {
+async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, start: Start) -> OperationDone {
     let started_at = Utc::now();
     let finished = |outcome: Outcome, error: Option<ResultError>| ConnectorResult {
         connector: binding.connector.clone(),
@@ -370,6 +376,13 @@ async fn operate(
         _ => None,
     };
     let parking = worker.parking.get();
+    let parking_signal = match (start, parking, &lane) {
+        (Start::ParkOnly, Some(parking), Some(lane)) => {
+            return park(worker, handle, context, binding, lane, parking, started_at).await;
+        }
+        (Start::ParkOnly, ..) => None,
+        (Start::Run(signal), ..) => signal,
+    };
     let Some(lane) = lane else {
         // No state: no versions and no parking, only the call.
         let result = call_connector(worker, handle, context, None, binding.blocking, None, None).await;
@@ -382,18 +395,11 @@ async fn operate(
 
     if let Some(drained) = &context.drained {
         let parking = parking.expect("drained work comes from a retry topic");
-        // The lane stays parked while work parked after this one waits.
-        let parked_until = prior
-            .as_ref()
-            .and_then(|prior| prior.parked_until)
-            .filter(|until| *until > context.record.offset);
         let expires_at =
             drained.parked_at + chrono::Duration::from_std(parking.max_parked_time).unwrap_or(chrono::Duration::MAX);
         let remaining = (expires_at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         if remaining.is_zero() {
-            if let Some(prior) = &prior {
-                clear_parked_mark(worker, &lane, prior, parked_until).await;
-            }
+            clear_parked_mark(worker, &lane, parking, context.record.offset).await;
             let message = format!(
                 "parked at {} and not applied within parking.max_parked_time ({})",
                 drained.parked_at.to_rfc3339(),
@@ -426,16 +432,14 @@ async fn operate(
             binding.blocking,
             &lane,
             prior.as_ref(),
-            parked_until,
+            Mark::DrainedPast(context.record.offset, parking),
             Some(policy),
             None,
         )
         .await
         .expect("a drained operation is never parked again");
         if matches!(result.outcome, Outcome::Stale | Outcome::Skipped) {
-            if let Some(prior) = &prior {
-                clear_parked_mark(worker, &lane, prior, parked_until).await;
-            }
+            clear_parked_mark(worker, &lane, parking, context.record.offset).await;
         }
         let label = match result.outcome {
             Outcome::Failed => "failed",
@@ -459,18 +463,9 @@ async fn operate(
     let lane_parked = prior.as_ref().is_some_and(|prior| prior.parked_until.is_some());
     let connector_parking = parking_signal.as_ref().is_some_and(|signal| *signal.borrow());
     if let Some(parking) = parking.filter(|_| lane_parked || connector_parking) {
-        return park(
-            worker,
-            handle,
-            context,
-            binding,
-            &lane,
-            prior.as_ref(),
-            parking,
-            started_at,
-        )
-        .await;
+        return park(worker, handle, context, binding, &lane, parking, started_at).await;
     }
+    // Not parked: nothing else writes this lane while its head runs.
     let parked_until = prior.as_ref().and_then(|prior| prior.parked_until);
     let signal = parking.and(parking_signal);
     match apply_versioned(
@@ -480,7 +475,7 @@ async fn operate(
         binding.blocking,
         &lane,
         prior.as_ref(),
-        parked_until,
+        Mark::Keep(parked_until),
         None,
         signal,
     )
@@ -490,18 +485,7 @@ async fn operate(
         // The connector started parking while this operation waited off the wire.
         None => {
             let parking = parking.expect("only a parking connector interrupts");
-            let prior = lane.state.lookup(lane.partition, &lane.key);
-            park(
-                worker,
-                handle,
-                context,
-                binding,
-                &lane,
-                prior.as_ref(),
-                parking,
-                started_at,
-            )
-            .await
+            park(worker, handle, context, binding, &lane, parking, started_at).await
         }
     }
 }
@@ -517,23 +501,21 @@ struct Lane<'a> {
 
 /// Writes the operation to its connector's retry topic (same partition number as the
 /// input record), then marks its lane parked up to that offset.
-#[allow(clippy::too_many_arguments)]
 async fn park(
     worker: &Worker,
     handle: &ConnectorHandle,
     context: &EventContext,
     binding: &Binding,
     lane: &Lane<'_>,
-    prior: Option<&StateRecord>,
     parking: &Parking,
     started_at: DateTime<Utc>,
 ) -> OperationDone {
-    let queued = |error: Option<ResultError>, outcome: Outcome| ConnectorResult {
+    let queued = |error: Option<ResultError>, outcome: Outcome, remote_id: Option<String>| ConnectorResult {
         connector: handle.name.clone(),
         operation: context.operation,
         outcome,
         blocking: binding.blocking,
-        remote_id: prior.and_then(|prior| prior.remote_id.clone()),
+        remote_id,
         // Attempts made before parking are not carried over; the drain counts its own.
         attempts: 0,
         error,
@@ -549,7 +531,7 @@ async fn park(
             retryable: true,
         };
         return OperationDone {
-            result: queued(Some(error), Outcome::Failed),
+            result: queued(Some(error), Outcome::Failed, None),
             parked: false,
         };
     }
@@ -586,23 +568,28 @@ async fn park(
     )
     .await
     .expect("only dead letters give up on a produce");
-    let mark = match prior {
-        Some(prior) => StateRecord {
-            parked_until: Some(offset),
-            updated_at: Utc::now(),
-            ..prior.clone()
-        },
-        None => StateRecord {
-            schema: STATE_SCHEMA_VERSION,
-            version: lane.version.clone(),
-            account: AccountState::NotApplied,
-            remote_id: None,
-            event_id: context.event.id.clone(),
-            updated_at: Utc::now(),
-            parked_until: Some(offset),
-        },
-    };
-    publish_state(worker, lane, &mark).await;
+    // The newest parked offset: a drain of this lane may be writing at the same time.
+    let mut remote_id = None;
+    update_state(worker, lane, parking, |current| {
+        remote_id = current.as_ref().and_then(|current| current.remote_id.clone());
+        Some(match current {
+            Some(current) => StateRecord {
+                parked_until: Some(offset),
+                updated_at: Utc::now(),
+                ..current
+            },
+            None => StateRecord {
+                schema: STATE_SCHEMA_VERSION,
+                version: lane.version.clone(),
+                account: AccountState::NotApplied,
+                remote_id: None,
+                event_id: context.event.id.clone(),
+                updated_at: Utc::now(),
+                parked_until: Some(offset),
+            },
+        })
+    })
+    .await;
     worker
         .metrics
         .operations_parked
@@ -610,23 +597,54 @@ async fn park(
         .inc();
     tracing::info!(connector = %handle.name, retry_topic = %topic, retry_offset = offset, "Operation parked.");
     OperationDone {
-        result: queued(None, Outcome::Queued),
+        result: queued(None, Outcome::Queued, remote_id),
         parked: true,
     }
 }
 
-/// A drained operation that wrote no state record of its own: move the lane's parked
-/// mark (or clear it when nothing parked after it remains).
-async fn clear_parked_mark(worker: &Worker, lane: &Lane<'_>, prior: &StateRecord, parked_until: Option<i64>) {
-    if prior.parked_until == parked_until {
-        return;
+/// A drained operation (at `drained_offset` of its retry topic) that wrote no state
+/// record of its own: clear the lane's parked mark unless work parked after it.
+async fn clear_parked_mark(worker: &Worker, lane: &Lane<'_>, parking: &Parking, drained_offset: i64) {
+    update_state(worker, lane, parking, |current| {
+        let current = current?;
+        let parked_until = drained_past(current.parked_until, drained_offset);
+        (parked_until != current.parked_until).then(|| StateRecord {
+            parked_until,
+            updated_at: Utc::now(),
+            ..current
+        })
+    })
+    .await;
+}
+
+/// The lane's parked mark once the drain has passed `drained_offset`: it stays while
+/// work parked after that offset waits.
+fn drained_past(parked_until: Option<i64>, drained_offset: i64) -> Option<i64> {
+    parked_until.filter(|until| *until > drained_offset)
+}
+
+/// What a state write does with its lane's parked mark.
+enum Mark<'a> {
+    /// New work that ran directly (its lane was not parked): the mark is kept as read.
+    Keep(Option<i64>),
+    /// Parked work read back at this retry offset: the mark is read again under the
+    /// lane's write lock, as newer work may be parking behind it meanwhile.
+    DrainedPast(i64, &'a Parking),
+}
+
+/// Writes a lane's record computed from its current one (none written for `None`),
+/// under the lane's write lock.
+async fn update_state(
+    worker: &Worker,
+    lane: &Lane<'_>,
+    parking: &Parking,
+    next: impl FnOnce(Option<StateRecord>) -> Option<StateRecord>,
+) {
+    let _guard = parking.lane_writes.lock(&lane.key).await;
+    let current = lane.state.lookup(lane.partition, &lane.key);
+    if let Some(record) = next(current) {
+        publish_state(worker, lane, &record).await;
     }
-    let record = StateRecord {
-        parked_until,
-        updated_at: Utc::now(),
-        ..prior.clone()
-    };
-    publish_state(worker, lane, &record).await;
 }
 
 /// Applies one binding under the provisioning state: a stale event makes no call; the
@@ -641,7 +659,7 @@ async fn apply_versioned(
     blocking: bool,
     lane: &Lane<'_>,
     prior: Option<&StateRecord>,
-    parked_until: Option<i64>,
+    mark: Mark<'_>,
     policy: Option<RetryPolicy>,
     parking_signal: Option<watch::Receiver<bool>>,
 ) -> Option<ConnectorResult> {
@@ -699,7 +717,7 @@ async fn apply_versioned(
             .clone()
             .or_else(|| prior.and_then(|prior| prior.remote_id.clone())),
     };
-    let record = StateRecord {
+    let record = |parked_until| StateRecord {
         schema: STATE_SCHEMA_VERSION,
         version: lane.version.clone(),
         account,
@@ -708,7 +726,16 @@ async fn apply_versioned(
         updated_at: Utc::now(),
         parked_until,
     };
-    publish_state(worker, lane, &record).await;
+    match mark {
+        Mark::Keep(parked_until) => publish_state(worker, lane, &record(parked_until)).await,
+        Mark::DrainedPast(drained_offset, parking) => {
+            update_state(worker, lane, parking, |current| {
+                let parked_until = current.and_then(|current| current.parked_until);
+                Some(record(drained_past(parked_until, drained_offset)))
+            })
+            .await
+        }
+    }
     Some(result)
 }
 

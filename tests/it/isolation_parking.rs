@@ -147,8 +147,13 @@ async fn read_whole_results_topic(results: &mut TopicReader, topic: &str) -> Tal
 }
 
 /// Every event in `event_ids` has exactly one complete result, succeeded on every
-/// connector; there is no complete result of another event.
-fn assert_one_complete_result_each(tally: &Tally, event_ids: &HashSet<String>, connectors: &[&str]) {
+/// connector with one of `outcomes`; there is no complete result of another event.
+fn assert_one_complete_result_each(
+    tally: &Tally,
+    event_ids: &HashSet<String>,
+    connectors: &[&str],
+    outcomes: &[Outcome],
+) {
     assert!(
         tally.other.is_empty(),
         "the results topic holds records of scope blocking: {:?}",
@@ -187,11 +192,7 @@ fn assert_one_complete_result_each(tally: &Tally, event_ids: &HashSet<String>, c
         seen.sort_unstable();
         assert_eq!(seen, connectors, "{result:?}");
         for slot in &result.results {
-            assert!(
-                matches!(slot.outcome, Outcome::Created | Outcome::Adopted),
-                "{}: {slot:?}",
-                result.event_id
-            );
+            assert!(outcomes.contains(&slot.outcome), "{}: {slot:?}", result.event_id);
         }
     }
 }
@@ -250,6 +251,9 @@ fn assert_parked_work_accounted(tally: &Tally, figures: &HashMap<String, (u64, u
         );
     }
 }
+
+/// A user's create: a new account, or one adopted.
+const CREATED: &[Outcome] = &[Outcome::Created, Outcome::Adopted];
 
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
     let index = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1;
@@ -400,7 +404,7 @@ async fn a_blocking_connector_that_is_down_answers_queued_within_the_reply_deadl
     app.stop().await;
 
     let tally = read_whole_results_topic(&mut results, &names.results).await;
-    assert_one_complete_result_each(&tally, &event_ids, &["directory", "other"]);
+    assert_one_complete_result_each(&tally, &event_ids, &["directory", "other"], CREATED);
     assert_parked_work_accounted(&tally, &figures);
     let (parked, drained) = figures["directory"];
     eprintln!(
@@ -549,12 +553,210 @@ async fn a_connector_down_with_a_buffer_smaller_than_the_events_does_not_stop_th
     app.stop().await;
 
     let tally = read_whole_results_topic(&mut results, &names.results).await;
-    assert_one_complete_result_each(&tally, &event_ids, &["down", "healthy"]);
+    assert_one_complete_result_each(&tally, &event_ids, &["down", "healthy"], CREATED);
     assert_parked_work_accounted(&tally, &figures);
     let (parked, drained) = figures["down"];
     let (healthy_parked, healthy_drained) = figures["healthy"];
     eprintln!(
         "ISOLATION-REPORT parking: {EVENTS} events, buffer {BUFFER}, max_held_operations {MAX_HELD}, one connector down: published in {published_in:?}; `healthy` held every user {healthy_took:?} after the first publish; `down` held at most {most_held} operations (sampled), fetching paused at some point: {paused_seen}; `down` parked {parked_while_down} operations by then, {parked} in all, {drained} drained; `healthy` parked {healthy_parked} (for holding over {MAX_HELD}), {healthy_drained} drained; {} queued notices in all; every user on `down` {drain_took:?} after it was back; one complete result for each of {} events",
+        tally.notices.len(),
+        event_ids.len(),
+    );
+}
+
+/// The given name of each user the emulator holds, by source user id.
+fn given_names(emulator: &ScimEmulator) -> HashMap<String, String> {
+    emulator
+        .users()
+        .iter()
+        .filter_map(|user| {
+            let external_id = user.get("externalId")?.as_str()?;
+            let given_name = user.pointer("/name/givenName")?.as_str()?;
+            Some((external_id.to_string(), given_name.to_string()))
+        })
+        .collect()
+}
+
+/// Polls until `emulator` holds every one of `users` with the given name `expected`.
+async fn wait_for_given_names(
+    emulator: &ScimEmulator,
+    users: &[String],
+    expected: &str,
+    what: &str,
+    timeout: Duration,
+) {
+    eventually(what, timeout, || async {
+        let held = given_names(emulator);
+        users
+            .iter()
+            .all(|user| held.get(user).map(String::as_str) == Some(expected))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_work_for_users_whose_parked_work_waits_on_a_dead_target_is_parked_not_held() {
+    const USERS: usize = 100;
+    const UPDATES: usize = 5;
+    const BUFFER: usize = 200;
+    const MAX_HELD: usize = 50;
+    const MAX_IN_FLIGHT: usize = 4;
+
+    let names = Names::new("isolation-drain");
+    names.create(PARTITIONS).await;
+    let (down, _down_shutdown) = emulator().await;
+    let (healthy, _healthy_shutdown) = emulator().await;
+    down.set_faults(failing());
+    let kafka = names.kafka_toml().replace(
+        "[parking]",
+        &format!("[parking]\n            max_held_operations = {MAX_HELD}\n            park_after = \"1s\""),
+    );
+    let toml = format!(
+        r#"{kafka}
+        [pipeline]
+        max_in_flight = {MAX_IN_FLIGHT}
+        max_buffered_events = {BUFFER}
+
+        [connectors.down]
+        type = "scim2"
+        base_url = "{down_url}"
+        [connectors.down.delivery]
+        {DOWN_DELIVERY}
+
+        [connectors.healthy]
+        type = "scim2"
+        base_url = "{healthy_url}"
+
+        [[tenants.acme.resident.bindings]]
+        connector = "down"
+        blocking = false
+
+        [[tenants.acme.resident.bindings]]
+        connector = "healthy"
+        blocking = false
+        "#,
+        down_url = down.base_url(),
+        healthy_url = healthy.base_url(),
+    );
+    let settings = Settings::from_toml_str(&toml).expect("valid settings");
+    assert_eq!(settings.pipeline.max_in_flight, MAX_IN_FLIGHT);
+    let app = TestApp::spawn_configured(settings).await;
+    wait_for_partitions(&app).await;
+
+    let users: Vec<String> = (0..USERS).map(|index| format!("d{index:03}")).collect();
+    let producer = producer();
+    let mut event_ids = HashSet::new();
+    let user_event = |event_id: String, event_type: &str, user: &str, given_name: &str| {
+        let payload = event_json(
+            &event_id,
+            event_type,
+            "acme",
+            user,
+            serde_json::json!({"user": {"name": {"givenName": given_name, "familyName": "Drain"}}}),
+        );
+        (event_id, format!("acme/{user}"), payload)
+    };
+    for user in &users {
+        let (id, key, payload) = user_event(format!("create-{user}"), "user.created", user, "v0");
+        publish(&producer, &names.events, Some(&key), &payload, &[]).await;
+        event_ids.insert(id);
+    }
+
+    // Every create is parked, and read back: the drained operations wait on the dead
+    // target, filling `down`'s drain slots and its bound of operations held.
+    eventually(
+        "every create parked and the drain at its bound",
+        Duration::from_secs(60),
+        || async {
+            let metrics = &app.metrics;
+            let parked = metrics.operations_parked.with_label_values(&["down"]).get();
+            let held = metrics.connector_held_operations.with_label_values(&["down"]).get();
+            (parked >= USERS as u64 && held >= MAX_HELD as i64).then_some(())
+        },
+    )
+    .await;
+
+    // New work for the same users (and so for lanes held by a waiting drain):
+    // UPDATES per user, more than the buffer holds.
+    let started = Instant::now();
+    for round in 1..=UPDATES {
+        for user in &users {
+            let (id, key, payload) = user_event(
+                format!("update-{round}-{user}"),
+                "user.updated",
+                user,
+                &format!("v{round}"),
+            );
+            publish(&producer, &names.events, Some(&key), &payload, &[]).await;
+            event_ids.insert(id);
+        }
+    }
+    let latest = format!("v{UPDATES}");
+    wait_for_given_names(
+        &healthy,
+        &users,
+        &latest,
+        "`healthy` to hold every user's latest update while `down` is down",
+        Duration::from_secs(120),
+    )
+    .await;
+    let healthy_took = started.elapsed();
+    let total_events = (USERS * (UPDATES + 1)) as i64;
+    eventually(
+        "every input event committed while `down` is down",
+        Duration::from_secs(60),
+        || async {
+            let committed: i64 = committed_offsets(&names.group, &names.events, PARTITIONS)
+                .iter()
+                .map(|offset| (*offset).max(0))
+                .sum();
+            (committed >= total_events).then_some(())
+        },
+    )
+    .await;
+    let committed_took = started.elapsed();
+    let parked_while_down = app.metrics.operations_parked.with_label_values(&["down"]).get();
+    assert_eq!(
+        parked_while_down, total_events as u64,
+        "every operation for `down` parked while it is down"
+    );
+    assert_eq!(down.user_count(), 0, "`down` is down");
+
+    // `down` is back: everything drains, in each user's order.
+    down.set_faults(Faults::default());
+    let recovered = Instant::now();
+    wait_for_given_names(
+        &down,
+        &users,
+        &latest,
+        "`down` to hold every user's latest update after it is back",
+        Duration::from_secs(300),
+    )
+    .await;
+    let drain_took = recovered.elapsed();
+    let (sentinel_id, sentinel_key, sentinel) = user_event("drain-sentinel".into(), "user.created", "sentinel", "s");
+    publish(&producer, &names.events, Some(&sentinel_key), &sentinel, &[]).await;
+    event_ids.insert(sentinel_id);
+    let mut results = TopicReader::new(&names.results, 1);
+    read_complete_results(&mut results, &event_ids, Duration::from_secs(180)).await;
+    let figures = parking_figures(&app, &["down", "healthy"]);
+    let stale = app.metrics.stale_events.with_label_values(&["down"]).get();
+    app.stop().await;
+
+    let tally = read_whole_results_topic(&mut results, &names.results).await;
+    assert_one_complete_result_each(
+        &tally,
+        &event_ids,
+        &["down", "healthy"],
+        &[Outcome::Created, Outcome::Adopted, Outcome::Updated],
+    );
+    assert_parked_work_accounted(&tally, &figures);
+    assert_eq!(stale, 0, "drained in order, no update is older than one applied");
+    let (parked, drained) = figures["down"];
+    eprintln!(
+        "ISOLATION-REPORT drain-lanes: {USERS} users parked on a dead target, then {} updates for the same users (buffer {BUFFER}, max_in_flight {MAX_IN_FLIGHT}, max_held_operations {MAX_HELD}): `healthy` held every latest update {healthy_took:?} and every input event was committed {committed_took:?} after the first update; `down` parked {parked_while_down} while down, {parked} in all, {drained} drained in order (0 stale), every latest update on `down` {drain_took:?} after it was back; {} queued notices; one complete result for each of {} events",
+        USERS * UPDATES,
         tally.notices.len(),
         event_ids.len(),
     );
