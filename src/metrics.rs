@@ -76,6 +76,8 @@ pub struct Metrics {
     pub operations_parked: IntCounterVec,
     /// Parked operations read back and finished, by how they ended.
     pub operations_drained: IntCounterVec,
+    /// Operations stopped because their partition was revoked (the new owner redoes them).
+    pub operations_revoked: IntCounterVec,
     /// Blocking replies that reported a binding `queued` because it had not finished by
     /// the reply deadline.
     pub replies_past_deadline: IntCounter,
@@ -147,6 +149,11 @@ impl Metrics {
                 "provisioner_operations_drained_total",
                 "Parked operations read back from the retry topic and finished, by result (applied, stale, failed).",
                 &["connector", "result"],
+            ),
+            operations_revoked: counter_vec(
+                "provisioner_operations_revoked_total",
+                "Operations stopped without a further attempt because their partition was revoked; the partition's new owner redoes them.",
+                &["connector"],
             ),
             replies_past_deadline: counter(
                 "provisioner_replies_past_deadline_total",
@@ -391,6 +398,7 @@ impl Metrics {
             self.connector_parking.with_label_values(&[connector]);
             self.connector_held_operations.with_label_values(&[connector]);
             self.operations_parked.with_label_values(&[connector]);
+            self.operations_revoked.with_label_values(&[connector]);
             for result in ["applied", "stale", "failed"] {
                 self.operations_drained.with_label_values(&[connector, result]);
             }

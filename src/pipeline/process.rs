@@ -258,6 +258,17 @@ fn decided_result(worker: &Worker, step: &Step, operation: Operation) -> Option<
 }
 
 fn count_result(worker: &Worker, result: &ConnectorResult) {
+    if result
+        .error
+        .as_ref()
+        .is_some_and(|error| error.kind == ErrorKind::Revoked)
+    {
+        worker
+            .metrics
+            .operations_revoked
+            .with_label_values(&[result.connector.as_str()])
+            .inc();
+    }
     worker
         .metrics
         .connector_results

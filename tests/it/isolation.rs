@@ -475,7 +475,26 @@ async fn a_second_instance_joining_while_work_is_parked_takes_its_share_and_drai
         },
     )
     .await;
-    workspace.set_faults(latency);
+    // The first instance stopped its drains of the partitions it lost, at once and with
+    // no further attempt (they wait off the wire on the open circuit).
+    let revoked_series = "provisioner_operations_revoked_total{connector=\"workspace\"}";
+    let revoked = eventually(
+        "the first instance to stop its drains of revoked partitions",
+        Duration::from_secs(30),
+        || async {
+            metric(first_admin, revoked_series)
+                .await
+                .filter(|revoked| *revoked > 0.0)
+        },
+    )
+    .await;
+    let parked_before_return = metric(first_admin, parked_series).await.unwrap_or(0.0);
+    // The target returns, slow: each call takes 300 ms, so drains are on the wire for
+    // a while.
+    workspace.set_faults(Faults {
+        latency: Duration::from_millis(300),
+        ..latency
+    });
     let sentinel = event_json("sentinel", "user.created", "acme", "sentinel", serde_json::json!({}));
     publish(&producer(), &names.events, Some("acme/sentinel"), &sentinel, &[]).await;
     eventually(
@@ -487,6 +506,10 @@ async fn a_second_instance_joining_while_work_is_parked_takes_its_share_and_drai
     let expected = workload.expected();
     converge_without(&workspace, &expected, "sentinel", Duration::from_secs(180)).await;
     converge_without(&directory, &expected, "sentinel", Duration::from_secs(60)).await;
+    let mut parked_by = Vec::new();
+    for admin in [first_admin, second_admin] {
+        parked_by.push(metric(admin, parked_series).await.unwrap_or(0.0));
+    }
     let drained_series =
         |result: &str| format!("provisioner_operations_drained_total{{connector=\"workspace\",result=\"{result}\"}}");
     let mut drained_by = Vec::new();
@@ -497,6 +520,13 @@ async fn a_second_instance_joining_while_work_is_parked_takes_its_share_and_drai
         }
         drained_by.push(drained);
     }
+    // Each parked operation was drained exactly once: the first instance applied none
+    // of those it had stopped for the second.
+    assert_eq!(
+        drained_by[0] + drained_by[1],
+        parked_by[0] + parked_by[1],
+        "drained (first, second) {drained_by:?} against parked {parked_by:?}"
+    );
     first.signal("TERM");
     second.signal("TERM");
     assert!(
@@ -510,11 +540,9 @@ async fn a_second_instance_joining_while_work_is_parked_takes_its_share_and_drai
         second.log_text()
     );
     eprintln!(
-        "ISOLATION-REPORT second instance joining while parked: {} events for {} users; parked operations drained by the first instance {}, by the second {}; both targets match the oracle (per-user order kept), 0 lost",
+        "ISOLATION-REPORT second instance joining while parked: {} events for {} users; {parked_before_return} operations parked before the join; the first instance stopped {revoked} waiting drains when their partitions moved; the target returned slow (300 ms a call); parked (first, second) {parked_by:?}, drained {drained_by:?}: each once; both targets match the oracle (per-user order kept), 0 lost",
         workload.events.len(),
         workload.users,
-        drained_by[0],
-        drained_by[1]
     );
 }
 
