@@ -18,7 +18,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
-use crate::event::{self, DecodeError, UserEvent, CORRELATION_ID_HEADER, REPLY_TO_HEADER};
+use crate::event::{self, DecodeError, Event, CORRELATION_ID_HEADER, REPLY_TO_HEADER};
 use crate::kafka::base_client_config;
 use crate::kafka::settings::KafkaSettings;
 use crate::result::ProvisioningResult;
@@ -121,15 +121,10 @@ impl Client {
     pub async fn send(&self, event_json: &[u8]) -> Result<String, ClientError> {
         let event = event::decode(Some(event_json), &[], self.max_event_bytes)?;
         self.publish(&event, event_json, None).await?;
-        Ok(event.id)
+        Ok(event.id().to_string())
     }
 
-    async fn publish(
-        &self,
-        event: &UserEvent,
-        event_json: &[u8],
-        correlation_id: Option<&str>,
-    ) -> Result<(), ClientError> {
+    async fn publish(&self, event: &Event, event_json: &[u8], correlation_id: Option<&str>) -> Result<(), ClientError> {
         let mut headers = OwnedHeaders::new().insert(Header {
             key: "content-type",
             value: Some("application/cloudevents+json"),
@@ -145,7 +140,7 @@ impl Client {
                     value: Some(self.reply_topic.as_str()),
                 });
         }
-        let key = event.user_key();
+        let key = event.key();
         self.producer
             .send(
                 FutureRecord::to(&self.event_topic)

@@ -1,11 +1,11 @@
-//! The inbound contract: user lifecycle events as CloudEvents 1.0 over Kafka.
+//! The inbound contract: user and group lifecycle events as CloudEvents 1.0 over Kafka.
 //!
 //! Both content modes of the CloudEvents Kafka protocol binding are accepted:
 //! - structured: the value is the whole event as JSON
 //!   (`content-type: application/cloudevents+json`, or no content-type and no `ce_` headers);
 //! - binary: attributes in `ce_*` headers, the value is the `data` JSON.
 //!
-//! [`decode`] is the only place where bytes become a [`UserEvent`]; anything it rejects
+//! [`decode`] is the only place where bytes become an [`Event`]; anything it rejects
 //! goes to the dead-letter topic with [`DecodeError::reason`] as the reason code.
 //! Unknown fields are ignored so producers can add claims without breaking us.
 
@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Operation, UserChange};
-// The user is a domain type; the event carries it as `data.user`.
-pub use crate::domain::{Email, Name, User};
+// The user and the group are domain types; events carry them as `data.user`, `data.group`.
+pub use crate::domain::{Email, Group, Name, User};
 
 /// The only CloudEvents version we speak.
 pub const SPEC_VERSION: &str = "1.0";
@@ -26,6 +26,9 @@ const CONTENT_TYPE_HEADER: &str = "content-type";
 const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// Longest accepted tenant, user id or user name: these end up in keys, URLs and filters.
 const MAX_IDENTIFIER_LENGTH: usize = 512;
+/// A group's key is `tenant/group:<group id>`; user ids may not begin with it, so that a
+/// group's key can never be a user's (in the lanes, the state and the results).
+pub const GROUP_KEY_PREFIX: &str = "group:";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 pub enum EventType {
@@ -39,15 +42,24 @@ pub enum EventType {
     UserUpdated,
     #[serde(rename = "user.deleted")]
     UserDeleted,
+    #[serde(rename = "group.created")]
+    GroupCreated,
+    #[serde(rename = "group.updated")]
+    GroupUpdated,
+    #[serde(rename = "group.deleted")]
+    GroupDeleted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 5] = [
+    pub const ALL: [EventType; 8] = [
         EventType::UserCreated,
         EventType::UserSelfSignedUp,
         EventType::UserJitProvisioned,
         EventType::UserUpdated,
         EventType::UserDeleted,
+        EventType::GroupCreated,
+        EventType::GroupUpdated,
+        EventType::GroupDeleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,15 +69,29 @@ impl EventType {
             EventType::UserJitProvisioned => "user.jit_provisioned",
             EventType::UserUpdated => "user.updated",
             EventType::UserDeleted => "user.deleted",
+            EventType::GroupCreated => "group.created",
+            EventType::GroupUpdated => "group.updated",
+            EventType::GroupDeleted => "group.deleted",
         }
+    }
+
+    /// A group's event, not a user's.
+    pub fn is_group(self) -> bool {
+        matches!(
+            self,
+            EventType::GroupCreated | EventType::GroupUpdated | EventType::GroupDeleted
+        )
     }
 
     /// What a connector is asked to do for this kind of event.
     pub fn operation(self) -> Operation {
         match self {
-            EventType::UserCreated | EventType::UserSelfSignedUp | EventType::UserJitProvisioned => Operation::Create,
-            EventType::UserUpdated => Operation::Update,
-            EventType::UserDeleted => Operation::Delete,
+            EventType::UserCreated
+            | EventType::UserSelfSignedUp
+            | EventType::UserJitProvisioned
+            | EventType::GroupCreated => Operation::Create,
+            EventType::UserUpdated | EventType::GroupUpdated => Operation::Update,
+            EventType::UserDeleted | EventType::GroupDeleted => Operation::Delete,
         }
     }
 
@@ -76,9 +102,17 @@ impl EventType {
     }
 }
 
-/// A validated user lifecycle event.
+/// A validated event: a user's or a group's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Event {
+    User(UserEvent),
+    Group(GroupEvent),
+}
+
+/// A CloudEvents 1.0 event whose `data` is `D`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UserEvent {
+pub struct CloudEvent<D> {
     pub specversion: String,
     pub id: String,
     pub source: String,
@@ -94,12 +128,126 @@ pub struct UserEvent {
     /// compared between events of the same `source` (see `domain::version`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<String>,
-    pub data: UserEventData,
+    pub data: D,
+}
+
+/// A user lifecycle event.
+pub type UserEvent = CloudEvent<UserEventData>;
+/// A group lifecycle event.
+pub type GroupEvent = CloudEvent<GroupEventData>;
+
+/// What every event has, whoever it is about.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub id: &'a str,
+    pub source: &'a str,
+    pub event_type: EventType,
+    pub sequence: Option<&'a str>,
+    pub tenant: &'a str,
+    pub service_provider: Option<&'a str>,
+}
+
+impl Event {
+    pub fn envelope(&self) -> Envelope<'_> {
+        match self {
+            Event::User(event) => Envelope {
+                id: &event.id,
+                source: &event.source,
+                event_type: event.event_type,
+                sequence: event.sequence.as_deref(),
+                tenant: &event.data.tenant,
+                service_provider: event.data.service_provider.as_deref(),
+            },
+            Event::Group(event) => Envelope {
+                id: &event.id,
+                source: &event.source,
+                event_type: event.event_type,
+                sequence: event.sequence.as_deref(),
+                tenant: &event.data.tenant,
+                service_provider: event.data.service_provider.as_deref(),
+            },
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        self.envelope().id
+    }
+
+    pub fn event_type(&self) -> EventType {
+        self.envelope().event_type
+    }
+
+    pub fn tenant(&self) -> &str {
+        self.envelope().tenant
+    }
+
+    /// The ordering key, which is also the record's key: `tenant/user id`, or
+    /// `tenant/group:group id`. Events with the same key are applied in order.
+    pub fn key(&self) -> String {
+        match self {
+            Event::User(event) => event.key(),
+            Event::Group(event) => event.key(),
+        }
+    }
+
+    /// The user's id, or the group's.
+    pub fn subject_id(&self) -> &str {
+        match self {
+            Event::User(event) => &event.data.user.id,
+            Event::Group(event) => &event.data.group.id,
+        }
+    }
+
+    pub fn into_user(self) -> Option<UserEvent> {
+        match self {
+            Event::User(event) => Some(event),
+            Event::Group(_) => None,
+        }
+    }
+
+    /// The event's `data`, as JSON.
+    pub fn data_json(&self) -> serde_json::Value {
+        match self {
+            Event::User(event) => serde_json::to_value(&event.data),
+            Event::Group(event) => serde_json::to_value(&event.data),
+        }
+        .expect("event data serialises")
+    }
+
+    pub fn as_user(&self) -> Option<&UserEvent> {
+        match self {
+            Event::User(event) => Some(event),
+            Event::Group(_) => None,
+        }
+    }
+
+    pub fn as_group(&self) -> Option<&GroupEvent> {
+        match self {
+            Event::Group(event) => Some(event),
+            Event::User(_) => None,
+        }
+    }
+}
+
+impl CloudEvent<()> {
+    fn with_data<D>(self, data: D) -> CloudEvent<D> {
+        CloudEvent {
+            specversion: self.specversion,
+            id: self.id,
+            source: self.source,
+            event_type: self.event_type,
+            time: self.time,
+            subject: self.subject,
+            datacontenttype: self.datacontenttype,
+            sequence: self.sequence,
+            data,
+        }
+    }
 }
 
 impl UserEvent {
     /// The ordering key: events with the same key are applied strictly in order.
-    pub fn user_key(&self) -> String {
+    pub fn key(&self) -> String {
         format!("{}/{}", self.data.tenant, self.data.user.id)
     }
 
@@ -114,6 +262,28 @@ impl UserEvent {
             remote_id: None,
         }
     }
+}
+
+impl GroupEvent {
+    /// `tenant/group:<id>`: never a user's key (user ids may not begin with `group:`).
+    pub fn key(&self) -> String {
+        group_key(&self.data.tenant, &self.data.group.id)
+    }
+}
+
+/// The key of group `group_id` of `tenant`.
+pub fn group_key(tenant: &str, group_id: &str) -> String {
+    format!("{tenant}/{GROUP_KEY_PREFIX}{group_id}")
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupEventData {
+    /// Tenant domain, e.g. `carbon.super`.
+    pub tenant: String,
+    /// Application that caused the change; absent means the tenant's resident provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_provider: Option<String>,
+    pub group: Group,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,9 +379,10 @@ impl DecodeError {
 }
 
 /// With the provisioning state on, the record's key must be the event's `tenant/user
-/// id`: the state of a user lives on the partition its events go to.
-pub fn check_key(event: UserEvent, key: Option<&[u8]>) -> Result<UserEvent, DecodeError> {
-    let expected = event.user_key();
+/// id` (a group's: `tenant/group:group id`): the state of a user lives on the partition
+/// its events go to.
+pub fn check_key(event: Event, key: Option<&[u8]>) -> Result<Event, DecodeError> {
+    let expected = event.key();
     if key == Some(expected.as_bytes()) {
         return Ok(event);
     }
@@ -227,7 +398,7 @@ pub fn decode(
     value: Option<&[u8]>,
     headers: &[(String, Vec<u8>)],
     max_event_bytes: usize,
-) -> Result<UserEvent, DecodeError> {
+) -> Result<Event, DecodeError> {
     let value = value.unwrap_or_default();
     if value.len() > max_event_bytes {
         return Err(DecodeError::Oversized {
@@ -298,7 +469,7 @@ fn header_text(headers: &[(String, Vec<u8>)], name: &str) -> Result<Option<Strin
         .transpose()
 }
 
-fn decode_structured(document: serde_json::Value) -> Result<UserEvent, DecodeError> {
+fn decode_structured(document: serde_json::Value) -> Result<Event, DecodeError> {
     let serde_json::Value::Object(mut object) = document else {
         return Err(DecodeError::InvalidJson {
             message: "a structured-mode event must be a JSON object".into(),
@@ -339,7 +510,7 @@ fn decode_binary(
     data: serde_json::Value,
     headers: &[(String, Vec<u8>)],
     content_type: Option<String>,
-) -> Result<UserEvent, DecodeError> {
+) -> Result<Event, DecodeError> {
     let attributes = Attributes {
         specversion: header_text(headers, "ce_specversion")?,
         id: header_text(headers, "ce_id")?,
@@ -367,7 +538,7 @@ struct Attributes {
 
 impl Attributes {
     /// `prefix` is `ce_` in binary mode, so errors name the header the producer must set.
-    fn into_event(self, data: serde_json::Value, prefix: &str) -> Result<UserEvent, DecodeError> {
+    fn into_event(self, data: serde_json::Value, prefix: &str) -> Result<Event, DecodeError> {
         let required = |value: Option<String>, name: &str| {
             value
                 .filter(|text| !text.is_empty())
@@ -394,8 +565,7 @@ impl Attributes {
                     })
             })
             .transpose()?;
-        let data = decode_data(data)?;
-        Ok(UserEvent {
+        let header = CloudEvent {
             specversion,
             id,
             source,
@@ -404,7 +574,12 @@ impl Attributes {
             subject: self.subject,
             datacontenttype: self.datacontenttype,
             sequence: self.sequence.filter(|sequence| !sequence.is_empty()),
-            data,
+            data: (),
+        };
+        Ok(if event_type.is_group() {
+            Event::Group(header.with_data(decode_group_data(data, event_type)?))
+        } else {
+            Event::User(header.with_data(decode_data(data)?))
         })
     }
 }
@@ -432,6 +607,7 @@ fn decode_data(data: serde_json::Value) -> Result<UserEventData, DecodeError> {
     ] {
         check_identifier(path, value)?;
     }
+    check_user_id("user.id", &data.user.id)?;
     for (path, value) in [
         ("service_provider", &data.service_provider),
         ("identity_provider", &data.identity_provider),
@@ -442,6 +618,99 @@ fn decode_data(data: serde_json::Value) -> Result<UserEventData, DecodeError> {
         }
     }
     Ok(data)
+}
+
+fn decode_group_data(data: serde_json::Value, event_type: EventType) -> Result<GroupEventData, DecodeError> {
+    for path in ["tenant", "group", "group.id", "group.displayName"] {
+        let found = path
+            .split('.')
+            .try_fold(&data, |node, segment| node.get(segment))
+            .is_some_and(|node| !node.is_null());
+        if !found {
+            return Err(DecodeError::MissingField { path: path.into() });
+        }
+    }
+    let mut data: GroupEventData =
+        serde_path_to_error::deserialize(data).map_err(|error| DecodeError::InvalidField {
+            path: error.path().to_string(),
+            message: error.into_inner().to_string(),
+        })?;
+    for (path, value) in [
+        ("tenant", &data.tenant),
+        ("group.id", &data.group.id),
+        ("group.displayName", &data.group.display_name),
+    ] {
+        check_identifier(path, value)?;
+    }
+    if let Some(value) = &data.service_provider {
+        check_identifier("service_provider", value)?;
+    }
+    let group = &mut data.group;
+    let invalid = |path: &str, message: &str| DecodeError::InvalidField {
+        path: path.into(),
+        message: message.into(),
+    };
+    match event_type {
+        EventType::GroupCreated => {
+            if !group.added.is_empty() || !group.removed.is_empty() {
+                let path = if group.added.is_empty() {
+                    "group.removed"
+                } else {
+                    "group.added"
+                };
+                return Err(invalid(
+                    path,
+                    "only in group.updated: a created group lists its `members`",
+                ));
+            }
+        }
+        EventType::GroupUpdated => {
+            if group.members.is_some() {
+                return Err(invalid(
+                    "group.members",
+                    "only in group.created: an update lists the members `added` and `removed`",
+                ));
+            }
+        }
+        _ => {
+            if group.members.is_some() || !group.added.is_empty() || !group.removed.is_empty() {
+                return Err(invalid("group", "a deleted group lists no members"));
+            }
+        }
+    }
+    for (name, members) in [
+        ("group.members", group.members.as_mut()),
+        ("group.added", Some(&mut group.added)),
+        ("group.removed", Some(&mut group.removed)),
+    ] {
+        let Some(members) = members else { continue };
+        for (index, member) in members.iter().enumerate() {
+            let path = format!("{name}[{index}]");
+            check_identifier(&path, member)?;
+            check_user_id(&path, member)?;
+        }
+        // A member listed twice is one member.
+        let mut seen = std::collections::HashSet::with_capacity(members.len());
+        members.retain(|member| seen.insert(member.clone()));
+    }
+    if let Some(both) = group.added.iter().find(|member| group.removed.contains(member)) {
+        return Err(DecodeError::InvalidField {
+            path: "group.removed".into(),
+            message: format!("member {both:?} is both added and removed"),
+        });
+    }
+    Ok(data)
+}
+
+/// A user id may not look like a group's key.
+fn check_user_id(path: &str, value: &str) -> Result<(), DecodeError> {
+    if value.starts_with(GROUP_KEY_PREFIX) {
+        return Err(DecodeError::InvalidField {
+            path: path.into(),
+            message: format!("user ids beginning with `{GROUP_KEY_PREFIX}` are reserved: group keys are `tenant/{GROUP_KEY_PREFIX}<group id>`"),
+        });
+    }
+    Ok(())
 }
 
 /// Identifiers travel into Kafka keys, URLs, filters and queries. Connectors escape
@@ -482,8 +751,32 @@ mod tests {
         })
     }
 
-    fn decode_json(document: &serde_json::Value) -> Result<UserEvent, DecodeError> {
+    fn decode_json(document: &serde_json::Value) -> Result<Event, DecodeError> {
         decode(Some(document.to_string().as_bytes()), &[], LIMIT)
+    }
+
+    fn user_event(event: Event) -> UserEvent {
+        match event {
+            Event::User(event) => event,
+            Event::Group(event) => panic!("a group event: {event:?}"),
+        }
+    }
+
+    fn group_event(event: Event) -> GroupEvent {
+        match event {
+            Event::Group(event) => event,
+            Event::User(event) => panic!("a user event: {event:?}"),
+        }
+    }
+
+    fn group(event_type: &str, group: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "specversion": "1.0",
+            "id": "evt-g",
+            "source": "/wso2is",
+            "type": event_type,
+            "data": {"tenant": "acme", "group": group}
+        })
     }
 
     fn binary_headers() -> Vec<(String, Vec<u8>)> {
@@ -501,16 +794,16 @@ mod tests {
 
     #[test]
     fn structured_event_decodes() {
-        let event = decode_json(&structured()).unwrap();
+        let event = user_event(decode_json(&structured()).unwrap());
         assert_eq!(event.event_type, EventType::UserCreated);
-        assert_eq!(event.user_key(), "carbon.super/u-1");
+        assert_eq!(event.key(), "carbon.super/u-1");
         assert_eq!(event.data.service_provider, None);
     }
 
     #[test]
     fn binary_event_decodes_from_headers() {
         let data = serde_json::json!({"tenant": "t", "user": {"id": "u-2", "userName": "bob"}});
-        let event = decode(Some(data.to_string().as_bytes()), &binary_headers(), LIMIT).unwrap();
+        let event = user_event(decode(Some(data.to_string().as_bytes()), &binary_headers(), LIMIT).unwrap());
         assert_eq!(event.id, "evt-2");
         assert_eq!(event.event_type, EventType::UserDeleted);
         assert_eq!(event.data.user.user_name, "bob");
@@ -525,6 +818,68 @@ mod tests {
             .collect();
         let error = decode(Some(data.to_string().as_bytes()), &headers, LIMIT).unwrap_err();
         assert_eq!(error, DecodeError::MissingAttribute { name: "ce_id".into() });
+    }
+
+    #[test]
+    fn a_group_event_decodes_with_a_key_no_user_can_have() {
+        let created = group_event(
+            decode_json(&group(
+                "group.created",
+                serde_json::json!({"id": "g-1", "displayName": "Engineering", "members": ["u-1", "u-2", "u-1"]}),
+            ))
+            .unwrap(),
+        );
+        assert_eq!(created.key(), "acme/group:g-1");
+        assert_eq!(
+            created.data.group.members.as_deref(),
+            Some(&["u-1".to_string(), "u-2".to_string()][..]),
+            "a member listed twice is one member"
+        );
+        let mut reserved = structured();
+        reserved["data"]["user"]["id"] = "group:g-1".into();
+        let error = decode_json(&reserved).unwrap_err();
+        assert_eq!(error.reason(), "invalid_field");
+        assert!(error.to_string().contains("reserved"), "{error}");
+    }
+
+    #[test]
+    fn group_events_carry_only_the_member_lists_of_their_type() {
+        let cases = [
+            (
+                "group.created",
+                serde_json::json!({"id": "g", "displayName": "G", "added": ["u"]}),
+                "group.added",
+            ),
+            (
+                "group.updated",
+                serde_json::json!({"id": "g", "displayName": "G", "members": ["u"]}),
+                "group.members",
+            ),
+            (
+                "group.deleted",
+                serde_json::json!({"id": "g", "displayName": "G", "removed": ["u"]}),
+                "group",
+            ),
+            (
+                "group.updated",
+                serde_json::json!({"id": "g", "displayName": "G", "added": ["u"], "removed": ["u"]}),
+                "group.removed",
+            ),
+            (
+                "group.updated",
+                serde_json::json!({"id": "g", "displayName": "G", "added": ["group:x"]}),
+                "group.added[0]",
+            ),
+            ("group.created", serde_json::json!({"id": "g"}), "group.displayName"),
+        ];
+        for (event_type, body, path) in cases {
+            match decode_json(&group(event_type, body.clone())).unwrap_err() {
+                DecodeError::InvalidField { path: found, .. } | DecodeError::MissingField { path: found } => {
+                    assert_eq!(found, path, "{event_type} {body}")
+                }
+                other => panic!("{event_type} {body}: {other}"),
+            }
+        }
     }
 
     #[test]

@@ -22,7 +22,12 @@ pub struct ProvisioningResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_type: Option<EventType>,
     pub tenant: String,
+    /// The user; for a membership, the member; empty for a group's own event and for
+    /// an event that could not be decoded.
     pub user_id: String,
+    /// The group, for a group's event and for a membership.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
     pub status: Status,
     pub scope: ResultScope,
     /// Why the event was skipped or failed as a whole (e.g. unknown tenant).
@@ -113,8 +118,41 @@ pub struct ConnectorResult {
     /// For `stale`: the newer event already applied on this connector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<Superseded>,
+    /// For `skipped`: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Group events: members queued for adding (each applied in its user's lane, with a
+    /// result of its own); memberships: members added by the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members_added: Option<u64>,
+    /// The same for members removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members_removed: Option<u64>,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+}
+
+impl ConnectorResult {
+    /// A result whose call was not made (or not yet): no remote id, no attempts, no
+    /// error, started and finished now. Fill the rest with struct update syntax.
+    pub fn without_call(connector: &str, operation: Operation, outcome: Outcome, blocking: bool) -> ConnectorResult {
+        let now = Utc::now();
+        ConnectorResult {
+            connector: connector.to_string(),
+            operation,
+            outcome,
+            blocking,
+            remote_id: None,
+            attempts: 0,
+            error: None,
+            superseded_by: None,
+            reason: None,
+            members_added: None,
+            members_removed: None,
+            started_at: now,
+            finished_at: now,
+        }
+    }
 }
 
 /// The event that made another one stale.
@@ -161,6 +199,9 @@ pub enum ErrorKind {
     Internal,
     /// The event's partition was revoked before the call; its new owner applies it.
     Revoked,
+    /// A membership's user or group is not there to be linked: the user's create failed
+    /// for good or has not come within `groups.member_wait`, or the group is gone.
+    Dependency,
 }
 
 impl ErrorKind {
@@ -186,6 +227,7 @@ impl ErrorKind {
             ErrorKind::Exhausted => "exhausted",
             ErrorKind::Internal => "internal",
             ErrorKind::Revoked => "revoked",
+            ErrorKind::Dependency => "dependency",
         }
     }
 }
@@ -195,18 +237,9 @@ mod tests {
     use super::*;
 
     fn result(outcome: Outcome) -> ConnectorResult {
-        let now = Utc::now();
         ConnectorResult {
-            connector: "c".into(),
-            operation: Operation::Create,
-            outcome,
-            blocking: false,
-            remote_id: None,
             attempts: 1,
-            error: None,
-            superseded_by: None,
-            started_at: now,
-            finished_at: now,
+            ..ConnectorResult::without_call("c", Operation::Create, outcome, false)
         }
     }
 

@@ -1,8 +1,8 @@
 //! Outbound targets behind one [`Connector`] trait, one folder per target type, each
 //! owning its settings (`<type>/settings.rs`).
 //!
-//! A connector turns one operation on one user into calls to its target and says how
-//! it went. It classifies its own errors ([`ConnectorError::is_retryable`]); the
+//! A connector turns one operation on one user, one group, or one batch of a group's
+//! members into calls to its target and says how it went. It classifies its own errors ([`ConnectorError::is_retryable`]); the
 //! retrying itself happens once, in `retry.rs`, driven by the pipeline.
 //!
 //! **Invariant:** connector calls are idempotent. Create on an existing account adopts
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::domain::{Outcome, UserChange};
+use crate::domain::{GroupChange, MembersChange, Outcome, UserChange};
 use crate::result::ErrorKind;
 use crate::retry::RetryClass;
 
@@ -43,6 +43,28 @@ pub trait Connector: Send + Sync + 'static {
     /// Applies the change's operation to its user. Called again on retryable errors, so
     /// it must converge rather than assume where a previous attempt stopped.
     fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>>;
+
+    /// Creates (adopting one that exists), renames or deletes a group. Idempotent like
+    /// [`Connector::apply`]. A target without groups answers
+    /// [`ConnectorError::Unsupported`] (the result is `skipped` with the reason).
+    fn apply_group<'a>(&'a self, change: GroupChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        let _ = change;
+        Box::pin(async { Err(ConnectorError::unsupported_groups()) })
+    }
+
+    /// Adds or removes `change.members` (at most [`Connector::max_members_per_request`])
+    /// in as few requests as the target allows. Adding a member who is already there,
+    /// or removing one who is not, is success; so is a retry of a partial batch. A
+    /// group the target no longer has is [`ConnectorError::GroupGone`].
+    fn apply_members<'a>(&'a self, change: MembersChange<'a>) -> BoxFuture<'a, Result<(), ConnectorError>> {
+        let _ = change;
+        Box::pin(async { Err(ConnectorError::unsupported_groups()) })
+    }
+
+    /// The most members one [`Connector::apply_members`] call takes.
+    fn max_members_per_request(&self) -> usize {
+        1
+    }
 }
 
 /// Why a connector call failed. Messages come from the target's error body and our own
@@ -81,6 +103,13 @@ pub enum ConnectorError {
     /// owner applies the event.
     #[error("the input partition was revoked; the new owner applies the event")]
     Revoked,
+    /// The target (or this connector's configuration) has no place for it, e.g. a
+    /// Salesforce group with no permission set mapped: the operation is `skipped`.
+    #[error("{message}")]
+    Unsupported { message: String },
+    /// A membership call found no such group on the target (deleted meanwhile).
+    #[error("the group is gone from the target: {message}")]
+    GroupGone { message: String },
 }
 
 impl ConnectorError {
@@ -96,7 +125,15 @@ impl ConnectorError {
             | ConnectorError::Auth { .. }
             | ConnectorError::Conflict { .. }
             | ConnectorError::InvalidResponse { .. }
-            | ConnectorError::Revoked => false,
+            | ConnectorError::Revoked
+            | ConnectorError::Unsupported { .. }
+            | ConnectorError::GroupGone { .. } => false,
+        }
+    }
+
+    fn unsupported_groups() -> ConnectorError {
+        ConnectorError::Unsupported {
+            message: "this connector does not provision groups".into(),
         }
     }
 
@@ -111,7 +148,9 @@ impl ConnectorError {
             | ConnectorError::Conflict { .. }
             | ConnectorError::InvalidResponse { .. }
             | ConnectorError::Held
-            | ConnectorError::Revoked => None,
+            | ConnectorError::Revoked
+            | ConnectorError::Unsupported { .. }
+            | ConnectorError::GroupGone { .. } => None,
         }
     }
 
@@ -127,6 +166,8 @@ impl ConnectorError {
             ConnectorError::InvalidResponse { .. } => ErrorKind::InvalidResponse,
             ConnectorError::Held => ErrorKind::Exhausted,
             ConnectorError::Revoked => ErrorKind::Revoked,
+            ConnectorError::Unsupported { .. } => ErrorKind::Rejected,
+            ConnectorError::GroupGone { .. } => ErrorKind::Dependency,
         }
     }
 
@@ -140,7 +181,9 @@ impl ConnectorError {
             ConnectorError::Transport { .. }
             | ConnectorError::Timeout
             | ConnectorError::Held
-            | ConnectorError::Revoked => None,
+            | ConnectorError::Revoked
+            | ConnectorError::Unsupported { .. }
+            | ConnectorError::GroupGone { .. } => None,
         }
     }
 }

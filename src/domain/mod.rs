@@ -1,6 +1,6 @@
-//! The service's own words, apart from any wire format: the [`User`] being provisioned,
-//! the [`Operation`] a connector is asked to apply ([`UserChange`]), and the
-//! [`Outcome`] it reports.
+//! The service's own words, apart from any wire format: the [`User`] and [`Group`]
+//! being provisioned, the [`Operation`] a connector is asked to apply ([`UserChange`],
+//! [`GroupChange`], [`MembersChange`]), and the [`Outcome`] it reports.
 //!
 //! Connectors depend on this module, not on the CloudEvents envelope (`event.rs`) or
 //! the result records (`result.rs`); those two are the wire contracts and re-export
@@ -27,6 +27,63 @@ pub struct UserChange<'a> {
     /// delete and deactivate go by it; a connector whose target no longer has it
     /// searches instead.
     pub remote_id: Option<&'a str>,
+}
+
+/// What a connector is asked to do with one group: create (or adopt) it, update it
+/// (rename), or delete it. Its members are changed separately ([`MembersChange`]).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupChange<'a> {
+    pub operation: Operation,
+    pub event_id: &'a str,
+    pub tenant: &'a str,
+    /// The group's stable source id (`externalId` where the target has one).
+    pub group_id: &'a str,
+    pub display_name: &'a str,
+    /// The target's id for this group, as the provisioning state remembers it.
+    pub remote_id: Option<&'a str>,
+}
+
+/// Members added to or removed from one group on one target, in one request where the
+/// target allows it (up to the connector's [`crate::connectors::Connector`] limit).
+#[derive(Debug, Clone, Copy)]
+pub struct MembersChange<'a> {
+    pub action: MemberAction,
+    pub tenant: &'a str,
+    pub group: GroupRef<'a>,
+    pub members: &'a [MemberRef],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberAction {
+    Add,
+    Remove,
+}
+
+impl MemberAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberAction::Add => "add",
+            MemberAction::Remove => "remove",
+        }
+    }
+}
+
+/// A group as a membership call names it.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupRef<'a> {
+    pub group_id: &'a str,
+    pub display_name: &'a str,
+    /// The target's id for the group (for Salesforce: the permission set's id).
+    pub remote_id: &'a str,
+}
+
+/// A member as a membership call names it: the target's id for the user, and the
+/// source ids for messages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MemberRef {
+    pub user_id: String,
+    pub remote_id: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -62,6 +119,10 @@ pub enum Outcome {
     Skipped,
     /// Not sent: a newer event for the user was already applied on this connector.
     Stale,
+    /// Members were added to a group (how many: the result's `members_added`).
+    MembersAdded,
+    /// Members were taken out of a group (how many: the result's `members_removed`).
+    MembersRemoved,
     /// Accepted durably and applied later: the connector is parked (its work waits in
     /// its retry topic) or did not finish within the reply deadline. Only in replies
     /// and queued notices; a complete result always has a final outcome.
@@ -70,7 +131,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Created,
         Outcome::Adopted,
         Outcome::Updated,
@@ -79,6 +140,8 @@ impl Outcome {
         Outcome::AlreadyAbsent,
         Outcome::Skipped,
         Outcome::Stale,
+        Outcome::MembersAdded,
+        Outcome::MembersRemoved,
         Outcome::Queued,
         Outcome::Failed,
     ];
@@ -93,6 +156,8 @@ impl Outcome {
             Outcome::AlreadyAbsent => "already_absent",
             Outcome::Skipped => "skipped",
             Outcome::Stale => "stale",
+            Outcome::MembersAdded => "members_added",
+            Outcome::MembersRemoved => "members_removed",
             Outcome::Queued => "queued",
             Outcome::Failed => "failed",
         }
@@ -133,6 +198,25 @@ impl User {
             .or_else(|| self.emails.first())
             .map(|email| email.value.as_str())
     }
+}
+
+/// A group as the identity platform describes it (`data.group`). A create carries its
+/// full member list; an update its rename and the members added and removed; a delete
+/// only its id and name. Members are user ids of the same tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub id: String,
+    #[serde(rename = "displayName")]
+    pub display_name: String,
+    /// Every member (`group.created` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<String>>,
+    /// Members added (`group.updated` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<String>,
+    /// Members removed (`group.updated` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -32,13 +32,12 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{self, DecodeError, UserEvent};
+use crate::event::{self, DecodeError, Event};
 use crate::kafka::consumer::{ConsumeError, EventConsumer};
 use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
@@ -58,7 +57,7 @@ const PARKING_TICK: Duration = Duration::from_millis(250);
 /// restoring).
 struct Accepted {
     record: Arc<InboundRecord>,
-    decoded: Result<UserEvent, DecodeError>,
+    decoded: Result<Event, DecodeError>,
     ticket: Ticket,
 }
 
@@ -578,28 +577,19 @@ impl Scheduler {
             } => {
                 tracing::error!(connector = %connector, error = %error, "Connector operation panicked; it fails for good.");
                 self.lanes.finish(&lane, park_only);
-                let now = Utc::now();
                 let operation = self
                     .events
                     .get(&event)
                     .map(|entry| entry.context.operation)
                     .unwrap_or(crate::result::Operation::Update);
                 let result = ConnectorResult {
-                    connector,
-                    operation,
-                    outcome: Outcome::Failed,
-                    blocking,
-                    remote_id: None,
-                    attempts: 0,
                     error: Some(ResultError {
                         kind: ErrorKind::Internal,
                         message: "the operation panicked; see the service log".into(),
                         http_status: None,
                         retryable: false,
                     }),
-                    superseded_by: None,
-                    started_at: now,
-                    finished_at: now,
+                    ..ConnectorResult::without_call(&connector, operation, Outcome::Failed, blocking)
                 };
                 self.operation_done(event, index, OperationDone { result, parked: false });
                 None
@@ -763,7 +753,7 @@ impl Scheduler {
             let results = blocking_results(entry, true);
             entry.reply = ReplyState::Sending;
             self.metrics.replies_past_deadline.inc();
-            tracing::info!(event_id = %entry.context.event.id, "Reply deadline reached; unfinished blocking bindings reported as queued.");
+            tracing::info!(event_id = %entry.context.event.id(), "Reply deadline reached; unfinished blocking bindings reported as queued.");
             self.spawn_reply(event, results);
         }
     }
@@ -837,7 +827,6 @@ impl Scheduler {
 
 /// The blocking bindings' results; at the deadline, unfinished ones as `queued`.
 fn blocking_results(entry: &EventEntry, at_deadline: bool) -> Vec<ConnectorResult> {
-    let now = Utc::now();
     entry
         .bindings
         .iter()
@@ -845,18 +834,12 @@ fn blocking_results(entry: &EventEntry, at_deadline: bool) -> Vec<ConnectorResul
         .filter(|(binding, _)| binding.blocking)
         .filter_map(|(binding, result)| match result {
             Some(result) => Some(result.clone()),
-            None if at_deadline => Some(ConnectorResult {
-                connector: binding.connector.clone(),
-                operation: entry.context.operation,
-                outcome: Outcome::Queued,
-                blocking: true,
-                remote_id: None,
-                attempts: 0,
-                error: None,
-                superseded_by: None,
-                started_at: now,
-                finished_at: now,
-            }),
+            None if at_deadline => Some(ConnectorResult::without_call(
+                &binding.connector,
+                entry.context.operation,
+                Outcome::Queued,
+                true,
+            )),
             None => None,
         })
         .collect()

@@ -19,8 +19,8 @@ use tracing::Instrument;
 
 use crate::connectors::{ConnectorError, ConnectorHandle, ConnectorSet};
 use crate::dead_letter::{self, CONNECTOR_FAILED_REASON, INTERNAL_ERROR_REASON};
-use crate::domain::UserChange;
-use crate::event::{self, DecodeError, ReplyRoute, UserEvent};
+use crate::domain::{GroupChange, UserChange};
+use crate::event::{self, DecodeError, Event, ReplyRoute};
 use crate::kafka::producer::{EventProducer, OutboundRecord, ProduceError};
 use crate::kafka::InboundRecord;
 use crate::metrics::Metrics;
@@ -69,7 +69,7 @@ pub struct Parking {
 /// One event being worked on, shared by its operations.
 pub struct EventContext {
     pub record: Arc<InboundRecord>,
-    pub event: UserEvent,
+    pub event: Event,
     pub ticket: Ticket,
     pub version: Option<EventVersion>,
     pub reply_route: Option<ReplyRoute>,
@@ -92,7 +92,7 @@ pub struct Drained {
 
 impl EventContext {
     pub fn ordering_key(&self) -> String {
-        self.event.user_key()
+        self.event.key()
     }
 
     pub fn pending_key(&self) -> String {
@@ -118,16 +118,17 @@ pub enum Prepared {
 }
 
 /// Decodes what the pipeline needs from an input or retry record and routes it.
-pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: UserEvent, ticket: Ticket) -> Prepared {
+pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: Event, ticket: Ticket) -> Prepared {
+    let envelope = event.envelope();
     let span = tracing::info_span!(
         "event",
         topic = %record.topic,
         partition = record.partition,
         offset = record.offset,
-        event_id = %event.id,
-        event_type = event.event_type.as_str(),
-        tenant = %event.data.tenant,
-        user_id = %event.data.user.id,
+        event_id = %envelope.id,
+        event_type = envelope.event_type.as_str(),
+        tenant = %envelope.tenant,
+        subject = %event.subject_id(),
     );
     let drained = worker
         .parking
@@ -145,7 +146,7 @@ pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: UserEvent, ti
         worker
             .metrics
             .events_consumed
-            .with_label_values(&[event.event_type.as_str()])
+            .with_label_values(&[envelope.event_type.as_str()])
             .inc();
     }
     let reply_route = if drained.is_none() {
@@ -153,15 +154,15 @@ pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: UserEvent, ti
     } else {
         None
     };
-    let operation = event.event_type.operation();
+    let operation = envelope.event_type.operation();
     let received_at = Utc::now() - chrono::Duration::from_std(record.received_at.elapsed()).unwrap_or_default();
     let version = worker.state.as_deref().map(|state| {
         state.event_version(
             record.partition,
             record.offset,
             &record.headers,
-            &event.source,
-            event.sequence.as_deref(),
+            envelope.source,
+            envelope.sequence,
         )
     });
     let origin = dead_letter::origin_of(&record.headers, record.partition, record.offset);
@@ -202,7 +203,7 @@ pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: UserEvent, ti
     }
     match worker.router.route(&context.event) {
         Routing::UnknownTenant => {
-            let reason = format!("tenant `{}` is not configured", context.event.data.tenant);
+            let reason = format!("tenant `{}` is not configured", context.event.tenant());
             Prepared::Unrouted { context, reason }
         }
         Routing::Plan { provider, steps } => {
@@ -224,34 +225,33 @@ pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: UserEvent, ti
 
 /// The result of a binding that needs no call (skipped, rule error), else `None`.
 fn decided_result(worker: &Worker, step: &Step, operation: Operation) -> Option<ConnectorResult> {
-    let error = match &step.decision {
+    let skipped = ConnectorResult::without_call(
+        &step.binding.connector,
+        operation,
+        Outcome::Skipped,
+        step.binding.blocking,
+    );
+    let result = match &step.decision {
         Decision::Apply => return None,
         Decision::Skip { reason } => {
             tracing::debug!(connector = %step.binding.connector, reason = %reason, "Binding skipped.");
-            None
+            ConnectorResult {
+                reason: Some(reason.clone()),
+                ..skipped
+            }
         }
         Decision::RuleError { message } => {
             tracing::warn!(connector = %step.binding.connector, error = %message, "Rule failed; binding denied.");
-            Some(ResultError {
-                kind: ErrorKind::Rule,
-                message: message.clone(),
-                http_status: None,
-                retryable: false,
-            })
+            ConnectorResult {
+                error: Some(ResultError {
+                    kind: ErrorKind::Rule,
+                    message: message.clone(),
+                    http_status: None,
+                    retryable: false,
+                }),
+                ..skipped
+            }
         }
-    };
-    let now = Utc::now();
-    let result = ConnectorResult {
-        connector: step.binding.connector.clone(),
-        operation,
-        outcome: Outcome::Skipped,
-        blocking: step.binding.blocking,
-        remote_id: None,
-        attempts: 0,
-        error,
-        superseded_by: None,
-        started_at: now,
-        finished_at: now,
     };
     count_result(worker, &result);
     Some(result)
@@ -347,16 +347,9 @@ pub async fn run_operation(
 async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, start: Start) -> OperationDone {
     let started_at = Utc::now();
     let finished = |outcome: Outcome, error: Option<ResultError>| ConnectorResult {
-        connector: binding.connector.clone(),
-        operation: context.operation,
-        outcome,
-        blocking: binding.blocking,
-        remote_id: None,
-        attempts: 0,
         error,
-        superseded_by: None,
         started_at,
-        finished_at: Utc::now(),
+        ..ConnectorResult::without_call(&binding.connector, context.operation, outcome, binding.blocking)
     };
     let internal = |message: String| ResultError {
         kind: ErrorKind::Internal,
@@ -521,18 +514,12 @@ async fn park(
     parking: &Parking,
     started_at: DateTime<Utc>,
 ) -> OperationDone {
+    // Attempts made before parking are not carried over; the drain counts its own.
     let queued = |error: Option<ResultError>, outcome: Outcome, remote_id: Option<String>| ConnectorResult {
-        connector: handle.name.clone(),
-        operation: context.operation,
-        outcome,
-        blocking: binding.blocking,
         remote_id,
-        // Attempts made before parking are not carried over; the drain counts its own.
-        attempts: 0,
         error,
-        superseded_by: None,
         started_at,
-        finished_at: Utc::now(),
+        ..ConnectorResult::without_call(&handle.name, context.operation, outcome, binding.blocking)
     };
     if !worker.assignments.is_current(&context.ticket) {
         let error = ResultError {
@@ -594,7 +581,7 @@ async fn park(
                 version: lane.version.clone(),
                 account: AccountState::NotApplied,
                 remote_id: None,
-                event_id: context.event.id.clone(),
+                event_id: context.event.id().to_string(),
                 updated_at: Utc::now(),
                 parked_until: Some(offset),
             },
@@ -683,21 +670,13 @@ async fn apply_versioned(
                 .stale_events
                 .with_label_values(&[handle.name.as_str()])
                 .inc();
-            let now = Utc::now();
             return Some(ConnectorResult {
-                connector: handle.name.clone(),
-                operation,
-                outcome: Outcome::Stale,
-                blocking,
                 remote_id: prior.remote_id.clone(),
-                attempts: 0,
-                error: None,
                 superseded_by: Some(Superseded {
                     event_id: prior.event_id.clone(),
                     version: prior.version.clone(),
                 }),
-                started_at: now,
-                finished_at: now,
+                ..ConnectorResult::without_call(&handle.name, operation, Outcome::Stale, blocking)
             });
         }
     }
@@ -715,7 +694,9 @@ async fn apply_versioned(
         return Some(result);
     }
     let account = match result.outcome {
-        Outcome::Created | Outcome::Adopted | Outcome::Updated => AccountState::Present,
+        Outcome::Created | Outcome::Adopted | Outcome::Updated | Outcome::MembersAdded | Outcome::MembersRemoved => {
+            AccountState::Present
+        }
         Outcome::Deactivated => AccountState::Deactivated,
         Outcome::Deleted | Outcome::AlreadyAbsent => AccountState::Deleted,
         Outcome::Failed => AccountState::Failed,
@@ -733,7 +714,7 @@ async fn apply_versioned(
         version: lane.version.clone(),
         account,
         remote_id,
-        event_id: context.event.id.clone(),
+        event_id: context.event.id().to_string(),
         updated_at: Utc::now(),
         parked_until,
     };
@@ -819,11 +800,26 @@ async fn call_connector(
                 .connector_request_duration
                 .with_label_values(&[name, operation.as_str()])
                 .start_timer();
-            let change = UserChange {
-                remote_id: known_id,
-                ..context.event.change(operation)
+            let result = match &context.event {
+                Event::User(event) => {
+                    let change = UserChange {
+                        remote_id: known_id,
+                        ..event.change(operation)
+                    };
+                    handle.connector.apply(change).await
+                }
+                Event::Group(event) => {
+                    let change = GroupChange {
+                        operation,
+                        event_id: &event.id,
+                        tenant: &event.data.tenant,
+                        group_id: &event.data.group.id,
+                        display_name: &event.data.group.display_name,
+                        remote_id: known_id,
+                    };
+                    handle.connector.apply_group(change).await
+                }
             };
-            let result = handle.connector.apply(change).await;
             timer.observe_duration();
             admission.finish(&result);
             on_the_wire.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -866,21 +862,14 @@ async fn call_connector(
                 // Waiting off the wire for a partition no longer ours: stop now, not
                 // at the end of the retry time (parked work retries for days).
                 return Some(ConnectorResult {
-                    connector: handle.name.clone(),
-                    operation,
-                    outcome: Outcome::Failed,
-                    blocking,
-                    remote_id: None,
-                    attempts: 0,
                     error: Some(ResultError {
                         kind: ErrorKind::Revoked,
                         message: ConnectorError::Revoked.to_string(),
                         http_status: None,
                         retryable: false,
                     }),
-                    superseded_by: None,
                     started_at,
-                    finished_at: Utc::now(),
+                    ..ConnectorResult::without_call(&handle.name, operation, Outcome::Failed, blocking)
                 });
             }
             // On the wire: let this attempt finish, then look again.
@@ -893,6 +882,16 @@ async fn call_connector(
         }
     };
     let (outcome_kind, remote_id, error) = match outcome.result {
+        // The target (or this connector's settings) has no place for it.
+        Err(ConnectorError::Unsupported { message }) => {
+            tracing::info!(connector = name, reason = %message, "Skipped by the connector.");
+            return Some(ConnectorResult {
+                reason: Some(message),
+                attempts: outcome.attempts,
+                started_at,
+                ..ConnectorResult::without_call(&handle.name, operation, Outcome::Skipped, blocking)
+            });
+        }
         Ok(applied) => {
             tracing::info!(
                 connector = name,
@@ -926,16 +925,11 @@ async fn call_connector(
         }
     };
     Some(ConnectorResult {
-        connector: handle.name.clone(),
-        operation,
-        outcome: outcome_kind,
-        blocking,
         remote_id,
         attempts: outcome.attempts,
         error,
-        superseded_by: None,
         started_at,
-        finished_at: Utc::now(),
+        ..ConnectorResult::without_call(&handle.name, operation, outcome_kind, blocking)
     })
 }
 
@@ -1153,12 +1147,17 @@ fn summary(
     reason: Option<String>,
 ) -> ProvisioningResult {
     let event = &context.event;
+    let (user_id, group_id) = match event {
+        Event::User(event) => (event.data.user.id.clone(), None),
+        Event::Group(event) => (String::new(), Some(event.data.group.id.clone())),
+    };
     ProvisioningResult {
         correlation_id: context.reply_route.as_ref().map(|route| route.correlation_id.clone()),
-        event_id: event.id.clone(),
-        event_type: Some(event.event_type),
-        tenant: event.data.tenant.clone(),
-        user_id: event.data.user.id.clone(),
+        event_id: event.id().to_string(),
+        event_type: Some(event.event_type()),
+        tenant: event.tenant().to_string(),
+        user_id,
+        group_id,
         status: Status::from_results(&results),
         scope,
         reason,
@@ -1212,6 +1211,7 @@ async fn reject_undecodable(worker: &Worker, record: &InboundRecord, error: Deco
             event_type: None,
             tenant: String::new(),
             user_id: String::new(),
+            group_id: None,
             status: Status::Failed,
             scope: ResultScope::Blocking,
             reason: Some(format!("invalid event ({}): {error}", error.reason())),
@@ -1243,9 +1243,9 @@ async fn publish_reply(worker: &Worker, route: &ReplyRoute, reply: &Provisioning
     .await;
 }
 
-async fn publish_result(worker: &Worker, event: &UserEvent, result: &ProvisioningResult) {
+async fn publish_result(worker: &Worker, event: &Event, result: &ProvisioningResult) {
     let payload = serde_json::to_vec(result).expect("results serialise");
-    let key = event.user_key();
+    let key = event.key();
     let _ = produce_durably(
         worker,
         "result",

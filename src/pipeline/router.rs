@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cel_interpreter::{Context, Program, Value};
 
-use crate::event::{EventType, UserEvent};
+use crate::event::{Event, EventType};
 use crate::settings::{BindingSettings, Problem, Settings};
 
 /// One binding, ready to evaluate.
@@ -141,14 +141,13 @@ impl Router {
         }
     }
 
-    pub fn route(&self, event: &UserEvent) -> Routing {
-        let Some(tenant) = self.tenants.get(&event.data.tenant) else {
+    pub fn route(&self, event: &Event) -> Routing {
+        let envelope = event.envelope();
+        let Some(tenant) = self.tenants.get(envelope.tenant) else {
             return Routing::UnknownTenant;
         };
-        let (provider, bindings) = match event
-            .data
+        let (provider, bindings) = match envelope
             .service_provider
-            .as_ref()
             .and_then(|name| tenant.service_providers.get_key_value(name))
         {
             Some((name, bindings)) => (name.clone(), bindings),
@@ -158,7 +157,7 @@ impl Router {
         let steps = bindings
             .iter()
             .map(|binding| {
-                let decision = if event.event_type == EventType::UserJitProvisioned && !binding.jit_outbound {
+                let decision = if envelope.event_type == EventType::UserJitProvisioned && !binding.jit_outbound {
                     Decision::Skip {
                         reason: "JIT-provisioned user and jit_outbound is off for this binding".into(),
                     }
@@ -219,27 +218,53 @@ fn evaluate(rule: &CompiledRule, context: &Context<'_>) -> Decision {
     }
 }
 
-/// The variables a rule can see: `user`, `roles`, `groups`, `attributes`, `tenant`,
-/// `service_provider`, `identity_provider` and `type`. Absent optional values are
-/// empty strings, so rules can compare without null checks.
-fn rule_context_for(event: &UserEvent) -> Result<Context<'static>, String> {
-    let user = &event.data.user;
+/// The variables a rule can see: `user`, `roles`, `groups`, `attributes`, `group`,
+/// `tenant`, `service_provider`, `identity_provider` and `type`. A user's event has an
+/// empty `group`; a group's event has an empty `user`, `roles`, `groups` and
+/// `attributes` and its `group` (`id`, `displayName`). Absent optional values are empty
+/// strings, so rules can compare without null checks.
+fn rule_context_for(event: &Event) -> Result<Context<'static>, String> {
+    let envelope = event.envelope();
+    let empty_map = || Ok(Value::Map(std::collections::HashMap::<String, Value>::new().into()));
+    let empty_list = || Ok(Value::List(Vec::new().into()));
+    let (user, roles, groups, attributes, group, identity_provider) = match event {
+        Event::User(event) => {
+            let user = &event.data.user;
+            (
+                to_cel(user),
+                to_cel(&user.roles),
+                to_cel(&user.groups),
+                to_cel(&user.attributes),
+                empty_map(),
+                event.data.identity_provider.clone().unwrap_or_default(),
+            )
+        }
+        Event::Group(event) => (
+            empty_map(),
+            empty_list(),
+            empty_list(),
+            empty_map(),
+            to_cel(&serde_json::json!({
+                "id": event.data.group.id,
+                "displayName": event.data.group.display_name,
+            })),
+            String::new(),
+        ),
+    };
     let mut context = Context::default();
-    let variables: [(&str, Result<Value, String>); 8] = [
-        ("user", to_cel(user)),
-        ("roles", to_cel(&user.roles)),
-        ("groups", to_cel(&user.groups)),
-        ("attributes", to_cel(&user.attributes)),
-        ("tenant", Ok(Value::from(event.data.tenant.clone()))),
+    let variables: [(&str, Result<Value, String>); 9] = [
+        ("user", user),
+        ("roles", roles),
+        ("groups", groups),
+        ("attributes", attributes),
+        ("group", group),
+        ("tenant", Ok(Value::from(envelope.tenant.to_string()))),
         (
             "service_provider",
-            Ok(Value::from(event.data.service_provider.clone().unwrap_or_default())),
+            Ok(Value::from(envelope.service_provider.unwrap_or_default().to_string())),
         ),
-        (
-            "identity_provider",
-            Ok(Value::from(event.data.identity_provider.clone().unwrap_or_default())),
-        ),
-        ("type", Ok(Value::from(event.event_type.as_str().to_string()))),
+        ("identity_provider", Ok(Value::from(identity_provider))),
+        ("type", Ok(Value::from(envelope.event_type.as_str().to_string()))),
     ];
     for (name, value) in variables {
         context.add_variable_from_value(name, value?);
@@ -284,7 +309,7 @@ mod tests {
         .unwrap()
     }
 
-    fn event(service_provider: Option<&str>, event_type: &str, roles: &[&str]) -> UserEvent {
+    fn event(service_provider: Option<&str>, event_type: &str, roles: &[&str]) -> Event {
         let document = serde_json::json!({
             "specversion": "1.0", "id": "e", "source": "s", "type": event_type,
             "data": {
@@ -337,8 +362,47 @@ mod tests {
     fn unknown_tenant_is_reported() {
         let router = Router::new(&settings()).unwrap();
         let mut other = event(None, "user.created", &[]);
-        other.data.tenant = "globex".into();
+        let Event::User(user) = &mut other else {
+            panic!("a user event");
+        };
+        user.data.tenant = "globex".into();
         assert!(matches!(router.route(&other), Routing::UnknownTenant));
+    }
+
+    #[test]
+    fn a_rule_sees_the_group_of_a_group_event_and_an_empty_one_for_a_user() {
+        let settings = Settings::from_toml_str(
+            r#"
+            [kafka]
+            bootstrap_servers = "127.0.0.1:9092"
+
+            [connectors.scim]
+            type = "scim2"
+            base_url = "http://127.0.0.1:1/scim/v2"
+
+            [[tenants.acme.resident.bindings]]
+            connector = "scim"
+            rule = "type.startsWith('user.') || group.displayName.startsWith('app-')"
+            "#,
+        )
+        .unwrap();
+        let router = Router::new(&settings).unwrap();
+        let group_event = |name: &str| {
+            let document = serde_json::json!({
+                "specversion": "1.0", "id": "g", "source": "s", "type": "group.created",
+                "data": {"tenant": "acme", "group": {"id": "g-1", "displayName": name, "members": []}}
+            });
+            crate::event::decode(Some(document.to_string().as_bytes()), &[], 1 << 20).unwrap()
+        };
+        assert_eq!(decisions(router.route(&group_event("app-sales")))[0].1, Decision::Apply);
+        assert!(matches!(
+            decisions(router.route(&group_event("staff")))[0].1,
+            Decision::Skip { .. }
+        ));
+        assert_eq!(
+            decisions(router.route(&event(None, "user.created", &[])))[0].1,
+            Decision::Apply
+        );
     }
 
     #[test]

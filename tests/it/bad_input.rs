@@ -230,7 +230,7 @@ proptest! {
         document["data"]["user"]["userName"] = user_name.into();
         let bytes = document.to_string().into_bytes();
         let decoded = event::decode(Some(&bytes), &[], 1 << 16).unwrap();
-        prop_assert_eq!(&decoded.data.user.id, &user_id);
+        prop_assert_eq!(decoded.subject_id(), user_id.as_str());
         prop_assert_eq!(serde_json::to_value(&decoded).unwrap(), document);
     }
 }

@@ -96,7 +96,7 @@ fn binary_mode_data_matches_the_data_schema() {
         let data = document["data"].to_string();
         let decoded = event::decode(Some(data.as_bytes()), &headers, 1 << 20)
             .unwrap_or_else(|error| panic!("{}: binary mode: {error}", path.display()));
-        assert_eq!(serde_json::to_value(&decoded.data).unwrap(), document["data"]);
+        assert_eq!(decoded.data_json(), document["data"]);
         // The structured form of what binary mode decoded is itself schema-valid.
         let errors = schema_errors(&validator, &serde_json::to_value(&decoded).unwrap());
         assert!(errors.is_empty(), "{}: {errors:?}", path.display());
@@ -133,6 +133,7 @@ fn every_result_the_code_can_emit_is_schema_valid() {
         ErrorKind::Exhausted,
         ErrorKind::Internal,
         ErrorKind::Revoked,
+        ErrorKind::Dependency,
     ];
     let now = Utc::now();
     for (index, outcome) in Outcome::ALL.into_iter().enumerate() {
@@ -163,6 +164,9 @@ fn every_result_the_code_can_emit_is_schema_valid() {
                     }),
                 },
             }),
+            reason: (outcome == Outcome::Skipped).then(|| "not in the map".into()),
+            members_added: (outcome == Outcome::MembersAdded).then_some(100),
+            members_removed: (outcome == Outcome::MembersRemoved).then_some(2),
             started_at: now,
             finished_at: now,
         }];
@@ -173,6 +177,7 @@ fn every_result_the_code_can_emit_is_schema_valid() {
                 event_type: Some(event_type),
                 tenant: "t".into(),
                 user_id: "u".into(),
+                group_id: event_type.is_group().then(|| "g".into()),
                 status: Status::from_results(&results),
                 scope,
                 reason: None,

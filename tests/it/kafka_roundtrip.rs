@@ -56,12 +56,15 @@ async fn structured_and_binary_events_survive_a_round_trip_through_the_broker() 
         "/tests/fixtures/events/valid/user-created.json"
     ))
     .unwrap();
-    let expected = event::decode(Some(&fixture), &[], 1 << 20).unwrap();
+    let expected = event::decode(Some(&fixture), &[], 1 << 20)
+        .unwrap()
+        .into_user()
+        .expect("a user event");
     producer
         .send(OutboundRecord {
             topic: &topic,
             partition: None,
-            key: Some(expected.user_key().as_bytes()),
+            key: Some(expected.key().as_bytes()),
             payload: &fixture,
             headers: vec![("content-type", b"application/cloudevents+json")],
         })
@@ -72,7 +75,7 @@ async fn structured_and_binary_events_survive_a_round_trip_through_the_broker() 
         .send(OutboundRecord {
             topic: &topic,
             partition: None,
-            key: Some(expected.user_key().as_bytes()),
+            key: Some(expected.key().as_bytes()),
             payload: &data,
             headers: vec![
                 ("ce_specversion", b"1.0"),
@@ -91,8 +94,13 @@ async fn structured_and_binary_events_survive_a_round_trip_through_the_broker() 
             .await
             .expect("a record within 30 s")
             .expect("no consumer error");
-        assert_eq!(record.key_text().as_deref(), Some(expected.user_key().as_str()));
-        decoded.push(event::decode(record.value.as_deref(), &record.headers, 1 << 20).unwrap());
+        assert_eq!(record.key_text().as_deref(), Some(expected.key().as_str()));
+        decoded.push(
+            event::decode(record.value.as_deref(), &record.headers, 1 << 20)
+                .unwrap()
+                .into_user()
+                .expect("a user event"),
+        );
     }
     assert_eq!(decoded[0], expected, "structured mode");
     assert_eq!(decoded[1].data, expected.data, "binary mode");

@@ -102,7 +102,10 @@ fn user_event(event_type: &str, user_id: &str, user: Value) -> UserEvent {
         user_id,
         json!({"user": user}),
     );
-    event::decode(Some(&bytes), &[], 1 << 20).unwrap()
+    event::decode(Some(&bytes), &[], 1 << 20)
+        .unwrap()
+        .into_user()
+        .expect("a user event")
 }
 
 #[tokio::test]

@@ -31,7 +31,10 @@ fn user_event(event_type: &str, user_id: &str, user: serde_json::Value) -> UserE
         extra["user"]["userName"] = json!(format!("user-{user_id}"));
     }
     let bytes = event_json(&format!("{event_type}-{user_id}"), event_type, "acme", user_id, extra);
-    event::decode(Some(&bytes), &[], 1 << 20).expect("valid event")
+    event::decode(Some(&bytes), &[], 1 << 20)
+        .expect("valid event")
+        .into_user()
+        .expect("a user event")
 }
 
 async fn emulator(settings: ScimEmulatorSettings) -> (ScimEmulator, CancellationToken) {
