@@ -328,24 +328,47 @@ fn google_error(status: StatusCode, reason: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// A refusal in Google's words, answered with Google's error body. Small, so helpers can
+/// return it in a `Result`.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        google_error(self.status, self.reason, &self.message)
+    }
+}
+
 /// 404 `notFound` naming the path parameter (`userKey`, `groupKey`, `memberKey`) that
 /// found nothing.
-fn not_found(key: &str) -> Response {
-    google_error(StatusCode::NOT_FOUND, "notFound", &format!("Resource Not Found: {key}"))
+fn not_found(key: &str) -> Refusal {
+    Refusal {
+        status: StatusCode::NOT_FOUND,
+        reason: "notFound",
+        message: format!("Resource Not Found: {key}"),
+    }
 }
 
 /// 400 `invalid` naming what was refused, as Google words it ("Invalid Input: query").
-fn invalid_input(what: &str) -> Response {
-    google_error(StatusCode::BAD_REQUEST, "invalid", &format!("Invalid Input: {what}"))
+fn invalid_input(what: &str) -> Refusal {
+    Refusal {
+        status: StatusCode::BAD_REQUEST,
+        reason: "invalid",
+        message: format!("Invalid Input: {what}"),
+    }
 }
 
 /// 400 `required`. Google also answers this for a member outside the domain.
-fn missing_required(what: &str) -> Response {
-    google_error(
-        StatusCode::BAD_REQUEST,
-        "required",
-        &format!("Missing required field: {what}"),
-    )
+fn missing_required(what: &str) -> Refusal {
+    Refusal {
+        status: StatusCode::BAD_REQUEST,
+        reason: "required",
+        message: format!("Missing required field: {what}"),
+    }
 }
 
 fn entity_exists() -> Response {
@@ -591,7 +614,7 @@ fn user_not_found(state: &GoogleState, user_key: &str) -> Response {
     if find_group(&groups, user_key).is_some() {
         return google_error(StatusCode::BAD_REQUEST, "badRequest", "Type not supported: userKey");
     }
-    not_found("userKey")
+    not_found("userKey").into_response()
 }
 
 async fn insert_user(State(state): State<GoogleState>, Json(user): Json<Value>) -> Response {
@@ -634,7 +657,7 @@ async fn list_users(State(state): State<GoogleState>, Query(list): Query<ListQue
     {
         None => None,
         Some(Some(QueryValue::Exact(value))) => Some(value),
-        Some(_) => return invalid_input("query"),
+        Some(_) => return invalid_input("query").into_response(),
     };
     let users = state.users.lock().expect("users lock");
     let found: Vec<Value> = users
@@ -778,9 +801,13 @@ fn group_resource(group: &StoredGroup) -> Value {
 }
 
 /// Checks a group body; `insert` also needs the email. `None` when all is well.
-fn check_group(state: &GoogleState, group: &Value, insert: bool) -> Option<Response> {
+fn check_group(state: &GoogleState, group: &Value, insert: bool) -> Option<Refusal> {
     let Some(fields) = group.as_object() else {
-        return Some(google_error(StatusCode::BAD_REQUEST, "badRequest", "Bad Request"));
+        return Some(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: "badRequest",
+            message: "Bad Request".into(),
+        });
     };
     match fields.get("email") {
         Some(Value::String(email)) if in_domain(state, email) => {}
@@ -803,7 +830,7 @@ fn check_group(state: &GoogleState, group: &Value, insert: bool) -> Option<Respo
 async fn insert_group(State(state): State<GoogleState>, Json(group): Json<Value>) -> Response {
     record(&state, "directory.groups.insert", Method::POST, &group);
     if let Some(refusal) = check_group(&state, &group, true) {
-        return refusal;
+        return refusal.into_response();
     }
     let users = state.users.lock().expect("users lock");
     let mut groups = state.groups.lock().expect("groups lock");
@@ -826,7 +853,7 @@ async fn get_group(State(state): State<GoogleState>, Path(group_key): Path<Strin
     let groups = state.groups.lock().expect("groups lock");
     match find_group(&groups, &group_key) {
         Some(id) => Json(group_resource(&groups[&id])).into_response(),
-        None => not_found("groupKey"),
+        None => not_found("groupKey").into_response(),
     }
 }
 
@@ -846,10 +873,10 @@ async fn update_group(
     let users = state.users.lock().expect("users lock");
     let mut groups = state.groups.lock().expect("groups lock");
     let Some(id) = find_group(&groups, &group_key) else {
-        return not_found("groupKey");
+        return not_found("groupKey").into_response();
     };
     if let Some(refusal) = check_group(&state, &changes, false) {
-        return refusal;
+        return refusal.into_response();
     }
     if let Some(email) = changes.get("email").and_then(Value::as_str) {
         if email_taken(&users, &groups, email, &id) {
@@ -871,7 +898,7 @@ async fn delete_group(State(state): State<GoogleState>, Path(group_key): Path<St
     count(&state, "directory.groups.delete");
     let mut groups = state.groups.lock().expect("groups lock");
     let Some(id) = find_group(&groups, &group_key) else {
-        return not_found("groupKey");
+        return not_found("groupKey").into_response();
     };
     groups.remove(&id);
     // A group nested in others leaves them too.
@@ -915,7 +942,7 @@ async fn list_groups(State(state): State<GoogleState>, Query(list): Query<GroupL
     {
         None => None,
         Some(Some(value)) => Some(value),
-        Some(None) => return invalid_input("query"),
+        Some(None) => return invalid_input("query").into_response(),
     };
     let users = state.users.lock().expect("users lock");
     let groups = state.groups.lock().expect("groups lock");
@@ -950,7 +977,7 @@ async fn list_groups(State(state): State<GoogleState>, Query(list): Query<GroupL
     found.sort_by_key(|group| group["email"].as_str().unwrap_or_default().to_ascii_lowercase());
     let (page, next_page_token) = match page_of(found, list.max_results, list.page_token.as_deref()) {
         Ok(page) => page,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     list_body("admin#directory#groups", "groups", page, next_page_token)
 }
@@ -961,14 +988,14 @@ fn page_of(
     items: Vec<Value>,
     max_results: Option<i64>,
     page_token: Option<&str>,
-) -> Result<(Vec<Value>, Option<String>), Response> {
+) -> Result<(Vec<Value>, Option<String>), Refusal> {
     let size = max_results.unwrap_or(MAX_PAGE_SIZE);
     if !(1..=MAX_PAGE_SIZE).contains(&size) {
-        return Err(google_error(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            &format!("Invalid value '{size}'. Values must be within the range: [1, {MAX_PAGE_SIZE}]"),
-        ));
+        return Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: "invalid",
+            message: format!("Invalid value '{size}'. Values must be within the range: [1, {MAX_PAGE_SIZE}]"),
+        });
     }
     let start = match page_token {
         None | Some("") => 0,
@@ -1039,7 +1066,7 @@ fn resolve_member(
     users: &HashMap<String, Value>,
     groups: &BTreeMap<String, StoredGroup>,
     member_key: &str,
-) -> Result<String, Response> {
+) -> Result<String, Refusal> {
     if let Some(id) = find_key(users, member_key).or_else(|| find_group(groups, member_key)) {
         return Ok(id);
     }
@@ -1071,7 +1098,7 @@ fn contains_transitively(groups: &BTreeMap<String, StoredGroup>, group_id: &str,
 }
 
 /// The `role` of a member body: absent means `MEMBER`, as on Google.
-fn role_of(member: &Value) -> Result<Option<String>, Response> {
+fn role_of(member: &Value) -> Result<Option<String>, Refusal> {
     match member.get("role") {
         None => Ok(None),
         Some(Value::String(role)) if MEMBER_ROLES.contains(&role.as_str()) => Ok(Some(role.clone())),
@@ -1088,7 +1115,7 @@ async fn insert_member(
     let users = state.users.lock().expect("users lock");
     let mut groups = state.groups.lock().expect("groups lock");
     let Some(group_id) = find_group(&groups, &group_key) else {
-        return not_found("groupKey");
+        return not_found("groupKey").into_response();
     };
     let member_key = member
         .get("email")
@@ -1096,15 +1123,15 @@ async fn insert_member(
         .and_then(Value::as_str)
         .filter(|key| !key.is_empty());
     let Some(member_key) = member_key else {
-        return missing_required("member");
+        return missing_required("member").into_response();
     };
     let role = match role_of(&member) {
         Ok(role) => role.unwrap_or_else(|| MEMBER_ROLES[0].to_string()),
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let member_id = match resolve_member(&state, &users, &groups, member_key) {
         Ok(id) => id,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     if groups[&group_id]
         .members
@@ -1115,7 +1142,7 @@ async fn insert_member(
     }
     // Google refuses cycles: a group cannot contain itself, even through other groups.
     if member_id == group_id || contains_transitively(&groups, &member_id, &group_id) {
-        return invalid_input("memberKey");
+        return invalid_input("memberKey").into_response();
     }
     let membership = Membership {
         member_id,
@@ -1135,7 +1162,7 @@ fn find_membership(
     groups: &BTreeMap<String, StoredGroup>,
     group_key: &str,
     member_key: &str,
-) -> Result<(String, usize), Response> {
+) -> Result<(String, usize), Refusal> {
     let group_id = find_group(groups, group_key).ok_or_else(|| not_found("groupKey"))?;
     let member_id = resolve_member(state, users, groups, member_key)?;
     let position = groups[&group_id]
@@ -1158,8 +1185,8 @@ async fn get_member(
             Json(member_resource(&users, &groups, &groups[&group_id].members[position])).into_response()
         }
         // Google does not tell an outside address from an absent member here.
-        Err(_) if find_group(&groups, &group_key).is_some() => not_found("memberKey"),
-        Err(refusal) => refusal,
+        Err(_) if find_group(&groups, &group_key).is_some() => not_found("memberKey").into_response(),
+        Err(refusal) => refusal.into_response(),
     }
 }
 
@@ -1180,11 +1207,11 @@ async fn update_member(
     let mut groups = state.groups.lock().expect("groups lock");
     let (group_id, position) = match find_membership(&state, &users, &groups, &group_key, &member_key) {
         Ok(found) => found,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let role = match role_of(&changes) {
         Ok(role) => role,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let membership = &mut groups.get_mut(&group_id).expect("found above").members[position];
     if let Some(role) = role {
@@ -1207,7 +1234,7 @@ async fn delete_member(
             groups.get_mut(&group_id).expect("found above").members.remove(position);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(refusal) => refusal,
+        Err(refusal) => refusal.into_response(),
     }
 }
 
@@ -1229,7 +1256,7 @@ async fn list_members(
     let users = state.users.lock().expect("users lock");
     let groups = state.groups.lock().expect("groups lock");
     let Some(group_id) = find_group(&groups, &group_key) else {
-        return not_found("groupKey");
+        return not_found("groupKey").into_response();
     };
     let roles: Option<Vec<String>> = list
         .roles
@@ -1243,7 +1270,7 @@ async fn list_members(
         .collect();
     match page_of(members, list.max_results, list.page_token.as_deref()) {
         Ok((page, next_page_token)) => list_body("admin#directory#members", "members", page, next_page_token),
-        Err(refusal) => refusal,
+        Err(refusal) => refusal.into_response(),
     }
 }
 
@@ -1257,14 +1284,14 @@ async fn has_member(
     let users = state.users.lock().expect("users lock");
     let groups = state.groups.lock().expect("groups lock");
     let Some(group_id) = find_group(&groups, &group_key) else {
-        return not_found("groupKey");
+        return not_found("groupKey").into_response();
     };
     if member_key.contains('@') && !in_domain(&state, &member_key) {
-        return invalid_input("memberKey");
+        return invalid_input("memberKey").into_response();
     }
     let member_id = match resolve_member(&state, &users, &groups, &member_key) {
         Ok(id) => id,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     Json(json!({"isMember": contains_transitively(&groups, &group_id, &member_id)})).into_response()
 }

@@ -926,6 +926,10 @@ async fn delete_collection(State(state): State<SalesforceState>, Query(request):
 
 // === Queries ===
 
+/// What a query reads: the object's name, its records, and its fields when the emulator
+/// knows them all.
+type QueriedObject<'a> = (&'a str, Vec<Map<String, Value>>, Option<&'a [&'a str]>);
+
 #[derive(Deserialize)]
 struct QueryParameters {
     q: String,
@@ -955,8 +959,7 @@ async fn query(
         Ok(parsed) => parsed,
         Err(message) => return sf_error(StatusCode::BAD_REQUEST, "MALFORMED_QUERY", &message, &[]),
     };
-    let (object, records, known_fields): (&str, Vec<Map<String, Value>>, Option<&[&str]>) =
-        match parsed.object.to_ascii_lowercase().as_str() {
+    let (object, records, known_fields): QueriedObject = match parsed.object.to_ascii_lowercase().as_str() {
             "user" => (
                 "User",
                 state.users.lock().expect("users lock").values().cloned().collect(),
