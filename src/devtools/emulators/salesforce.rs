@@ -627,10 +627,18 @@ fn check_reference(
     Ok(value)
 }
 
+/// The org's records an assignment is checked against, locked for a whole request.
+struct AssignmentContext<'a> {
+    users: &'a HashMap<String, Map<String, Value>>,
+    permission_sets: &'a BTreeMap<String, Map<String, Value>>,
+    assignments: &'a BTreeMap<String, Map<String, Value>>,
+}
+
 /// Validates one new assignment against the org and the assignments `pending` in the same
 /// request; returns the record to store.
 fn new_assignment(
     state: &SalesforceState,
+    org: &AssignmentContext,
     record: &Map<String, Value>,
     pending: &[Map<String, Value>],
 ) -> Result<Map<String, Value>, RecordError> {
@@ -644,11 +652,8 @@ fn new_assignment(
             &[field],
         ));
     }
-    let users = state.users.lock().expect("users lock");
-    let permission_sets = state.permission_sets.lock().expect("permission sets lock");
-    let assignments = state.assignments.lock().expect("assignments lock");
     let assignee_id = check_reference(record, "AssigneeId", "Assignee ID", USER_KEY_PREFIX, |id| {
-        users.contains_key(id)
+        org.users.contains_key(id)
     })?;
     if record.get("PermissionSetGroupId").is_some_and(|value| !value.is_null()) {
         // The emulator has no permission set groups, so any reference to one is dangling.
@@ -665,9 +670,10 @@ fn new_assignment(
         "PermissionSetId",
         "Permission Set ID",
         PERMISSION_SET_KEY_PREFIX,
-        |id| permission_sets.contains_key(id),
+        |id| org.permission_sets.contains_key(id),
     )?;
-    let taken = assignments
+    let taken = org
+        .assignments
         .values()
         .chain(pending)
         .any(|existing| existing["AssigneeId"] == assignee_id && existing["PermissionSetId"] == permission_set_id);
@@ -686,12 +692,41 @@ fn new_assignment(
     Ok(stored)
 }
 
-fn save_assignments(state: &SalesforceState, created: Vec<Map<String, Value>>) {
+/// Creates the assignments `records` describe, each on its own or, with `all_or_none`,
+/// none if one fails. Returns each record's new Id or refusal, in order, and whether the
+/// successes were rolled back.
+fn create_assignments(
+    state: &SalesforceState,
+    records: &[Map<String, Value>],
+    all_or_none: bool,
+) -> (Vec<Result<String, RecordError>>, bool) {
+    // Held for the whole request, so two requests cannot both create the same assignment.
+    let users = state.users.lock().expect("users lock");
+    let permission_sets = state.permission_sets.lock().expect("permission sets lock");
     let mut assignments = state.assignments.lock().expect("assignments lock");
-    for record in created {
-        let id = record["Id"].as_str().unwrap_or_default().to_string();
-        assignments.insert(id, record);
+    let org = AssignmentContext {
+        users: &users,
+        permission_sets: &permission_sets,
+        assignments: &assignments,
+    };
+    let mut created: Vec<Map<String, Value>> = Vec::new();
+    let outcomes: Vec<Result<String, RecordError>> = records
+        .iter()
+        .map(|record| {
+            let new = new_assignment(state, &org, record, &created)?;
+            let id = new["Id"].as_str().unwrap_or_default().to_string();
+            created.push(new);
+            Ok(id)
+        })
+        .collect();
+    let rolled_back = all_or_none && outcomes.iter().any(Result::is_err);
+    if !rolled_back {
+        for record in created {
+            let id = record["Id"].as_str().unwrap_or_default().to_string();
+            assignments.insert(id, record);
+        }
     }
+    (outcomes, rolled_back)
 }
 
 async fn create_assignment(State(state): State<SalesforceState>, Json(body): Json<Value>) -> Response {
@@ -701,16 +736,13 @@ async fn create_assignment(State(state): State<SalesforceState>, Json(body): Jso
     if let Err(error) = check_assignment_field_names(&record) {
         return error.response(StatusCode::BAD_REQUEST);
     }
-    match new_assignment(&state, &record, &[]) {
-        Ok(created) => {
-            let id = created["Id"].clone();
-            save_assignments(&state, vec![created]);
-            (
-                StatusCode::CREATED,
-                Json(json!({"id": id, "success": true, "errors": []})),
-            )
-                .into_response()
-        }
+    let (mut outcomes, _) = create_assignments(&state, &[record], false);
+    match outcomes.remove(0) {
+        Ok(id) => (
+            StatusCode::CREATED,
+            Json(json!({"id": id, "success": true, "errors": []})),
+        )
+            .into_response(),
         Err(error) => error.response(StatusCode::BAD_REQUEST),
     }
 }
@@ -817,23 +849,7 @@ async fn create_collection(State(state): State<SalesforceState>, Json(body): Jso
             return error.response(StatusCode::BAD_REQUEST);
         }
     }
-    let mut created = Vec::new();
-    let outcomes: Vec<Result<Value, RecordError>> = request
-        .records
-        .iter()
-        .map(|record| {
-            new_assignment(&state, record, &created).map(|record| {
-                let id = record["Id"].clone();
-                created.push(record);
-                id
-            })
-        })
-        .collect();
-    let failed = outcomes.iter().any(Result::is_err);
-    let roll_back = failed && request.all_or_none;
-    if !roll_back {
-        save_assignments(&state, created);
-    }
+    let (outcomes, roll_back) = create_assignments(&state, &request.records, request.all_or_none);
     let results: Vec<Value> = outcomes
         .iter()
         .map(|outcome| match outcome {
