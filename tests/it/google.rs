@@ -1,7 +1,6 @@
 //! The Google Workspace connector against the Directory API emulator, request bodies
 //! checked against Google's official discovery document, and end to end through Kafka.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::app::{producer, publish, Names, TopicReader};
 use crate::support::doubles::event_json;
+use crate::support::google_discovery::{check, discovery_document, required_for};
 
 const SERVICE_ACCOUNT: &str = "provisioner@demo-project.iam.gserviceaccount.com";
 const ADMIN: &str = "admin@example.com";
@@ -312,97 +312,6 @@ async fn a_permanent_error_carries_googles_reason() {
     );
 }
 
-fn discovery_document() -> Value {
-    let path = std::env::var("GOOGLE_DISCOVERY_DOC").map(PathBuf::from).unwrap_or_else(|_| {
-        let cache = PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/provisioner");
-        std::fs::read_dir(&cache)
-            .unwrap()
-            .filter_map(|entry| {
-                let candidate = entry
-                    .ok()?
-                    .path()
-                    .join("lib/python3.11/site-packages/googleapiclient/discovery_cache/documents/admin.directory_v1.json");
-                candidate.exists().then_some(candidate)
-            })
-            .next()
-            .expect("admin.directory_v1.json: run scripts/test, which installs google-api-python-client")
-    });
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
-
-/// Checks `value` against a discovery-document schema; fields typed `any` that have a
-/// companion schema (externalIds → UserExternalId) are checked against it too.
-fn check(document: &Value, schema: &Value, value: &Value, path: &str, problems: &mut Vec<String>) {
-    if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
-        return check(document, &document["schemas"][reference], value, path, problems);
-    }
-    match schema.get("type").and_then(Value::as_str) {
-        Some("object") => {
-            let Some(object) = value.as_object() else {
-                return problems.push(format!("{path}: not an object"));
-            };
-            for (field, field_value) in object {
-                let field_path = format!("{path}.{field}");
-                match schema.pointer(&format!("/properties/{field}")) {
-                    Some(field_schema) => {
-                        let companion = match field.as_str() {
-                            "externalIds" => Some(json!({"type": "array", "items": {"$ref": "UserExternalId"}})),
-                            _ => None,
-                        };
-                        check(
-                            document,
-                            companion.as_ref().unwrap_or(field_schema),
-                            field_value,
-                            &field_path,
-                            problems,
-                        );
-                    }
-                    None => problems.push(format!("{field_path}: not in Google's schema")),
-                }
-            }
-        }
-        Some("array") => match value.as_array() {
-            Some(items) => {
-                for (index, item) in items.iter().enumerate() {
-                    check(document, &schema["items"], item, &format!("{path}[{index}]"), problems);
-                }
-            }
-            None => problems.push(format!("{path}: not an array")),
-        },
-        Some("string") if !value.is_string() => problems.push(format!("{path}: not a string")),
-        Some("boolean") if !value.is_boolean() => problems.push(format!("{path}: not a boolean")),
-        _ => {}
-    }
-}
-
-/// Fields the discovery document marks required for `directory.users.insert`.
-fn required_for_insert(document: &Value, schema: &Value, value: &Value, path: &str, problems: &mut Vec<String>) {
-    let schema = match schema.get("$ref").and_then(Value::as_str) {
-        Some(reference) => &document["schemas"][reference],
-        None => schema,
-    };
-    let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
-        return;
-    };
-    for (field, field_schema) in properties {
-        let required = field_schema
-            .pointer("/annotations/required")
-            .and_then(Value::as_array)
-            .is_some_and(|methods| methods.iter().any(|method| method == "directory.users.insert"));
-        match value.get(field) {
-            None if required => problems.push(format!("{path}.{field}: required on insert")),
-            Some(field_value) => required_for_insert(
-                document,
-                field_schema,
-                field_value,
-                &format!("{path}.{field}"),
-                problems,
-            ),
-            None => {}
-        }
-    }
-}
-
 #[tokio::test]
 async fn every_request_body_fits_googles_discovery_document() {
     let document = discovery_document();
@@ -444,8 +353,9 @@ async fn every_request_body_fits_googles_discovery_document() {
             &mut problems,
         );
         if request.method == "POST" {
-            required_for_insert(
+            required_for(
                 &document,
+                "directory.users.insert",
                 &user_schema,
                 &request.body,
                 &format!("request {index}"),
@@ -464,8 +374,9 @@ async fn every_request_body_fits_googles_discovery_document() {
         "bad",
         &mut self_check,
     );
-    required_for_insert(
+    required_for(
         &document,
+        "directory.users.insert",
         &user_schema,
         &json!({"name": {"givenName": "a"}}),
         "bad",

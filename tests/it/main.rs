@@ -22,6 +22,8 @@ mod faults;
 #[cfg(feature = "devtools")]
 mod google;
 #[cfg(feature = "devtools")]
+mod google_emulator_groups;
+#[cfg(feature = "devtools")]
 mod isolation;
 #[cfg(feature = "devtools")]
 mod isolation_parking;
@@ -31,6 +33,8 @@ mod layering;
 mod pipeline;
 #[cfg(feature = "devtools")]
 mod salesforce;
+#[cfg(feature = "devtools")]
+mod salesforce_emulator_groups;
 #[cfg(feature = "devtools")]
 mod scim;
 #[cfg(feature = "devtools")]

@@ -3,6 +3,8 @@
 pub mod app;
 pub mod broker;
 pub mod doubles;
+#[cfg(feature = "devtools")]
+pub mod google_discovery;
 // Only the SCIM tests use it, and they need the emulators (`devtools`) too.
 #[cfg(feature = "devtools")]
 pub mod scim2_server;
