@@ -15,13 +15,14 @@ use crate::kafka::settings::KafkaSettings;
 use crate::kafka::state_topic;
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::{AssignmentListener, Assignments};
+use crate::pipeline::groups::{self, GroupsError};
 use crate::pipeline::offsets::OffsetTracker;
 use crate::pipeline::parking::{self, ParkingError, ParkingMonitor};
-use crate::pipeline::process::{Parking, Worker};
 use crate::pipeline::router::Router;
 use crate::pipeline::wedge::{WedgeObserver, WedgeWatch};
+use crate::pipeline::worker::{Parking, Worker};
 use crate::pipeline::Pipeline;
-use crate::settings::{ParkingSettings, Problem, Settings, SettingsError};
+use crate::settings::{GroupsSettings, ParkingSettings, Problem, Settings, SettingsError};
 use crate::state::{ProvisioningState, StateError};
 
 /// Why the service could not start. All of these are permanent: the process exits.
@@ -39,6 +40,8 @@ pub enum StartupError {
     State(#[from] StateError),
     #[error("parking: {0}")]
     Parking(#[from] ParkingError),
+    #[error("groups: {0}")]
+    Groups(#[from] GroupsError),
     #[error("cannot bind the admin server to {address}: {source}")]
     AdminBind {
         address: SocketAddr,
@@ -53,6 +56,7 @@ pub struct Application {
     state: Option<(Arc<ProvisioningState>, String, String)>,
     /// What start-up needs to prepare the retry topics, when parking is on.
     retry_topics: Option<RetryTopicPlan>,
+    membership_topic: Option<MembershipPlan>,
     producer: EventProducer,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
@@ -138,6 +142,7 @@ impl Application {
             state: state.clone(),
             assignments: assignments.clone(),
             parking: std::sync::OnceLock::new(),
+            groups: std::sync::OnceLock::new(),
         });
         // Parking needs the state: it records which lanes are parked.
         let parking_enabled = settings.parking.enabled && state.is_some();
@@ -159,7 +164,14 @@ impl Application {
             reply_deadline: settings.pipeline.reply_deadline,
             ordering: settings.pipeline.ordering,
             parking,
+            max_waiting: settings.groups.waiting_bound(settings.pipeline.max_buffered_events),
         };
+        // Memberships need the state: members' remote ids and memberships' versions.
+        let membership_topic = (settings.groups.enabled && state.is_some()).then(|| MembershipPlan {
+            settings: settings.groups.clone(),
+            kafka: settings.kafka.clone(),
+            input: settings.kafka.event_topics[0].clone(),
+        });
         let retry_topics = parking_enabled.then(|| RetryTopicPlan {
             settings: settings.parking.clone(),
             kafka: settings.kafka.clone(),
@@ -177,6 +189,7 @@ impl Application {
             pipeline,
             state,
             retry_topics,
+            membership_topic,
             producer,
             metrics,
             readiness,
@@ -208,6 +221,7 @@ impl Application {
             pipeline,
             state,
             retry_topics,
+            membership_topic,
             producer,
             metrics,
             readiness,
@@ -249,6 +263,8 @@ impl Application {
                 checked
             }));
         }
+        // Partition p of these topics goes with input partition p.
+        let mut companions = Vec::new();
         if let Some(plan) = retry_topics {
             let prepared = loop {
                 match parking::prepare_retry_topics(&plan.kafka, &plan.settings, &plan.connectors, &plan.input).await {
@@ -264,7 +280,7 @@ impl Application {
                 }
             };
             if let Some(topics) = prepared {
-                pipeline.consumer.set_companions(topics.names());
+                companions.extend(topics.names());
                 // Retention is checked while the consumer joins, like the state topic's configs.
                 let stop = pipeline_shutdown.clone();
                 let until = shutdown.clone();
@@ -297,6 +313,26 @@ impl Application {
                 });
             }
         }
+        if let Some(plan) = membership_topic {
+            let prepared = loop {
+                match groups::prepare_membership_topic(&plan.kafka, &plan.settings, &plan.input).await {
+                    Ok(prepared) => break Some(prepared),
+                    Err(error) if error.is_retryable() => {
+                        tracing::warn!(error = %error, "Cannot prepare the membership topic yet; retrying.");
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break None,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            };
+            if let Some(groups) = prepared {
+                companions.push(groups.membership_topic.clone());
+                let _ = pipeline.worker.groups.set(groups);
+            }
+        }
+        pipeline.consumer.set_companions(companions);
         pipeline.consumer.subscribe()?;
         let pipeline_result = pipeline.run(pipeline_shutdown.clone()).await;
         let mut state_problem = None;
@@ -326,6 +362,13 @@ impl Application {
         pipeline_result?;
         Ok(())
     }
+}
+
+/// What start-up needs to prepare the membership topic.
+struct MembershipPlan {
+    settings: GroupsSettings,
+    kafka: KafkaSettings,
+    input: String,
 }
 
 /// The retry topics' start-up check, done before subscribing.

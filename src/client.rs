@@ -63,6 +63,10 @@ impl Client {
         let producer: FutureProducer = base_client_config(settings)
             .set("enable.idempotence", "true")
             .set("linger.ms", "0")
+            // The Java client's partitioner (murmur2), as identity platforms on the JVM
+            // use and as `groups.user_partitioner` assumes by default: a user's events
+            // and memberships meet on one partition.
+            .set("partitioner", "murmur2_random")
             .create()?;
         let reply_topic = settings.reply_topic.clone();
         let consumer: StreamConsumer = base_client_config(settings)

@@ -12,7 +12,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Operation, UserChange};
+use crate::domain::version::EventVersion;
+use crate::domain::{MemberAction, Operation, UserChange};
 // The user and the group are domain types; events carry them as `data.user`, `data.group`.
 pub use crate::domain::{Email, Group, Name, User};
 
@@ -108,6 +109,83 @@ impl EventType {
 pub enum Event {
     User(UserEvent),
     Group(GroupEvent),
+    /// One member of a group on one connector, from the service's own membership topic
+    /// (never from the input): applied in the member's lane.
+    Membership(MembershipRecord),
+}
+
+/// The content type of a membership record: only read from the membership topic and
+/// from retry topics, never from the input.
+pub const MEMBERSHIP_CONTENT_TYPE: &str = "application/vnd.provisioner.membership+json";
+/// Current layout of a membership record.
+pub const MEMBERSHIP_SCHEMA_VERSION: u32 = 1;
+
+/// A membership to apply: written by a group's event, once the group exists on the
+/// connector, to the member's partition of the membership topic (keyed like the
+/// member's own events), so that it runs in the member's (user, connector) lane, after
+/// the member's create, with the member's remote id at hand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MembershipRecord {
+    pub schema: u32,
+    pub connector: String,
+    pub action: MemberAction,
+    pub tenant: String,
+    pub user_id: String,
+    pub group: MembershipGroup,
+    /// The group's event that asked for it.
+    pub event_id: String,
+    pub event_type: EventType,
+    /// The group event's version: each (group, member, connector) keeps the newest.
+    pub version: EventVersion,
+    /// When the group's event wrote it: a member's create is waited for from then.
+    pub emitted_at: DateTime<Utc>,
+}
+
+/// The group as a membership names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MembershipGroup {
+    pub id: String,
+    #[serde(rename = "displayName")]
+    pub display_name: String,
+    /// The group's id on the connector's target.
+    pub remote_id: String,
+}
+
+impl MembershipRecord {
+    /// The member's key, `tenant/user id`: the record goes to the member's partition.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.tenant, self.user_id)
+    }
+}
+
+/// Reads a membership record (from the membership topic or a retry topic).
+pub fn decode_membership(value: Option<&[u8]>) -> Result<MembershipRecord, DecodeError> {
+    let value = value.unwrap_or_default();
+    if value.is_empty() {
+        return Err(DecodeError::EmptyValue);
+    }
+    let record: MembershipRecord = serde_json::from_slice(value).map_err(|error| DecodeError::InvalidJson {
+        message: error.to_string(),
+    })?;
+    if record.schema > MEMBERSHIP_SCHEMA_VERSION {
+        return Err(DecodeError::InvalidField {
+            path: "schema".into(),
+            message: format!(
+                "membership layout {} is newer than this service's {MEMBERSHIP_SCHEMA_VERSION}",
+                record.schema
+            ),
+        });
+    }
+    Ok(record)
+}
+
+/// Whether a record's headers say it is a membership record.
+pub fn is_membership(headers: &[(String, Vec<u8>)]) -> bool {
+    headers
+        .iter()
+        .rev()
+        .find(|(name, _)| name.eq_ignore_ascii_case(CONTENT_TYPE_HEADER))
+        .is_some_and(|(_, value)| value == MEMBERSHIP_CONTENT_TYPE.as_bytes())
 }
 
 /// A CloudEvents 1.0 event whose `data` is `D`.
@@ -150,6 +228,14 @@ pub struct Envelope<'a> {
 impl Event {
     pub fn envelope(&self) -> Envelope<'_> {
         match self {
+            Event::Membership(record) => Envelope {
+                id: &record.event_id,
+                source: "",
+                event_type: record.event_type,
+                sequence: None,
+                tenant: &record.tenant,
+                service_provider: None,
+            },
             Event::User(event) => Envelope {
                 id: &event.id,
                 source: &event.source,
@@ -187,6 +273,7 @@ impl Event {
         match self {
             Event::User(event) => event.key(),
             Event::Group(event) => event.key(),
+            Event::Membership(record) => record.key(),
         }
     }
 
@@ -195,13 +282,14 @@ impl Event {
         match self {
             Event::User(event) => &event.data.user.id,
             Event::Group(event) => &event.data.group.id,
+            Event::Membership(record) => &record.user_id,
         }
     }
 
     pub fn into_user(self) -> Option<UserEvent> {
         match self {
             Event::User(event) => Some(event),
-            Event::Group(_) => None,
+            _ => None,
         }
     }
 
@@ -210,6 +298,7 @@ impl Event {
         match self {
             Event::User(event) => serde_json::to_value(&event.data),
             Event::Group(event) => serde_json::to_value(&event.data),
+            Event::Membership(record) => serde_json::to_value(record),
         }
         .expect("event data serialises")
     }
@@ -217,14 +306,21 @@ impl Event {
     pub fn as_user(&self) -> Option<&UserEvent> {
         match self {
             Event::User(event) => Some(event),
-            Event::Group(_) => None,
+            _ => None,
         }
     }
 
     pub fn as_group(&self) -> Option<&GroupEvent> {
         match self {
             Event::Group(event) => Some(event),
-            Event::User(_) => None,
+            _ => None,
+        }
+    }
+
+    pub fn as_membership(&self) -> Option<&MembershipRecord> {
+        match self {
+            Event::Membership(record) => Some(record),
+            _ => None,
         }
     }
 }
@@ -413,6 +509,12 @@ pub fn decode(
             return Err(DecodeError::UnsupportedContentType {
                 content_type: content_type.clone(),
             })
+        }
+        Some(content_type) if content_type == MEMBERSHIP_CONTENT_TYPE => {
+            // The service's own records are read from its own topics only.
+            return Err(DecodeError::UnsupportedContentType {
+                content_type: content_type.clone(),
+            });
         }
         Some(content_type) => content_type.starts_with(STRUCTURED_CONTENT_TYPE),
         None => !has_ce_headers,
@@ -758,14 +860,14 @@ mod tests {
     fn user_event(event: Event) -> UserEvent {
         match event {
             Event::User(event) => event,
-            Event::Group(event) => panic!("a group event: {event:?}"),
+            other => panic!("not a user event: {other:?}"),
         }
     }
 
     fn group_event(event: Event) -> GroupEvent {
         match event {
             Event::Group(event) => event,
-            Event::User(event) => panic!("a user event: {event:?}"),
+            other => panic!("not a group event: {other:?}"),
         }
     }
 

@@ -78,6 +78,16 @@ pub struct Metrics {
     pub operations_drained: IntCounterVec,
     /// Operations stopped because their partition was revoked (the new owner redoes them).
     pub operations_revoked: IntCounterVec,
+    /// Membership records a group's event wrote to the membership topic.
+    pub memberships_emitted: IntCounterVec,
+    /// Memberships waiting in memory for their member's create on the connector.
+    pub memberships_waiting: IntGauge,
+    /// Membership requests sent to a target (each carries one batch of members).
+    pub membership_requests: IntCounterVec,
+    /// Members per membership request.
+    pub membership_batch_size: HistogramVec,
+    /// User events found on a partition other than `groups.user_partitioner` gives.
+    pub partitioner_mismatches: IntCounter,
     /// Blocking replies that reported a binding `queued` because it had not finished by
     /// the reply deadline.
     pub replies_past_deadline: IntCounter,
@@ -154,6 +164,37 @@ impl Metrics {
                 "provisioner_operations_revoked_total",
                 "Operations stopped without a further attempt because their partition was revoked; the partition's new owner redoes them.",
                 &["connector"],
+            ),
+            memberships_emitted: counter_vec(
+                "provisioner_memberships_emitted_total",
+                "Membership records written by group events, each applied in its member's lane.",
+                &["connector", "action"],
+            ),
+            memberships_waiting: gauge(
+                "provisioner_memberships_waiting",
+                "Memberships waiting (in memory, bounded by groups.max_waiting_memberships) for their member's account on the connector.",
+            ),
+            membership_requests: counter_vec(
+                "provisioner_membership_requests_total",
+                "Membership requests sent to a target; each carries a batch of members of one group.",
+                &["connector", "action"],
+            ),
+            membership_batch_size: {
+                let metric = HistogramVec::new(
+                    HistogramOpts::new(
+                        "provisioner_membership_batch_size",
+                        "Members carried by one membership request.",
+                    )
+                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0]),
+                    &["connector"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            partitioner_mismatches: counter(
+                "provisioner_partitioner_mismatches_total",
+                "User events on a partition other than the one groups.user_partitioner gives their key (their memberships would be applied elsewhere).",
             ),
             replies_past_deadline: counter(
                 "provisioner_replies_past_deadline_total",
@@ -399,6 +440,10 @@ impl Metrics {
             self.connector_held_operations.with_label_values(&[connector]);
             self.operations_parked.with_label_values(&[connector]);
             self.operations_revoked.with_label_values(&[connector]);
+            for action in ["add", "remove"] {
+                self.memberships_emitted.with_label_values(&[connector, action]);
+                self.membership_requests.with_label_values(&[connector, action]);
+            }
             for result in ["applied", "stale", "failed"] {
                 self.operations_drained.with_label_values(&[connector, result]);
             }

@@ -88,6 +88,9 @@ pub struct Settings {
     /// Durable parking of a connector's work while its target cannot keep up.
     #[serde(default)]
     pub parking: ParkingSettings,
+    /// Groups and their members.
+    #[serde(default)]
+    pub groups: GroupsSettings,
     /// Outbound targets, by name. The name is used in bindings, results and metric labels.
     #[serde(default)]
     pub connectors: BTreeMap<String, ConnectorSettings>,
@@ -183,6 +186,93 @@ impl ParkingSettings {
     pub fn retry_topic(&self, connector: &str) -> String {
         format!("{}{connector}", self.topic_prefix)
     }
+}
+
+/// `[groups]`: group events create, rename and delete groups in their own lanes; each
+/// member added or removed becomes a membership record on the membership topic, on the
+/// member's partition, applied in the member's (user, connector) lane after the
+/// member's create. Needs `[state]` (members' remote ids and memberships' versions).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupsSettings {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Where group events write their membership records: partitioned like the input,
+    /// partition p read by the owner of input partition p.
+    #[serde(default = "default_membership_topic")]
+    pub membership_topic: String,
+    /// How the identity platform's producer picks a user's partition from the key, so
+    /// that a membership reaches the member's partition: `murmur2` (the Java client's
+    /// default, and Kafka Streams') or `crc32` (librdkafka's default,
+    /// `consistent_random`). A user event found on another partition is counted
+    /// (`provisioner_partitioner_mismatches_total`) and logged.
+    #[serde(default)]
+    pub user_partitioner: UserPartitioner,
+    /// A membership whose member has no account on the connector yet waits this long
+    /// (from its group event) for the member's create, then is skipped with the reason.
+    #[serde(default = "default_member_wait", with = "humantime_serde")]
+    pub member_wait: Duration,
+    /// Memberships waiting for their member in memory; above it the membership topic is
+    /// paused (the input goes on, so the creates they wait for still come). Half of
+    /// `pipeline.max_buffered_events` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_waiting_memberships: Option<usize>,
+    /// Membership records a group event writes between two saves of its progress: a
+    /// large group redone after a crash resumes at the last save.
+    #[serde(default = "default_membership_chunk")]
+    pub chunk: usize,
+    /// Create a missing membership topic (partitioned like the input); when false, a
+    /// missing one stops start-up.
+    #[serde(default = "default_true")]
+    pub create_topics: bool,
+}
+
+impl Default for GroupsSettings {
+    fn default() -> Self {
+        GroupsSettings {
+            enabled: true,
+            membership_topic: default_membership_topic(),
+            user_partitioner: UserPartitioner::default(),
+            member_wait: default_member_wait(),
+            max_waiting_memberships: None,
+            chunk: default_membership_chunk(),
+            create_topics: true,
+        }
+    }
+}
+
+impl GroupsSettings {
+    pub fn waiting_bound(&self, max_buffered_events: usize) -> usize {
+        self.max_waiting_memberships.unwrap_or((max_buffered_events / 2).max(1))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserPartitioner {
+    #[default]
+    Murmur2,
+    Crc32,
+}
+
+impl UserPartitioner {
+    /// The partition this partitioner gives `key` among `partitions`.
+    pub fn partition(self, key: &[u8], partitions: i32) -> i32 {
+        match self {
+            UserPartitioner::Murmur2 => crate::kafka::partitioners::java_murmur2(key, partitions),
+            UserPartitioner::Crc32 => crate::kafka::partitioners::librdkafka_crc32(key, partitions),
+        }
+    }
+}
+
+fn default_membership_topic() -> String {
+    "provisioner.memberships".into()
+}
+fn default_member_wait() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_membership_chunk() -> usize {
+    500
 }
 
 fn default_true() -> bool {
@@ -457,6 +547,37 @@ impl Settings {
         }
         if pipeline.wedge_after.is_zero() {
             problem("pipeline.wedge_after".into(), "must be greater than zero".into());
+        }
+        let groups = &self.groups;
+        if groups.enabled && self.state.enabled {
+            if groups.member_wait.is_zero() {
+                problem("groups.member_wait".into(), "must be greater than zero".into());
+            }
+            if groups.chunk == 0 {
+                problem("groups.chunk".into(), "must be at least 1".into());
+            }
+            if groups.max_waiting_memberships == Some(0) {
+                problem("groups.max_waiting_memberships".into(), "must be at least 1".into());
+            }
+            let taken = [
+                &self.kafka.results_topic,
+                &self.kafka.reply_topic,
+                &self.kafka.dead_letter_topic,
+                &self.state.topic,
+            ]
+            .into_iter()
+            .chain(&self.kafka.event_topics)
+            .any(|topic| topic == &groups.membership_topic)
+                || (self.parking.enabled && groups.membership_topic.starts_with(&self.parking.topic_prefix));
+            if groups.membership_topic.is_empty() || taken {
+                problem(
+                    "groups.membership_topic".into(),
+                    format!(
+                        "`{}` must be a topic of its own (not an input, output, state or retry topic)",
+                        groups.membership_topic
+                    ),
+                );
+            }
         }
 
         for (name, connector) in &self.connectors {

@@ -13,6 +13,7 @@ pub mod gate;
 pub mod google;
 pub mod http;
 pub mod jwt;
+pub mod members;
 pub mod naming;
 pub mod oauth;
 pub mod salesforce;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::connectors::delivery::DeliverySettings;
 use crate::connectors::gate::Gate;
+use crate::connectors::members::MembershipBatcher;
 use crate::connectors::settings::ConnectorSettings;
 use crate::connectors::{google, salesforce, scim, BuildError, Connector};
 use crate::metrics::Metrics;
@@ -18,6 +19,8 @@ pub struct ConnectorHandle {
     /// never held across backoff sleeps.
     pub gate: Arc<Gate>,
     pub retry: RetryPolicy,
+    /// Membership operations of one group, batched into shared requests.
+    pub members: MembershipBatcher,
 }
 
 /// Every configured connector, by name.
@@ -37,7 +40,7 @@ impl ConnectorSet {
             let delivery = connector_settings.delivery();
             let gate = Arc::new(Gate::new(name, delivery, Some(metrics.clone())));
             let connector = build_connector(name, connector_settings, metrics, &gate)?;
-            set.insert_with_gate(name, connector, gate, delivery);
+            set.insert_with_gate(name, connector, gate, delivery, Some(metrics.clone()));
         }
         Ok(set)
     }
@@ -45,7 +48,7 @@ impl ConnectorSet {
     /// Adds (or replaces) a connector. Tests use it to plug in doubles.
     pub fn insert(&mut self, name: &str, connector: Arc<dyn Connector>, delivery: &DeliverySettings) {
         let gate = Arc::new(Gate::new(name, delivery, None));
-        self.insert_with_gate(name, connector, gate, delivery);
+        self.insert_with_gate(name, connector, gate, delivery, None);
     }
 
     fn insert_with_gate(
@@ -54,7 +57,9 @@ impl ConnectorSet {
         connector: Arc<dyn Connector>,
         gate: Arc<Gate>,
         delivery: &DeliverySettings,
+        metrics: Option<Arc<Metrics>>,
     ) {
+        let members = MembershipBatcher::new(name, connector.clone(), gate.clone(), metrics);
         self.handles.insert(
             name.to_string(),
             Arc::new(ConnectorHandle {
@@ -62,6 +67,7 @@ impl ConnectorSet {
                 connector,
                 gate,
                 retry: delivery.retry_policy(),
+                members,
             }),
         );
     }

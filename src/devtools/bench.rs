@@ -329,6 +329,8 @@ impl Rig {
             (format!("{prefix}-dlq"), 1, true),
             // The retry topic of the one connector (parking), partitioned like the input.
             (format!("{prefix}-retry.directory"), partitions, true),
+            // The membership topic (groups), partitioned like the input.
+            (format!("{prefix}-memberships"), partitions, true),
         ];
         match &self.cluster {
             Some(cluster) => {
@@ -381,6 +383,10 @@ impl Rig {
             dir = "{state_dir}"
             [parking]
             topic_prefix = "{run}-retry."
+            [groups]
+            membership_topic = "{run}-memberships"
+            # The load generator places events with librdkafka's partitioner.
+            user_partitioner = "crc32"
             [kafka.properties]
             "queued.max.messages.kbytes" = "8192"
             "fetch.wait.max.ms" = "{fetch_wait}"
@@ -665,6 +671,7 @@ impl Rig {
                 event_id: format!("restored-{user}"),
                 updated_at: chrono::Utc::now(),
                 parked_until: None,
+                members_emitted: None,
             }
             .encode();
             let producer = &producer;

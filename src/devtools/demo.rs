@@ -268,6 +268,8 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     for connector in ["corp_directory", "workspace", "crm"] {
         cluster.create_topic(&format!("provisioner.retry.{connector}"), 4, 1)?;
     }
+    // The membership topic (groups), partitioned like the input.
+    cluster.create_topic("provisioner.memberships", 4, 1)?;
     for topic in [RESULTS_TOPIC, REPLY_TOPIC, DEAD_LETTER_TOPIC] {
         cluster.create_topic(topic, 1, 1)?;
     }
@@ -382,6 +384,8 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("linger.ms", "5")
+        // As a JVM identity platform partitions (`groups.user_partitioner` = murmur2).
+        .set("partitioner", "murmur2_random")
         .create()?;
     let client = Client::connect(&settings.kafka).await?;
     let mut blocking_round_trip = None;

@@ -20,12 +20,14 @@
 //!   drains to three quarters, so memory and the redo after a crash stay bounded.
 
 pub mod assignments;
+pub mod groups;
 pub mod lanes;
 pub mod offsets;
 pub mod parking;
 pub mod process;
 pub mod router;
 pub mod wedge;
+pub mod worker;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -45,8 +47,9 @@ use crate::pipeline::assignments::{Assignments, PartitionEvent};
 use crate::pipeline::lanes::{LaneKey, Laned, Lanes, Started};
 use crate::pipeline::offsets::Ticket;
 use crate::pipeline::parking::ParkingMonitor;
-use crate::pipeline::process::{EventContext, OperationDone, Prepared, Start, Worker};
+use crate::pipeline::process::{EventContext, OperationDone, Prepared, Start};
 use crate::pipeline::router::Binding;
+use crate::pipeline::worker::Worker;
 use crate::result::{ConnectorResult, ErrorKind, Outcome, ResultError};
 use crate::settings::OrderingMode;
 
@@ -162,6 +165,8 @@ pub struct Pipeline {
     pub reply_deadline: Duration,
     pub ordering: OrderingMode,
     pub parking: ParkingMonitor,
+    /// Memberships waiting for their members, held in memory at most.
+    pub max_waiting: usize,
 }
 
 /// The loop's state, apart from the consumer.
@@ -189,6 +194,13 @@ struct Scheduler {
     /// operations were parked, until its pending result is written; or a drained
     /// operation writing to it), and the drained operations waiting for their turn.
     pending_keys: HashMap<String, VecDeque<u64>>,
+    /// Memberships waiting for their member's account, by lane: run again when the
+    /// lane's next operation finishes (the member's create, say), or at their deadline.
+    waiting: HashMap<LaneKey, Vec<(Operation, Instant)>>,
+    waiting_count: usize,
+    /// Above this many waiting memberships the membership topic is paused.
+    max_waiting: usize,
+    membership_topic_paused: bool,
 }
 
 impl Pipeline {
@@ -210,6 +222,7 @@ impl Pipeline {
             reply_deadline,
             ordering,
             parking,
+            max_waiting,
         } = self;
         let resume_below = (max_buffered_events * 3 / 4).max(1);
         let lanes = Lanes::new(parking.enabled());
@@ -233,6 +246,10 @@ impl Pipeline {
             held_count: 0,
             reply_deadlines: BinaryHeap::new(),
             pending_keys: HashMap::new(),
+            waiting: HashMap::new(),
+            waiting_count: 0,
+            max_waiting,
+            membership_topic_paused: false,
         };
         let mut paused = false;
         let mut drain_deadline: Option<Instant> = None;
@@ -242,10 +259,14 @@ impl Pipeline {
         parking_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         // The window counts input offsets only: drained work has its own bound (its
-        // connector's), and must never hold up the input of the others.
+        // connector's), and must never hold up the input of the others; memberships
+        // have theirs too, and may wait for creates that only the input brings.
         let input_uncommitted = || {
             let retry_topics = worker.parking.get().map(|parking| &parking.topics);
-            tracker.pending_count_where(|topic| retry_topics.is_none_or(|topics| !topics.is_retry_topic(topic)))
+            let membership_topic = worker.groups.get().map(|groups| groups.membership_topic.as_str());
+            tracker.pending_count_where(|topic| {
+                retry_topics.is_none_or(|topics| !topics.is_retry_topic(topic)) && membership_topic != Some(topic)
+            })
         };
         loop {
             scheduler.dispatch();
@@ -255,6 +276,8 @@ impl Pipeline {
             if paused && uncommitted <= resume_below {
                 consumer.resume_all();
                 scheduler.repause_retry_topics(&consumer);
+                scheduler.membership_topic_paused = false;
+                scheduler.bound_waiting_memberships(&consumer, false);
                 paused = false;
                 metrics.consumer_paused.set(0);
                 tracing::info!(uncommitted, "Back-pressure released; fetching resumed.");
@@ -289,6 +312,8 @@ impl Pipeline {
                 }
                 _ = parking_tick.tick() => {
                     scheduler.evaluate_parking(&consumer, paused);
+                    scheduler.wake_expired_waits(Instant::now());
+                    scheduler.bound_waiting_memberships(&consumer, paused);
                 }
                 received = consumer.recv(), if drain_deadline.is_none() => {
                     let record = match received {
@@ -317,7 +342,11 @@ impl Pipeline {
                         continue;
                     };
                     // Decoded here, once: the lane key comes from the event.
-                    let mut decoded = event::decode(record.value.as_deref(), &record.headers, worker.max_event_bytes);
+                    let mut decoded = if groups::is_membership_record(&worker, &record.topic, &record.headers) {
+                        event::decode_membership(record.value.as_deref()).map(Event::Membership)
+                    } else {
+                        event::decode(record.value.as_deref(), &record.headers, worker.max_event_bytes)
+                    };
                     if worker.state.is_some() {
                         decoded = decoded.and_then(|event| event::check_key(event, record.key.as_deref()));
                     }
@@ -550,7 +579,13 @@ impl Scheduler {
                 done,
             } => {
                 self.lanes.finish(&lane, park_only);
-                self.operation_done(event, index, *done);
+                match done.waits_until {
+                    Some(until) => self.wait(event, index, lane, until),
+                    None => {
+                        self.operation_done(event, index, *done);
+                        self.wake_waiting(&lane);
+                    }
+                }
                 None
             }
             TaskDone::Reply { event } => {
@@ -591,7 +626,7 @@ impl Scheduler {
                     }),
                     ..ConnectorResult::without_call(&connector, operation, Outcome::Failed, blocking)
                 };
-                self.operation_done(event, index, OperationDone { result, parked: false });
+                self.operation_done(event, index, OperationDone::finished(result));
                 None
             }
             TaskKind::Reply { event } => {
@@ -777,7 +812,91 @@ impl Scheduler {
             PartitionEvent::Revoked { partition } => {
                 let held = self.held.remove(&partition).unwrap_or_default();
                 self.held_count -= held.len();
+                // Waiting memberships of the partition end now (revoked), not at their
+                // deadline.
+                let lanes: Vec<LaneKey> = self
+                    .waiting
+                    .iter()
+                    .filter(|(_, waiting)| {
+                        waiting.iter().any(|(operation, _)| {
+                            self.events
+                                .get(&operation.event)
+                                .is_some_and(|entry| entry.context.ticket.partition == partition)
+                        })
+                    })
+                    .map(|(lane, _)| lane.clone())
+                    .collect();
+                for lane in lanes {
+                    self.wake_waiting(&lane);
+                }
             }
+        }
+    }
+
+    /// A membership waits for its member's account: off the lane (the member's create
+    /// may be behind it), until the lane moves or `until`.
+    fn wait(&mut self, event: u64, index: usize, lane: LaneKey, until: Instant) {
+        let Some(entry) = self.events.get(&event) else {
+            return;
+        };
+        let operation = Operation {
+            event,
+            index,
+            lane: lane.clone(),
+            binding: entry.bindings[index].clone(),
+            drained: entry.context.drained.is_some(),
+        };
+        self.waiting.entry(lane).or_default().push((operation, until));
+        self.waiting_count += 1;
+        self.metrics.memberships_waiting.set(self.waiting_count as i64);
+    }
+
+    /// The lane moved: its waiting memberships try again, behind what it holds.
+    fn wake_waiting(&mut self, lane: &LaneKey) {
+        let Some(waiting) = self.waiting.remove(lane) else {
+            return;
+        };
+        self.waiting_count -= waiting.len();
+        self.metrics.memberships_waiting.set(self.waiting_count as i64);
+        for (operation, _) in waiting {
+            self.lanes.accept(operation);
+        }
+    }
+
+    /// Memberships whose wait is over try once more (and then give up with a reason).
+    fn wake_expired_waits(&mut self, now: Instant) {
+        let expired: Vec<LaneKey> = self
+            .waiting
+            .iter()
+            .filter(|(_, waiting)| waiting.iter().any(|(_, until)| *until <= now))
+            .map(|(lane, _)| lane.clone())
+            .collect();
+        for lane in expired {
+            self.wake_waiting(&lane);
+        }
+    }
+
+    /// Pauses the membership topic while too many memberships wait in memory; the
+    /// input goes on, so the creates they wait for still come.
+    fn bound_waiting_memberships(&mut self, consumer: &EventConsumer, paused: bool) {
+        let Some(groups) = self.worker.groups.get() else {
+            return;
+        };
+        let pause = if self.waiting_count >= self.max_waiting {
+            true
+        } else if self.waiting_count <= self.max_waiting / 2 {
+            false
+        } else {
+            return;
+        };
+        if pause != self.membership_topic_paused && (pause || !paused) {
+            consumer.set_topic_paused(&groups.membership_topic, pause);
+            self.membership_topic_paused = pause;
+            tracing::info!(
+                waiting = self.waiting_count,
+                paused = pause,
+                "Membership topic paused or resumed for waiting memberships."
+            );
         }
     }
 

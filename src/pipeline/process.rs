@@ -10,24 +10,28 @@
 //! final or parked, and its reply, result (or pending result) and dead letter are
 //! durable.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::connectors::{ConnectorError, ConnectorHandle, ConnectorSet};
+use crate::connectors::members::BatchKey;
+use crate::connectors::Applied;
+use crate::connectors::{ConnectorError, ConnectorHandle};
 use crate::dead_letter::{self, CONNECTOR_FAILED_REASON, INTERNAL_ERROR_REASON};
-use crate::domain::{GroupChange, UserChange};
-use crate::event::{self, DecodeError, Event, ReplyRoute};
-use crate::kafka::producer::{EventProducer, OutboundRecord, ProduceError};
+use crate::domain::{GroupChange, MemberAction, MemberRef, UserChange};
+use crate::event::{self, DecodeError, Event, MembershipRecord, ReplyRoute};
+use crate::kafka::producer::OutboundRecord;
 use crate::kafka::InboundRecord;
-use crate::metrics::Metrics;
-use crate::pipeline::assignments::Assignments;
+use crate::pipeline::groups;
 use crate::pipeline::offsets::Ticket;
-use crate::pipeline::parking::{self, LaneWriteLocks, RetryTopics};
-use crate::pipeline::router::{Binding, Decision, Router, Routing, Step};
+use crate::pipeline::parking;
+use crate::pipeline::router::{Binding, Decision, Routing, Step};
+use crate::pipeline::worker::{
+    clear_parked_mark, drained_past, produce_durably, publish_state, update_state, Lane, Mark, Parking, Worker,
+};
 use crate::result::{
     ConnectorResult, ErrorKind, EventVersion, Operation, Outcome, ProvisioningResult, ResultError, ResultScope, Status,
     Superseded,
@@ -37,34 +41,6 @@ use crate::state::pending::{pending_key, PendingResult, PENDING_SCHEMA_VERSION};
 use crate::state::record::{AccountState, StateKey, StateRecord, STATE_SCHEMA_VERSION};
 use crate::state::version::Relation;
 use crate::state::ProvisioningState;
-
-/// Everything a worker needs, shared by all workers.
-pub struct Worker {
-    pub producer: EventProducer,
-    pub router: Router,
-    pub connectors: ConnectorSet,
-    pub metrics: Arc<Metrics>,
-    pub results_topic: String,
-    pub dead_letter_topic: String,
-    pub reply_topic_allow_list: Vec<String>,
-    pub max_event_bytes: usize,
-    /// The provisioning state, when `[state]` is enabled.
-    pub state: Option<Arc<ProvisioningState>>,
-    /// Which partitions are still ours: revoked work makes no new attempt.
-    pub assignments: Arc<Assignments>,
-    /// Durable parking, when `[parking]` and `[state]` are enabled: set at start-up once
-    /// the retry topics are known.
-    pub parking: OnceLock<Parking>,
-}
-
-/// What operations need to park and drain.
-pub struct Parking {
-    pub topics: RetryTopics,
-    pub prefix: String,
-    pub max_parked_time: Duration,
-    /// Writes of a lane's record while parking and draining may overlap.
-    pub lane_writes: LaneWriteLocks,
-}
 
 /// One event being worked on, shared by its operations.
 pub struct EventContext {
@@ -143,11 +119,14 @@ pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: Event, ticket
                 .unwrap_or_else(Utc::now),
         });
     if drained.is_none() {
-        worker
-            .metrics
-            .events_consumed
-            .with_label_values(&[envelope.event_type.as_str()])
-            .inc();
+        let label = match &event {
+            Event::Membership(_) => "membership",
+            _ => envelope.event_type.as_str(),
+        };
+        worker.metrics.events_consumed.with_label_values(&[label]).inc();
+        if let Event::User(user) = &event {
+            groups::check_user_partition(worker, &user.key(), record.partition);
+        }
     }
     let reply_route = if drained.is_none() {
         allowed_reply_route(worker, &record)
@@ -156,14 +135,16 @@ pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: Event, ticket
     };
     let operation = envelope.event_type.operation();
     let received_at = Utc::now() - chrono::Duration::from_std(record.received_at.elapsed()).unwrap_or_default();
-    let version = worker.state.as_deref().map(|state| {
-        state.event_version(
+    let version = worker.state.as_deref().map(|state| match &event {
+        // A membership carries its group event's version.
+        Event::Membership(membership) => membership.version.clone(),
+        _ => state.event_version(
             record.partition,
             record.offset,
             &record.headers,
             envelope.source,
             envelope.sequence,
-        )
+        ),
     });
     let origin = dead_letter::origin_of(&record.headers, record.partition, record.offset);
     let context = Arc::new(EventContext {
@@ -189,10 +170,22 @@ pub fn prepare(worker: &Worker, record: Arc<InboundRecord>, event: Event, ticket
             .and_then(|parking| context.record.topic.strip_prefix(parking.prefix.as_str()))
             .unwrap_or(context.record.topic.as_str());
         let step = Step {
-            binding: Arc::new(Binding::parked(
+            binding: Arc::new(Binding::routed(
                 drained.connector.as_deref().unwrap_or(removed_name),
                 drained.blocking,
             )),
+            decision: Decision::Apply,
+        };
+        return Prepared::Plan {
+            context,
+            steps: vec![step],
+            results: vec![None],
+        };
+    }
+    if let Event::Membership(membership) = &context.event {
+        // Routed already, as its group's event: the connector is in the record.
+        let step = Step {
+            binding: Arc::new(Binding::routed(&membership.connector, false)),
             decision: Decision::Apply,
         };
         return Prepared::Plan {
@@ -315,6 +308,19 @@ pub struct OperationDone {
     pub result: ConnectorResult,
     /// It was written to its connector's retry topic: `result` says `queued`.
     pub parked: bool,
+    /// Not done: a membership waits (until then at the latest) for its member's
+    /// account; the loop runs it again after the lane's next operation.
+    pub waits_until: Option<tokio::time::Instant>,
+}
+
+impl OperationDone {
+    pub fn finished(result: ConnectorResult) -> OperationDone {
+        OperationDone {
+            result,
+            parked: false,
+            waits_until: None,
+        }
+    }
 }
 
 /// How the loop starts an operation.
@@ -365,10 +371,7 @@ async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, sta
             ),
             None => format!("connector `{}` is not running", binding.connector),
         };
-        return OperationDone {
-            result: finished(Outcome::Failed, Some(internal(message))),
-            parked: false,
-        };
+        return OperationDone::finished(finished(Outcome::Failed, Some(internal(message))));
     };
     let lane = match (&worker.state, context.version.as_ref()) {
         (Some(state), Some(version)) => Some(Lane {
@@ -390,10 +393,7 @@ async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, sta
     let Some(lane) = lane else {
         // No state: no versions and no parking, only the call.
         let result = call_connector(worker, handle, context, None, binding.blocking, None, None).await;
-        return OperationDone {
-            result: result.unwrap_or_else(|| finished(Outcome::Failed, None)),
-            parked: false,
-        };
+        return OperationDone::finished(result.unwrap_or_else(|| finished(Outcome::Failed, None)));
     };
     let prior = lane.state.lookup(lane.partition, &lane.key);
 
@@ -409,18 +409,15 @@ async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, sta
                 drained.parked_at.to_rfc3339(),
                 humantime::format_duration(parking.max_parked_time)
             );
-            return OperationDone {
-                result: finished(
-                    Outcome::Failed,
-                    Some(ResultError {
-                        kind: ErrorKind::Exhausted,
-                        message,
-                        http_status: None,
-                        retryable: true,
-                    }),
-                ),
-                parked: false,
-            };
+            return OperationDone::finished(finished(
+                Outcome::Failed,
+                Some(ResultError {
+                    kind: ErrorKind::Exhausted,
+                    message,
+                    http_status: None,
+                    retryable: true,
+                }),
+            ));
         }
         // Parked work retries until it expires: the target was down when it was
         // parked, and the drain waits on the gate like any other call.
@@ -429,22 +426,48 @@ async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, sta
             max_elapsed: remaining,
             ..handle.retry
         };
-        let result = apply_versioned(
-            worker,
-            handle,
-            context,
-            binding.blocking,
-            &lane,
-            prior.as_ref(),
-            Mark::DrainedPast(context.record.offset, parking),
-            Some(policy),
-            None,
-        )
-        .await
-        .expect("a drained operation is never parked again");
-        if matches!(result.outcome, Outcome::Stale | Outcome::Skipped) {
-            clear_parked_mark(worker, &lane, parking, context.record.offset).await;
-        }
+        let result = match &context.event {
+            Event::Membership(record) => {
+                let done = run_membership(
+                    worker,
+                    handle,
+                    context,
+                    record,
+                    binding.blocking,
+                    &lane,
+                    prior.as_ref(),
+                    Some(policy),
+                    None,
+                )
+                .await
+                .expect("a drained operation is never parked again");
+                if done.waits_until.is_some() {
+                    return done;
+                }
+                // A membership writes its own key, not the lane's: the mark moves here.
+                clear_parked_mark(worker, &lane, parking, context.record.offset).await;
+                done.result
+            }
+            _ => {
+                let result = apply_versioned(
+                    worker,
+                    handle,
+                    context,
+                    binding.blocking,
+                    &lane,
+                    prior.as_ref(),
+                    Mark::DrainedPast(context.record.offset, parking),
+                    Some(policy),
+                    None,
+                )
+                .await
+                .expect("a drained operation is never parked again");
+                if matches!(result.outcome, Outcome::Stale | Outcome::Skipped) {
+                    clear_parked_mark(worker, &lane, parking, context.record.offset).await;
+                }
+                result
+            }
+        };
         let label = match result.outcome {
             Outcome::Failed => "failed",
             Outcome::Stale => "stale",
@@ -461,7 +484,7 @@ async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, sta
                 .with_label_values(&[handle.name.as_str(), label])
                 .inc();
         }
-        return OperationDone { result, parked: false };
+        return OperationDone::finished(result);
     }
 
     let lane_parked = prior.as_ref().is_some_and(|prior| prior.parked_until.is_some());
@@ -472,20 +495,37 @@ async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, sta
     // Not parked: nothing else writes this lane while its head runs.
     let parked_until = prior.as_ref().and_then(|prior| prior.parked_until);
     let signal = parking.and(parking_signal);
-    match apply_versioned(
-        worker,
-        handle,
-        context,
-        binding.blocking,
-        &lane,
-        prior.as_ref(),
-        Mark::Keep(parked_until),
-        None,
-        signal,
-    )
-    .await
-    {
-        Some(result) => OperationDone { result, parked: false },
+    let done = match &context.event {
+        Event::Membership(record) => {
+            run_membership(
+                worker,
+                handle,
+                context,
+                record,
+                binding.blocking,
+                &lane,
+                prior.as_ref(),
+                None,
+                signal,
+            )
+            .await
+        }
+        _ => apply_versioned(
+            worker,
+            handle,
+            context,
+            binding.blocking,
+            &lane,
+            prior.as_ref(),
+            Mark::Keep(parked_until),
+            None,
+            signal,
+        )
+        .await
+        .map(OperationDone::finished),
+    };
+    match done {
+        Some(done) => done,
         // The connector started parking while this operation waited off the wire.
         None => {
             let parking = parking.expect("only a parking connector interrupts");
@@ -494,13 +534,63 @@ async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, sta
     }
 }
 
-/// What the provisioning state needs to know about one (connector, user) lane.
-struct Lane<'a> {
-    state: &'a ProvisioningState,
-    version: &'a EventVersion,
-    key: StateKey,
-    /// The input partition: state records go to the same partition number.
-    partition: i32,
+/// A membership in its member's lane: decided from the member's record on the
+/// connector, then sent (batched with others of its group). `None` when the connector
+/// started parking while it waited off the wire.
+#[allow(clippy::too_many_arguments)]
+async fn run_membership(
+    worker: &Worker,
+    handle: &ConnectorHandle,
+    context: &EventContext,
+    record: &MembershipRecord,
+    blocking: bool,
+    lane: &Lane<'_>,
+    member: Option<&StateRecord>,
+    policy: Option<RetryPolicy>,
+    parking_signal: Option<watch::Receiver<bool>>,
+) -> Option<OperationDone> {
+    if !worker.assignments.is_current(&context.ticket) {
+        // Revoked while it waited for its member: the new owner applies it.
+        return Some(OperationDone::finished(ConnectorResult {
+            error: Some(ResultError {
+                kind: ErrorKind::Revoked,
+                message: ConnectorError::Revoked.to_string(),
+                http_status: None,
+                retryable: false,
+            }),
+            ..ConnectorResult::without_call(&handle.name, context.operation, Outcome::Failed, blocking)
+        }));
+    }
+    match groups::decide(worker, handle, record, blocking, lane, member) {
+        groups::Decision::Done(result) => Some(OperationDone::finished(*result)),
+        groups::Decision::Wait { until } => Some(OperationDone {
+            result: ConnectorResult::without_call(&handle.name, context.operation, Outcome::Queued, blocking),
+            parked: false,
+            waits_until: Some(until),
+        }),
+        groups::Decision::Apply { member_remote_id } => {
+            let result = call_connector(
+                worker,
+                handle,
+                context,
+                Some(&member_remote_id),
+                blocking,
+                policy,
+                parking_signal,
+            )
+            .await?;
+            if result
+                .error
+                .as_ref()
+                .is_some_and(|error| error.kind == ErrorKind::Revoked)
+            {
+                return Some(OperationDone::finished(result));
+            }
+            Some(OperationDone::finished(
+                groups::finish(worker, record, lane, result).await,
+            ))
+        }
+    }
 }
 
 /// Writes the operation to its connector's retry topic (same partition number as the
@@ -528,10 +618,7 @@ async fn park(
             http_status: None,
             retryable: true,
         };
-        return OperationDone {
-            result: queued(Some(error), Outcome::Failed, None),
-            parked: false,
-        };
+        return OperationDone::finished(queued(Some(error), Outcome::Failed, None));
     }
     let topic = format!("{}{}", parking.prefix, handle.name);
     let record = &context.record;
@@ -584,6 +671,7 @@ async fn park(
                 event_id: context.event.id().to_string(),
                 updated_at: Utc::now(),
                 parked_until: Some(offset),
+                members_emitted: None,
             },
         })
     })
@@ -597,51 +685,7 @@ async fn park(
     OperationDone {
         result: queued(None, Outcome::Queued, remote_id),
         parked: true,
-    }
-}
-
-/// A drained operation (at `drained_offset` of its retry topic) that wrote no state
-/// record of its own: clear the lane's parked mark unless work parked after it.
-async fn clear_parked_mark(worker: &Worker, lane: &Lane<'_>, parking: &Parking, drained_offset: i64) {
-    update_state(worker, lane, parking, |current| {
-        let current = current?;
-        let parked_until = drained_past(current.parked_until, drained_offset);
-        (parked_until != current.parked_until).then(|| StateRecord {
-            parked_until,
-            updated_at: Utc::now(),
-            ..current
-        })
-    })
-    .await;
-}
-
-/// The lane's parked mark once the drain has passed `drained_offset`: it stays while
-/// work parked after that offset waits.
-fn drained_past(parked_until: Option<i64>, drained_offset: i64) -> Option<i64> {
-    parked_until.filter(|until| *until > drained_offset)
-}
-
-/// What a state write does with its lane's parked mark.
-enum Mark<'a> {
-    /// New work that ran directly (its lane was not parked): the mark is kept as read.
-    Keep(Option<i64>),
-    /// Parked work read back at this retry offset: the mark is read again under the
-    /// lane's write lock, as newer work may be parking behind it meanwhile.
-    DrainedPast(i64, &'a Parking),
-}
-
-/// Writes a lane's record computed from its current one (none written for `None`),
-/// under the lane's write lock.
-async fn update_state(
-    worker: &Worker,
-    lane: &Lane<'_>,
-    parking: &Parking,
-    next: impl FnOnce(Option<StateRecord>) -> Option<StateRecord>,
-) {
-    let _guard = parking.lane_writes.lock(&lane.key).await;
-    let current = lane.state.lookup(lane.partition, &lane.key);
-    if let Some(record) = next(current) {
-        publish_state(worker, lane, &record).await;
+        waits_until: None,
     }
 }
 
@@ -684,7 +728,7 @@ async fn apply_versioned(
     let known_id = prior
         .filter(|prior| prior.account != AccountState::Deleted)
         .and_then(|prior| prior.remote_id.as_deref());
-    let result = call_connector(worker, handle, context, known_id, blocking, policy, parking_signal).await?;
+    let mut result = call_connector(worker, handle, context, known_id, blocking, policy, parking_signal).await?;
     if result
         .error
         .as_ref()
@@ -709,6 +753,10 @@ async fn apply_versioned(
             .clone()
             .or_else(|| prior.and_then(|prior| prior.remote_id.clone())),
     };
+    // A group's event redone at the same version resumes writing its memberships.
+    let members_emitted = prior
+        .filter(|prior| prior.version == *lane.version)
+        .and_then(|prior| prior.members_emitted);
     let record = |parked_until| StateRecord {
         schema: STATE_SCHEMA_VERSION,
         version: lane.version.clone(),
@@ -717,6 +765,7 @@ async fn apply_versioned(
         event_id: context.event.id().to_string(),
         updated_at: Utc::now(),
         parked_until,
+        members_emitted,
     };
     match mark {
         Mark::Keep(parked_until) => publish_state(worker, lane, &record(parked_until)).await,
@@ -728,28 +777,12 @@ async fn apply_versioned(
             .await
         }
     }
+    if let Event::Group(event) = &context.event {
+        if matches!(result.outcome, Outcome::Created | Outcome::Adopted | Outcome::Updated) {
+            groups::emit_memberships(worker, handle, event, lane, &mut result).await;
+        }
+    }
     Some(result)
-}
-
-/// Writes a state record to the state topic, on the input record's partition number,
-/// and once acknowledged to the local store.
-async fn publish_state(worker: &Worker, lane: &Lane<'_>, record: &StateRecord) {
-    let payload = record.encode();
-    let encoded_key = lane.key.encode();
-    // Retried until written: only dead letters give up (see produce_durably).
-    let _ = produce_durably(
-        worker,
-        "state",
-        OutboundRecord {
-            topic: lane.state.topic(),
-            partition: Some(lane.partition),
-            key: Some(encoded_key.as_bytes()),
-            payload: &payload,
-            headers: vec![("content-type", b"application/json")],
-        },
-    )
-    .await;
-    lane.state.remember(lane.partition, &lane.key, record);
 }
 
 /// What woke the wait for a connector call.
@@ -784,8 +817,14 @@ async fn call_connector(
         || async {
             // Admission is per attempt, so a backoff sleep holds no slot; an open circuit
             // holds the attempt here (not failing it) until the event's retry time ends.
-            let Some(admission) = handle.gate.admit(deadline).await else {
-                return Err(ConnectorError::Held);
+            // A membership passes the gate with its batch (one request, many members),
+            // in the connector's batcher.
+            let admission = match &context.event {
+                Event::Membership(_) => None,
+                _ => match handle.gate.admit(deadline).await {
+                    Some(admission) => Some(admission),
+                    None => return Err(ConnectorError::Held),
+                },
             };
             // Fencing: a revoked partition's work makes no new attempt; its new owner
             // applies the event. Checked after the gate, right before the call.
@@ -819,9 +858,32 @@ async fn call_connector(
                     };
                     handle.connector.apply_group(change).await
                 }
+                Event::Membership(record) => {
+                    let member = MemberRef {
+                        user_id: record.user_id.clone(),
+                        remote_id: known_id.unwrap_or_default().to_string(),
+                    };
+                    let key = BatchKey {
+                        tenant: record.tenant.clone(),
+                        group_id: record.group.id.clone(),
+                        display_name: record.group.display_name.clone(),
+                        group_remote_id: record.group.remote_id.clone(),
+                        action: record.action,
+                    };
+                    let outcome = match record.action {
+                        MemberAction::Add => Outcome::MembersAdded,
+                        MemberAction::Remove => Outcome::MembersRemoved,
+                    };
+                    handle.members.submit(key, member, deadline).await.map(|()| Applied {
+                        outcome,
+                        remote_id: None,
+                    })
+                }
             };
             timer.observe_duration();
-            admission.finish(&result);
+            if let Some(admission) = admission {
+                admission.finish(&result);
+            }
             on_the_wire.store(false, std::sync::atomic::Ordering::SeqCst);
             result
         },
@@ -1150,6 +1212,7 @@ fn summary(
     let (user_id, group_id) = match event {
         Event::User(event) => (event.data.user.id.clone(), None),
         Event::Group(event) => (String::new(), Some(event.data.group.id.clone())),
+        Event::Membership(record) => (record.user_id.clone(), Some(record.group.id.clone())),
     };
     ProvisioningResult {
         correlation_id: context.reply_route.as_ref().map(|route| route.correlation_id.clone()),
@@ -1308,41 +1371,4 @@ async fn publish_dead_letter(worker: &Worker, record: &InboundRecord, reason: &s
         }
     }
     worker.metrics.dead_letters.with_label_values(&[reason]).inc();
-}
-
-/// Produces until the broker acknowledges, backing off between failures. It never gives
-/// up on a failure that may pass (the input offset must not move past an event whose
-/// outputs are not durable; at shutdown the drain's grace period bounds it and an
-/// aborted event is redone). A dead letter too large to ever be written is returned as
-/// an error at once, for its caller to truncate: retrying it would wedge the partition.
-async fn produce_durably(worker: &Worker, destination: &str, record: OutboundRecord<'_>) -> Result<i64, ProduceError> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let attempt = OutboundRecord {
-            topic: record.topic,
-            partition: record.partition,
-            key: record.key,
-            payload: record.payload,
-            headers: record.headers.clone(),
-        };
-        match worker.producer.send_for_offset(attempt).await {
-            Ok(offset) => return Ok(offset),
-            // Only a dead letter carries an arbitrary payload, and only its caller can
-            // shrink it. Results, replies and state records are small: a topic that
-            // refuses them is misconfigured, and retrying (visibly) loses nothing.
-            Err(error) if error.is_too_large() && destination == "dead_letter" => {
-                worker.metrics.produce_failures.with_label_values(&[destination]).inc();
-                return Err(error);
-            }
-            Err(error) => {
-                worker.metrics.produce_failures.with_label_values(&[destination]).inc();
-                if destination == "reply" {
-                    worker.metrics.reply_publish_failures.inc();
-                }
-                tracing::warn!(destination, topic = record.topic, error = %error, delay_ms = delay.as_millis() as u64, "Produce failed; retrying.");
-            }
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
-    }
 }

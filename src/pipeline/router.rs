@@ -22,9 +22,10 @@ pub struct Binding {
 }
 
 impl Binding {
-    /// The binding of a parked operation read back from its retry topic: it was routed
-    /// when it was accepted, and is not routed again.
-    pub fn parked(connector: &str, blocking: bool) -> Binding {
+    /// The binding of work routed already: a parked operation read back from its retry
+    /// topic (routed when it was accepted), or a membership (routed as its group's
+    /// event). It is not routed again.
+    pub fn routed(connector: &str, blocking: bool) -> Binding {
         Binding {
             connector: connector.to_string(),
             blocking,
@@ -247,6 +248,18 @@ fn rule_context_for(event: &Event) -> Result<Context<'static>, String> {
             to_cel(&serde_json::json!({
                 "id": event.data.group.id,
                 "displayName": event.data.group.display_name,
+            })),
+            String::new(),
+        ),
+        // Never routed (its group's event was); the same view, for completeness.
+        Event::Membership(record) => (
+            empty_map(),
+            empty_list(),
+            empty_list(),
+            empty_map(),
+            to_cel(&serde_json::json!({
+                "id": record.group.id,
+                "displayName": record.group.display_name,
             })),
             String::new(),
         ),

@@ -35,6 +35,16 @@ impl StateKey {
         format!("{}:{}", self.connector, self.user_key)
     }
 
+    /// The key of one (connector, group, member): the membership's own version lives
+    /// here, on the member's partition. Identifiers hold no control characters, so the
+    /// unit separator keeps it apart from every user's and every group's key.
+    pub fn membership(connector: &str, tenant: &str, group_id: &str, user_id: &str) -> StateKey {
+        StateKey {
+            connector: connector.to_string(),
+            user_key: format!("{tenant}/group:{group_id}\u{1f}{user_id}"),
+        }
+    }
+
     pub fn decode(key: &str) -> Option<StateKey> {
         let (connector, user_key) = key.split_once(':')?;
         (!connector.is_empty() && !user_key.is_empty()).then(|| StateKey::new(connector, user_key))
@@ -96,6 +106,10 @@ pub struct StateRecord {
     /// operation at (or past) this offset has been drained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked_until: Option<i64>,
+    /// A group's record: how many of this version's membership records are written to
+    /// the membership topic, so that a redone event resumes instead of starting over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members_emitted: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +160,7 @@ mod tests {
             event_id: format!("e{offset}"),
             updated_at: Utc::now(),
             parked_until: None,
+            members_emitted: None,
         }
     }
 

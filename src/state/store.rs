@@ -334,6 +334,7 @@ mod tests {
             event_id: format!("e{offset}"),
             updated_at: Utc::now(),
             parked_until: None,
+            members_emitted: None,
         }
     }
 

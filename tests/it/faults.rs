@@ -188,6 +188,8 @@ async fn the_broker_goes_down_and_comes_back() {
         // The connector's retry topic (parking): the mock cluster cannot create topics
         // through the admin API, so the service could not create it itself.
         ("provisioner.retry.directory", 4),
+        // The membership topic (groups), for the same reason.
+        ("provisioner.memberships", 4),
     ] {
         cluster.create_topic(topic, partitions, 1).unwrap();
     }

@@ -23,6 +23,7 @@ mod faults;
 mod google;
 #[cfg(feature = "devtools")]
 mod google_emulator_groups;
+mod groups;
 #[cfg(feature = "devtools")]
 mod isolation;
 #[cfg(feature = "devtools")]

@@ -31,6 +31,8 @@ pub struct Names {
     pub state: String,
     /// The retry topics' prefix (`parking.topic_prefix`).
     pub retry_prefix: String,
+    /// `groups.membership_topic`.
+    pub memberships: String,
     /// The local state store of a service *process* started with these names
     /// (in-process apps get a directory of their own each, see [`TestApp`]).
     pub state_dir: Arc<tempfile::TempDir>,
@@ -46,6 +48,7 @@ impl Names {
             dead_letters: unique_topic(&format!("{test}-dlq")),
             state: unique_topic(&format!("{test}-state")),
             retry_prefix: format!("{}.", unique_topic(&format!("{test}-retry"))),
+            memberships: unique_topic(&format!("{test}-memberships")),
             state_dir: Arc::new(
                 tempfile::Builder::new()
                     .prefix("provisioner-test-state-")
@@ -94,6 +97,11 @@ impl Names {
             [parking]
             topic_prefix = "{retry_prefix}"
 
+            [groups]
+            membership_topic = "{memberships}"
+            # The tests publish with librdkafka's default partitioner.
+            user_partitioner = "crc32"
+
             [admin]
             listen = "127.0.0.1:0"
             "#,
@@ -105,6 +113,7 @@ impl Names {
             dead_letters = self.dead_letters,
             state = self.state,
             retry_prefix = self.retry_prefix,
+            memberships = self.memberships,
             state_dir = self.state_dir.path().display(),
         )
     }

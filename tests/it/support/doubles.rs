@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use provisioner::connectors::{Applied, Connector, ConnectorError};
-use provisioner::domain::{Operation, Outcome, UserChange};
+use provisioner::domain::{GroupChange, MemberAction, MembersChange, Operation, Outcome, UserChange};
 use rand::Rng;
 use tokio::sync::Semaphore;
 
@@ -38,6 +38,17 @@ pub struct RecordingConnector {
     current: AtomicUsize,
     most_at_once: AtomicUsize,
     waiting: AtomicUsize,
+    /// Groups by source id: remote id, display name, members' remote ids.
+    groups: Mutex<HashMap<String, RecordedGroup>>,
+    /// Each membership request: the action and how many members it carried.
+    membership_requests: Mutex<Vec<(MemberAction, usize)>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RecordedGroup {
+    pub remote_id: String,
+    pub display_name: String,
+    pub members: std::collections::BTreeSet<String>,
 }
 
 impl RecordingConnector {
@@ -85,6 +96,76 @@ impl RecordingConnector {
 
     pub fn has_account(&self, user_key: &str) -> bool {
         self.accounts.lock().unwrap().contains_key(user_key)
+    }
+
+    /// The group with source id `group_id`, as the target holds it.
+    pub fn group(&self, group_id: &str) -> Option<RecordedGroup> {
+        self.groups.lock().unwrap().get(group_id).cloned()
+    }
+
+    pub fn membership_requests(&self) -> Vec<(MemberAction, usize)> {
+        self.membership_requests.lock().unwrap().clone()
+    }
+
+    fn apply_group_change(&self, change: GroupChange<'_>) -> Result<Applied, ConnectorError> {
+        let mut groups = self.groups.lock().unwrap();
+        let remote_id = format!("remote-group-{}", change.group_id);
+        let outcome = match change.operation {
+            Operation::Create | Operation::Update => {
+                let existed = groups.contains_key(change.group_id);
+                let group = groups.entry(change.group_id.to_string()).or_default();
+                group.remote_id = remote_id.clone();
+                group.display_name = change.display_name.to_string();
+                match (change.operation, existed) {
+                    (Operation::Create, true) => Outcome::Adopted,
+                    (Operation::Create, false) => Outcome::Created,
+                    _ => Outcome::Updated,
+                }
+            }
+            Operation::Delete => match groups.remove(change.group_id) {
+                Some(_) => Outcome::Deleted,
+                None => Outcome::AlreadyAbsent,
+            },
+        };
+        Ok(Applied {
+            outcome,
+            remote_id: Some(remote_id),
+        })
+    }
+
+    /// Like a real server: members must be existing accounts (no `null` member).
+    fn apply_members_change(&self, change: MembersChange<'_>) -> Result<(), ConnectorError> {
+        self.membership_requests
+            .lock()
+            .unwrap()
+            .push((change.action, change.members.len()));
+        let known: std::collections::HashSet<String> = self.accounts.lock().unwrap().values().cloned().collect();
+        let mut groups = self.groups.lock().unwrap();
+        let Some(group) = groups
+            .values_mut()
+            .find(|group| group.remote_id == change.group.remote_id)
+        else {
+            return Err(ConnectorError::GroupGone {
+                message: format!("no group {}", change.group.remote_id),
+            });
+        };
+        if let Some(unknown) = change
+            .members
+            .iter()
+            .find(|member| change.action == MemberAction::Add && !known.contains(&member.remote_id))
+        {
+            return Err(ConnectorError::Rejected {
+                status: 400,
+                message: format!("no such user: {:?}", unknown.remote_id),
+            });
+        }
+        for member in change.members {
+            match change.action {
+                MemberAction::Add => group.members.insert(member.remote_id.clone()),
+                MemberAction::Remove => group.members.remove(&member.remote_id),
+            };
+        }
+        Ok(())
     }
 
     async fn call(&self, change: UserChange<'_>) -> Result<Applied, ConnectorError> {
@@ -150,6 +231,18 @@ impl RecordingConnector {
 impl Connector for RecordingConnector {
     fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
         Box::pin(self.call(change))
+    }
+
+    fn apply_group<'a>(&'a self, change: GroupChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_group_change(change) })
+    }
+
+    fn apply_members<'a>(&'a self, change: MembersChange<'a>) -> BoxFuture<'a, Result<(), ConnectorError>> {
+        Box::pin(async move { self.apply_members_change(change) })
+    }
+
+    fn max_members_per_request(&self) -> usize {
+        100
     }
 }
 
