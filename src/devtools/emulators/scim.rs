@@ -534,12 +534,15 @@ pub async fn start(
         .route("/Schemas/{id}", get(get_schema))
         .route("/ResourceTypes", get(list_resource_types))
         .route("/ResourceTypes/{name}", get(get_resource_type))
+        .route("/.search", post(search_everything))
         .route("/Users", get(list_users).post(create_user))
+        .route("/Users/.search", post(search_users))
         .route(
             "/Users/{id}",
             get(get_user).put(replace_user).patch(patch_user).delete(delete_user),
         )
         .route("/Groups", get(list_groups).post(create_group))
+        .route("/Groups/.search", post(search_groups))
         .route(
             "/Groups/{id}",
             get(get_group)
@@ -919,7 +922,7 @@ fn group_schema_attributes() -> Vec<Value> {
                     "reference",
                     json!({"referenceTypes": ["User"], "mutability": "immutable"}),
                 ),
-                attribute("display", "string", json!({"mutability": "readOnly"})),
+                attribute("display", "string", json!({"mutability": "immutable"})),
                 attribute(
                     "type",
                     "string",
@@ -1174,7 +1177,8 @@ fn render(state: &ScimState, directory: &Directory, kind: Kind, resource: &Value
     rendered
 }
 
-fn list(state: &ScimState, kind: Kind, query: &ListQuery) -> Result<Response, ScimError> {
+/// The resources of `kinds` that `query` asks for, one page of them.
+fn list(state: &ScimState, kinds: &[Kind], query: &ListQuery) -> Result<Response, ScimError> {
     if query.filter.is_some() && !state.settings.filter_works {
         return Err(ScimError::bad_request("invalidFilter", "filtering is not supported"));
     }
@@ -1185,11 +1189,17 @@ fn list(state: &ScimState, kind: Kind, query: &ListQuery) -> Result<Response, Sc
     };
     let projection = Projection::new(query.attributes.as_deref(), query.excluded_attributes.as_deref());
     let directory = state.directory.lock().expect("directory lock");
-    let collection = directory.collection(kind);
-    let found: Vec<&Stored> = match &condition {
-        None => collection.resources.values().collect(),
-        Some((attribute, value)) => collection.find(attribute, value),
-    };
+    let found: Vec<(Kind, &Stored)> = kinds
+        .iter()
+        .flat_map(|&kind| {
+            let collection = directory.collection(kind);
+            let found: Vec<&Stored> = match &condition {
+                None => collection.resources.values().collect(),
+                Some((attribute, value)) => collection.find(attribute, value),
+            };
+            found.into_iter().map(move |stored| (kind, stored))
+        })
+        .collect();
     // RFC 7644 §3.4.2.4: 1-based startIndex, count per page.
     let start_index = query.start_index.unwrap_or(1).max(1) as usize;
     let count = query.count.map_or(usize::MAX, |count| count.max(0) as usize);
@@ -1197,9 +1207,37 @@ fn list(state: &ScimState, kind: Kind, query: &ListQuery) -> Result<Response, Sc
         .iter()
         .skip(start_index - 1)
         .take(count)
-        .map(|stored| projection.apply(kind, render(state, &directory, kind, &stored.resource)))
+        .map(|(kind, stored)| projection.apply(*kind, render(state, &directory, *kind, &stored.resource)))
         .collect();
     Ok(list_response(found.len(), start_index, page))
+}
+
+/// A query sent as a `POST …/.search` body (RFC 7644 §3.4.3), where the attribute lists
+/// are arrays.
+#[derive(Deserialize)]
+struct SearchRequest {
+    filter: Option<String>,
+    #[serde(rename = "startIndex")]
+    start_index: Option<i64>,
+    count: Option<i64>,
+    attributes: Option<Vec<String>>,
+    #[serde(rename = "excludedAttributes")]
+    excluded_attributes: Option<Vec<String>>,
+}
+
+/// `POST /Users/.search`, `POST /Groups/.search`, and `POST /.search` across both: a
+/// list, asked in the body.
+fn search(state: &ScimState, kinds: &[Kind], body: Value) -> Result<Response, ScimError> {
+    let request: SearchRequest =
+        serde_json::from_value(body).map_err(|error| ScimError::bad_request("invalidSyntax", error.to_string()))?;
+    let query = ListQuery {
+        filter: request.filter,
+        start_index: request.start_index,
+        count: request.count,
+        attributes: request.attributes.map(|names| names.join(",")),
+        excluded_attributes: request.excluded_attributes.map(|names| names.join(",")),
+    };
+    list(state, kinds, &query)
 }
 
 /// `attribute eq "value"`, the value a JSON string literal.
@@ -1382,7 +1420,15 @@ async fn list_users(
     State(state): State<ScimState>,
     ScimQuery(query): ScimQuery<ListQuery>,
 ) -> Result<Response, ScimError> {
-    list(&state, Kind::User, &query)
+    list(&state, &[Kind::User], &query)
+}
+
+async fn search_everything(State(state): State<ScimState>, ScimBody(body): ScimBody) -> Result<Response, ScimError> {
+    search(&state, &[Kind::User, Kind::Group], body)
+}
+
+async fn search_users(State(state): State<ScimState>, ScimBody(body): ScimBody) -> Result<Response, ScimError> {
+    search(&state, &[Kind::User], body)
 }
 
 async fn get_user(
@@ -1437,6 +1483,150 @@ fn op_name(operation: &Value) -> String {
         .to_ascii_lowercase()
 }
 
+/// The path relative to the resource's core schema: `urn:…:core:2.0:User:userName` is
+/// `userName`.
+fn core_relative(kind: Kind, path: &str) -> &str {
+    let prefix_length = kind.schema().len() + 1;
+    let is_core = path.len() > prefix_length
+        && path[..prefix_length - 1].eq_ignore_ascii_case(kind.schema())
+        && path.as_bytes()[prefix_length - 1] == b':';
+    if is_core {
+        &path[prefix_length..]
+    } else {
+        path
+    }
+}
+
+/// The extension a path names whole (`urn:…:enterprise:2.0:User`), spelled as stored.
+fn extension_named(resource: &Value, path: &str) -> Option<String> {
+    if path.eq_ignore_ascii_case(ENTERPRISE_USER_SCHEMA) {
+        return Some(ENTERPRISE_USER_SCHEMA.to_string());
+    }
+    let object = resource.as_object()?;
+    object
+        .keys()
+        .find(|key| key.starts_with("urn:") && key.eq_ignore_ascii_case(path))
+        .cloned()
+}
+
+fn list_schema(resource: &mut Value, urn: &str) {
+    if !resource["schemas"].is_array() {
+        resource["schemas"] = json!([]);
+    }
+    if let Some(schemas) = resource["schemas"].as_array_mut() {
+        if !schemas.iter().any(|listed| listed == urn) {
+            schemas.push(json!(urn));
+        }
+    }
+}
+
+fn unlist_schema(resource: &mut Value, urn: &str) {
+    if let Some(schemas) = resource["schemas"].as_array_mut() {
+        schemas.retain(|listed| listed != urn);
+    }
+}
+
+/// A path's attribute as the resource already spells it: attribute names ignore case
+/// (RFC 7643 §2.1), so `displayname` replaces `displayName` instead of adding a second one.
+fn canonical_attribute(resource: &Value, kind: Kind, path: &str) -> String {
+    if path.starts_with("urn:") {
+        return path.to_string();
+    }
+    let (name, rest) = match path.find(['.', '[']) {
+        Some(end) => path.split_at(end),
+        None => (path, ""),
+    };
+    let existing = resource.as_object().and_then(|object| find_key(object, name));
+    let canonical = match existing {
+        Some((key, _)) => key,
+        None => kind
+            .unique_attributes()
+            .into_iter()
+            .find(|known| known.eq_ignore_ascii_case(name))
+            .unwrap_or(name),
+    };
+    format!("{canonical}{rest}")
+}
+
+/// Sets what an `add` or `replace` path names (or one entry of a path-less value). A
+/// whole extension takes the sub-attributes given and keeps the others (RFC 7644
+/// §3.5.2.3); any other path, `a.b` or `urn:…:User:attribute`, goes through the
+/// connector's attribute overlay, as the user side always has.
+fn set_attribute(resource: &mut Value, kind: Kind, path: &str, value: Value) -> Result<(), ScimError> {
+    if let Some(urn) = extension_named(resource, path) {
+        let Value::Object(mut values) = value else {
+            return Err(ScimError::bad_request("invalidValue", format!("{urn} takes an object")));
+        };
+        values.remove("schemas");
+        if !resource[&urn].is_object() {
+            resource[&urn] = json!({});
+        }
+        for (name, value) in values {
+            resource[&urn][name] = value;
+        }
+        list_schema(resource, &urn);
+        return Ok(());
+    }
+    let path = canonical_attribute(resource, kind, core_relative(kind, path));
+    crate::connectors::scim::overlay(resource, &[(path, value)]);
+    Ok(())
+}
+
+/// Removes what a `remove` path names: an attribute, `a.b`, a whole extension or one of
+/// its attributes. Nothing there is nothing to do.
+fn remove_attribute(resource: &mut Value, kind: Kind, path: &str) {
+    if let Some(urn) = extension_named(resource, path) {
+        if let Value::Object(object) = resource {
+            object.remove(&urn);
+        }
+        unlist_schema(resource, &urn);
+        return;
+    }
+    let relative = core_relative(kind, path);
+    if relative.starts_with("urn:") {
+        let Some((urn, attribute)) = relative.rsplit_once(':') else {
+            return;
+        };
+        let Some(urn) = extension_named(resource, urn) else {
+            return;
+        };
+        if let Some(Value::Object(extension)) = resource.get_mut(&urn) {
+            remove_key_path(extension, attribute);
+            if extension.is_empty() {
+                if let Value::Object(object) = resource {
+                    object.remove(&urn);
+                }
+                unlist_schema(resource, &urn);
+            }
+        }
+    } else if let Value::Object(object) = resource {
+        remove_key_path(object, relative);
+    }
+}
+
+/// Removes `name` or `name.sub` from `object`, names ignoring case.
+fn remove_key_path(object: &mut Map<String, Value>, path: &str) {
+    let (name, sub) = match path.split_once('.') {
+        Some((name, sub)) => (name, Some(sub)),
+        None => (path, None),
+    };
+    let Some(key) = find_key(object, name).map(|(key, _)| key.to_string()) else {
+        return;
+    };
+    match sub {
+        None => {
+            object.remove(&key);
+        }
+        Some(sub) => {
+            if let Some(Value::Object(inner)) = object.get_mut(&key) {
+                if let Some(sub_key) = find_key(inner, sub).map(|(sub_key, _)| sub_key.to_string()) {
+                    inner.remove(&sub_key);
+                }
+            }
+        }
+    }
+}
+
 async fn patch_user(
     State(state): State<ScimState>,
     Path(id): Path<String>,
@@ -1452,20 +1642,21 @@ async fn patch_user(
         let path = operation.get("path").and_then(Value::as_str);
         let value = operation.get("value").cloned().unwrap_or(Value::Null);
         match (op_name(operation).as_str(), path) {
-            ("replace" | "add", Some(path)) => {
-                crate::connectors::scim::overlay(&mut resource, &[(path.to_string(), value)]);
-            }
+            ("replace" | "add", Some(path)) => set_attribute(&mut resource, Kind::User, path, value)?,
             ("replace" | "add", None) => {
-                if let Value::Object(values) = value {
-                    let pairs: Vec<(String, Value)> = values.into_iter().collect();
-                    crate::connectors::scim::overlay(&mut resource, &pairs);
+                let Value::Object(values) = value else {
+                    return Err(ScimError::bad_request(
+                        "invalidValue",
+                        "an operation without a path needs an object value",
+                    ));
+                };
+                for (path, value) in values {
+                    set_attribute(&mut resource, Kind::User, &path, value)?;
                 }
             }
-            ("remove", Some(path)) => {
-                if let Value::Object(object) = &mut resource {
-                    object.remove(path);
-                }
-            }
+            ("remove", Some(path)) => remove_attribute(&mut resource, Kind::User, path),
+            // RFC 7644 §3.5.2.2: a remove without a path has no target.
+            ("remove", None) => return Err(ScimError::bad_request("noTarget", "remove needs a path")),
             _ => {
                 return Err(ScimError::bad_request(
                     "invalidSyntax",
@@ -1491,7 +1682,11 @@ async fn list_groups(
     State(state): State<ScimState>,
     ScimQuery(query): ScimQuery<ListQuery>,
 ) -> Result<Response, ScimError> {
-    list(&state, Kind::Group, &query)
+    list(&state, &[Kind::Group], &query)
+}
+
+async fn search_groups(State(state): State<ScimState>, ScimBody(body): ScimBody) -> Result<Response, ScimError> {
+    search(&state, &[Kind::Group], body)
 }
 
 async fn get_group(
@@ -1551,8 +1746,8 @@ fn count_membership_changes(state: &ScimState, changes: usize) -> Result<(), Sci
     }
 }
 
-/// A member as stored: `value` an existing user's id, with the `$ref`, `type` and
-/// `display` the server knows. A missing, null or unknown id is refused (400
+/// A member as stored: `value` an existing user's id, with the `$ref` and `type` the
+/// server knows, and `display` if the client gave one. A missing, null or unknown id is refused (400
 /// `invalidValue`), as real servers refuse dangling members; groups cannot nest here.
 fn normalize_member(state: &ScimState, directory: &Directory, member: &Value) -> Result<Value, ScimError> {
     let Some(id) = member.get("value").and_then(Value::as_str).filter(|id| !id.is_empty()) else {
@@ -1567,18 +1762,15 @@ fn normalize_member(state: &ScimState, directory: &Directory, member: &Value) ->
             format!("member {id} is not a user of this server"),
         ));
     };
-    let display = member
-        .get("display")
-        .or_else(|| user.resource.get("displayName"))
-        .or_else(|| user.resource.get("userName"))
-        .cloned()
-        .unwrap_or(Value::Null);
-    Ok(json!({
-        "value": id,
+    let mut stored = json!({
+        "value": user.resource["id"],
         "$ref": format!("{}/Users/{id}", state.base_url),
         "type": "User",
-        "display": display,
-    }))
+    });
+    if let Some(display) = member.get("display").filter(|display| !display.is_null()) {
+        stored["display"] = display.clone();
+    }
+    Ok(stored)
 }
 
 /// Adds `additions` to `members`; one already there is left as it is.
@@ -1647,8 +1839,7 @@ fn invalid_path(path: &str) -> ScimError {
 }
 
 fn parse_group_path(path: &str) -> Result<GroupPath, ScimError> {
-    let core_prefix = format!("{GROUP_SCHEMA}:");
-    let relative = path.strip_prefix(&core_prefix).unwrap_or(path);
+    let relative = core_relative(Kind::Group, path);
     if relative.eq_ignore_ascii_case("members") {
         return Ok(GroupPath::Members);
     }
@@ -1735,19 +1926,6 @@ fn parse_group_patch(patch: &Value) -> Result<Vec<GroupEdit>, ScimError> {
     Ok(edits)
 }
 
-/// The stored spelling of an attribute a PATCH names in any case (RFC 7643 §2.1), so
-/// `displayname` replaces `displayName` instead of adding a second attribute.
-fn canonical_group_attribute(group: &Value, name: &str) -> String {
-    if let Some((key, _)) = group.as_object().and_then(|object| find_key(object, name)) {
-        return key.to_string();
-    }
-    ["displayName", "externalId"]
-        .into_iter()
-        .find(|known| known.eq_ignore_ascii_case(name))
-        .unwrap_or(name)
-        .to_string()
-}
-
 /// Applies the edits to a copy of the group; nothing is stored unless all of them apply.
 ///
 /// Adding a member already there and removing one that is not are no-ops: RFC 7644 would
@@ -1771,16 +1949,8 @@ fn apply_group_edits(
                 members.retain(|member| !ids.iter().any(|id| member["value"] == id.as_str()));
             }
             GroupEdit::RemoveAllMembers => members.clear(),
-            GroupEdit::Set(name, value) => {
-                let name = canonical_group_attribute(&group, &name);
-                crate::connectors::scim::overlay(&mut group, &[(name, value)]);
-            }
-            GroupEdit::Unset(name) => {
-                let name = canonical_group_attribute(&group, &name);
-                if let Value::Object(object) = &mut group {
-                    object.remove(&name);
-                }
-            }
+            GroupEdit::Set(path, value) => set_attribute(&mut group, Kind::Group, &path, value)?,
+            GroupEdit::Unset(path) => remove_attribute(&mut group, Kind::Group, &path),
         }
     }
     set_members(&mut group, members);
@@ -1859,6 +2029,41 @@ mod tests {
             only_names,
             json!({"schemas": [GROUP_SCHEMA], "id": "1", "displayName": "x", "members": [{"value": "u"}]})
         );
+    }
+
+    #[test]
+    fn patch_paths_reach_whole_extensions_their_attributes_and_sub_attributes() {
+        let mut user =
+            json!({"schemas": [USER_SCHEMA], "userName": "a", "name": {"givenName": "A", "familyName": "B"}});
+        let department = format!("{ENTERPRISE_USER_SCHEMA}:department");
+        set_attribute(
+            &mut user,
+            Kind::User,
+            ENTERPRISE_USER_SCHEMA,
+            json!({"schemas": [ENTERPRISE_USER_SCHEMA], "employeeNumber": "7"}),
+        )
+        .unwrap();
+        set_attribute(&mut user, Kind::User, &department, json!("R&D")).unwrap();
+        set_attribute(&mut user, Kind::User, &format!("{USER_SCHEMA}:USERNAME"), json!("b")).unwrap();
+        assert_eq!(user["userName"], "b", "attribute names ignore case");
+        assert_eq!(user.get("USERNAME"), None);
+        assert_eq!(
+            user[ENTERPRISE_USER_SCHEMA],
+            json!({"employeeNumber": "7", "department": "R&D"})
+        );
+        assert_eq!(user["schemas"], json!([USER_SCHEMA, ENTERPRISE_USER_SCHEMA]));
+
+        remove_attribute(&mut user, Kind::User, "name.givenName");
+        assert_eq!(user["name"], json!({"familyName": "B"}));
+        remove_attribute(&mut user, Kind::User, &department);
+        assert_eq!(user[ENTERPRISE_USER_SCHEMA], json!({"employeeNumber": "7"}));
+        remove_attribute(
+            &mut user,
+            Kind::User,
+            &format!("{ENTERPRISE_USER_SCHEMA}:employeeNumber"),
+        );
+        assert_eq!(user.get(ENTERPRISE_USER_SCHEMA), None, "an empty extension goes");
+        assert_eq!(user["schemas"], json!([USER_SCHEMA]));
     }
 
     #[test]
