@@ -2,6 +2,9 @@
 //! their members, discovery, and the `application/scim+json` media type. Other tests trust
 //! it to behave like a real server, so these hold it to that.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use provisioner::devtools::emulators::scim::{self as scim_emulator, ScimEmulator, ScimEmulatorSettings};
 use provisioner::devtools::emulators::Faults;
 use reqwest::Method;
@@ -820,4 +823,100 @@ async fn every_scim_answer_is_scim_json_errors_and_injected_faults_included() {
         )
         .await;
     assert_eq!((deleted.status, deleted.body.clone()), (204, Value::Null));
+}
+
+// --- scim2-tester ---------------------------------------------------------------------
+
+/// Runs scim2-tester (PyPI, by the authors of scim2-server) against the SCIM base URL in
+/// `argv[1]`: it reads the discovery endpoints, then creates, reads, queries, replaces,
+/// patches and deletes every resource type they describe, filled with random values.
+/// Prints each check's status, title and reason as JSON.
+const SCIM2_TESTER: &str = r#"
+import json, sys
+from httpx2 import Client
+from scim2_client.engines.httpx2 import SyncSCIMClient
+from scim2_tester import check_server
+results = check_server(SyncSCIMClient(Client(base_url=sys.argv[1], timeout=30)))
+print(json.dumps([{"status": r.status.name, "title": r.title, "reason": r.reason,
+                   "resource_type": getattr(r, "resource_type", None)} for r in results]))
+"#;
+
+fn has_scim2_tester(python: &PathBuf) -> bool {
+    std::process::Command::new(python)
+        .args(["-c", "import scim2_tester, httpx2"])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// A Python with scim2-tester: `PROVISIONER_PYTHON` (scripts/test exports it), the Python
+/// next to `SCIM2_SERVER_BIN`, or any venv scripts/test cached under `PROVISIONER_CACHE`.
+fn scim2_tester_python() -> PathBuf {
+    let cache = std::env::var_os("PROVISIONER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/provisioner"));
+    let given = std::env::var_os("PROVISIONER_PYTHON").map(PathBuf::from);
+    let beside_scim2_server = std::env::var_os("SCIM2_SERVER_BIN")
+        .map(PathBuf::from)
+        .and_then(|binary| binary.parent().map(|bin| bin.join("python")));
+    let cached = std::fs::read_dir(&cache)
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok().map(|entry| entry.path().join("bin/python")));
+    given
+        .into_iter()
+        .chain(beside_scim2_server)
+        .chain(cached)
+        .find(has_scim2_tester)
+        .unwrap_or_else(|| {
+            panic!(
+                "no Python with scim2-tester: run scripts/test (it creates a venv under {}) or set PROVISIONER_PYTHON",
+                cache.display()
+            )
+        })
+}
+
+#[tokio::test]
+async fn scim2_tester_finds_no_rfc_violation_with_or_without_patch() {
+    let python = scim2_tester_python();
+    let with_patch = ScimEmulatorSettings::default();
+    let without_patch = ScimEmulatorSettings {
+        patch: false,
+        etag: false,
+        ..ScimEmulatorSettings::default()
+    };
+    for settings in [with_patch, without_patch] {
+        let described = format!("patch {}, etag {}", settings.patch, settings.etag);
+        let (_emulator, scim, _shutdown) = start(settings).await;
+        // Async, so that the emulator on this test's runtime keeps answering meanwhile.
+        let run = tokio::process::Command::new(&python)
+            .args(["-c", SCIM2_TESTER, &scim.base_url])
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .expect("scim2-tester finished within 120 s")
+            .expect("scim2-tester runs");
+        assert!(
+            output.status.success(),
+            "{described}: scim2-tester failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let results: Vec<Value> = serde_json::from_slice(&output.stdout).expect("the results as JSON");
+        let failed: Vec<&Value> = results
+            .iter()
+            .filter(|result| {
+                !matches!(
+                    result["status"].as_str(),
+                    Some("SUCCESS" | "COMPLIANT" | "ACCEPTABLE" | "SKIPPED")
+                )
+            })
+            .collect();
+        assert!(failed.is_empty(), "{described}: {failed:#?}");
+        let succeeded = results.iter().filter(|result| result["status"] == "SUCCESS").count();
+        assert!(
+            succeeded >= 40,
+            "{described}: only {succeeded} checks ran: {results:#?}"
+        );
+    }
 }
