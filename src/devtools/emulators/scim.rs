@@ -1,8 +1,9 @@
 //! An in-memory SCIM 2.0 server (RFC 7643, RFC 7644), faithful where clients rely on it:
 //!
-//! - **Users** (`/Users`) and **Groups** (`/Groups`): POST, GET, list with an `eq` filter,
-//!   `startIndex`/`count` paging and `attributes`/`excludedAttributes`, PUT, PATCH and
-//!   DELETE, with ETags (`meta.version`, `If-Match`). `userName` and a group's
+//! - **Users** (`/Users`) and **Groups** (`/Groups`): POST, GET, list (GET, or POST
+//!   `.search`) with an `eq` filter, `startIndex`/`count` paging and
+//!   `attributes`/`excludedAttributes`, PUT, PATCH and DELETE, with ETags (`meta.version`,
+//!   `If-Match`). `userName` and a group's
 //!   `displayName` are unique ignoring case, `externalId` exactly (409 `uniqueness`).
 //! - A group's members must be existing users (400 `invalidValue` otherwise, as real servers
 //!   refuse dangling or null member ids). PATCH adds and removes members idempotently, in
@@ -1137,18 +1138,11 @@ fn resolve_path(object: &Map<String, Value>, kind: Kind, path: &str) -> Option<(
         if path.eq_ignore_ascii_case(key) {
             return Some((key.clone(), None));
         }
-        let prefix = format!("{key}:");
-        if path.len() > prefix.len() && path[..prefix.len()].eq_ignore_ascii_case(&prefix) {
-            let rest = &path[prefix.len()..];
+        if let Some(rest) = strip_prefix_ignoring_case(path, key).and_then(|rest| rest.strip_prefix(':')) {
             return Some((key.clone(), Some(rest.split('.').next().unwrap_or(rest).to_string())));
         }
     }
-    let core_prefix = format!("{}:", kind.schema());
-    let path = if path.len() > core_prefix.len() && path[..core_prefix.len()].eq_ignore_ascii_case(&core_prefix) {
-        &path[core_prefix.len()..]
-    } else {
-        path
-    };
+    let path = core_relative(kind, path);
     let (name, sub) = match path.split_once('.') {
         Some((name, sub)) => (name, Some(sub.to_string())),
         None => (path, None),
@@ -1238,6 +1232,10 @@ fn search(state: &ScimState, kinds: &[Kind], body: Value) -> Result<Response, Sc
         excluded_attributes: request.excluded_attributes.map(|names| names.join(",")),
     };
     list(state, kinds, &query)
+}
+
+async fn search_everything(State(state): State<ScimState>, ScimBody(body): ScimBody) -> Result<Response, ScimError> {
+    search(&state, &[Kind::User, Kind::Group], body)
 }
 
 /// `attribute eq "value"`, the value a JSON string literal.
@@ -1414,46 +1412,7 @@ fn delete(state: &ScimState, kind: Kind, id: &str, headers: &HeaderMap) -> Resul
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-// --- users -------------------------------------------------------------------------------
-
-async fn list_users(
-    State(state): State<ScimState>,
-    ScimQuery(query): ScimQuery<ListQuery>,
-) -> Result<Response, ScimError> {
-    list(&state, &[Kind::User], &query)
-}
-
-async fn search_everything(State(state): State<ScimState>, ScimBody(body): ScimBody) -> Result<Response, ScimError> {
-    search(&state, &[Kind::User, Kind::Group], body)
-}
-
-async fn search_users(State(state): State<ScimState>, ScimBody(body): ScimBody) -> Result<Response, ScimError> {
-    search(&state, &[Kind::User], body)
-}
-
-async fn get_user(
-    State(state): State<ScimState>,
-    Path(id): Path<String>,
-    ScimQuery(query): ScimQuery<ProjectionQuery>,
-) -> Result<Response, ScimError> {
-    read(&state, Kind::User, &id, &query)
-}
-
-async fn create_user(State(state): State<ScimState>, ScimBody(user): ScimBody) -> Result<Response, ScimError> {
-    let mut directory = state.directory.lock().expect("directory lock");
-    create(&state, &mut directory, Kind::User, user)
-}
-
-async fn replace_user(
-    State(state): State<ScimState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    ScimBody(user): ScimBody,
-) -> Result<Response, ScimError> {
-    let mut directory = state.directory.lock().expect("directory lock");
-    existing(&state, &directory, Kind::User, &id, &headers)?;
-    store_replacement(&state, &mut directory, Kind::User, id, user)
-}
+// --- PATCH, users and groups alike ------------------------------------------------------
 
 fn check_patch_supported(state: &ScimState) -> Result<(), ScimError> {
     if state.settings.patch {
@@ -1483,18 +1442,19 @@ fn op_name(operation: &Value) -> String {
         .to_ascii_lowercase()
 }
 
+/// `text` after `prefix`, compared ignoring ASCII case as URNs and attribute names are.
+fn strip_prefix_ignoring_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = text.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then(|| &text[prefix.len()..])
+}
+
 /// The path relative to the resource's core schema: `urn:…:core:2.0:User:userName` is
 /// `userName`.
 fn core_relative(kind: Kind, path: &str) -> &str {
-    let prefix_length = kind.schema().len() + 1;
-    let is_core = path.len() > prefix_length
-        && path[..prefix_length - 1].eq_ignore_ascii_case(kind.schema())
-        && path.as_bytes()[prefix_length - 1] == b':';
-    if is_core {
-        &path[prefix_length..]
-    } else {
-        path
-    }
+    strip_prefix_ignoring_case(path, kind.schema())
+        .and_then(|rest| rest.strip_prefix(':'))
+        .filter(|rest| !rest.is_empty())
+        .unwrap_or(path)
 }
 
 /// The extension a path names whole (`urn:…:enterprise:2.0:User`), spelled as stored.
@@ -1625,6 +1585,43 @@ fn remove_key_path(object: &mut Map<String, Value>, path: &str) {
             }
         }
     }
+}
+
+// --- users -------------------------------------------------------------------------------
+
+async fn list_users(
+    State(state): State<ScimState>,
+    ScimQuery(query): ScimQuery<ListQuery>,
+) -> Result<Response, ScimError> {
+    list(&state, &[Kind::User], &query)
+}
+
+async fn search_users(State(state): State<ScimState>, ScimBody(body): ScimBody) -> Result<Response, ScimError> {
+    search(&state, &[Kind::User], body)
+}
+
+async fn get_user(
+    State(state): State<ScimState>,
+    Path(id): Path<String>,
+    ScimQuery(query): ScimQuery<ProjectionQuery>,
+) -> Result<Response, ScimError> {
+    read(&state, Kind::User, &id, &query)
+}
+
+async fn create_user(State(state): State<ScimState>, ScimBody(user): ScimBody) -> Result<Response, ScimError> {
+    let mut directory = state.directory.lock().expect("directory lock");
+    create(&state, &mut directory, Kind::User, user)
+}
+
+async fn replace_user(
+    State(state): State<ScimState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ScimBody(user): ScimBody,
+) -> Result<Response, ScimError> {
+    let mut directory = state.directory.lock().expect("directory lock");
+    existing(&state, &directory, Kind::User, &id, &headers)?;
+    store_replacement(&state, &mut directory, Kind::User, id, user)
 }
 
 async fn patch_user(
@@ -2029,6 +2026,12 @@ mod tests {
             only_names,
             json!({"schemas": [GROUP_SCHEMA], "id": "1", "displayName": "x", "members": [{"value": "u"}]})
         );
+        // Paths are client input: multi-byte ones must not split a character.
+        let long = "ü".repeat(40);
+        assert_eq!(core_relative(Kind::Group, &long), long);
+        assert!(Projection::new(Some(&long), Some(&long))
+            .apply(Kind::Group, json!({"urn:x": {}}))
+            .is_object());
     }
 
     #[test]
