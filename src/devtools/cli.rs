@@ -377,6 +377,7 @@ fn emulate(target: EmulateTarget, runtime: &Runtime) -> Result<(), Failure> {
                     etag: !no_etag,
                     filter_advertised: !(no_filter_advertised || no_filter),
                     filter_works: !no_filter,
+                    max_group_members_per_request: None,
                 };
                 match emulators::scim::start(common.listen, settings, shutdown.clone()).await {
                     Ok(emulator) => {

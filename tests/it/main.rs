@@ -39,6 +39,8 @@ mod salesforce_emulator_groups;
 #[cfg(feature = "devtools")]
 mod scim;
 #[cfg(feature = "devtools")]
+mod scim_emulator;
+#[cfg(feature = "devtools")]
 mod security;
 mod service;
 #[cfg(feature = "devtools")]

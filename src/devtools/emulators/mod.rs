@@ -72,6 +72,9 @@ impl Stats {
     }
 }
 
+/// The media type of SCIM bodies (RFC 7644 §8.1), injected SCIM errors included.
+pub(crate) const SCIM_JSON: &str = "application/scim+json";
+
 /// How a target says "slow down" and "I failed": injected faults speak its dialect.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Dialect {
@@ -89,7 +92,10 @@ impl Dialect {
         match self {
             Dialect::Scim => (
                 StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, retry_after_seconds.to_string())],
+                [
+                    (header::RETRY_AFTER, retry_after_seconds.to_string()),
+                    (header::CONTENT_TYPE, SCIM_JSON.to_string()),
+                ],
                 Json(serde_json::json!({
                     "schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
                     "status": "429", "detail": "rate limit (injected)"
@@ -114,6 +120,7 @@ impl Dialect {
         match self {
             Dialect::Scim => (
                 StatusCode::INTERNAL_SERVER_ERROR,
+                [(header::CONTENT_TYPE, SCIM_JSON)],
                 Json(serde_json::json!({
                     "schemas": ["urn:ietf:params:scim:api:messages:2.0:Error"],
                     "status": "500", "detail": "internal error (injected)"
