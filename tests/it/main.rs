@@ -34,6 +34,8 @@ mod salesforce;
 #[cfg(feature = "devtools")]
 mod scim;
 #[cfg(feature = "devtools")]
+mod scim_groups;
+#[cfg(feature = "devtools")]
 mod security;
 mod service;
 #[cfg(feature = "devtools")]
