@@ -41,6 +41,8 @@ mod scim;
 #[cfg(feature = "devtools")]
 mod scim_emulator;
 #[cfg(feature = "devtools")]
+mod scim_groups;
+#[cfg(feature = "devtools")]
 mod security;
 mod service;
 #[cfg(feature = "devtools")]

@@ -20,12 +20,12 @@ use crate::support::app::Names;
 use crate::support::doubles::event_json;
 use crate::support::scim2_server::Scim2Server;
 
-fn scim_connector(settings: serde_json::Value) -> ScimConnector {
+pub(crate) fn scim_connector(settings: serde_json::Value) -> ScimConnector {
     let settings: Scim2Settings = serde_json::from_value(settings).expect("valid SCIM settings");
     ScimConnector::new("scim", &settings).expect("connector builds")
 }
 
-fn user_event(event_type: &str, user_id: &str, user: serde_json::Value) -> UserEvent {
+pub(crate) fn user_event(event_type: &str, user_id: &str, user: serde_json::Value) -> UserEvent {
     let mut extra = json!({"user": user});
     if extra["user"].get("userName").is_none() {
         extra["user"]["userName"] = json!(format!("user-{user_id}"));

@@ -1,11 +1,15 @@
-//! SCIM 2.0 (RFC 7643/7644) Users.
+//! SCIM 2.0 (RFC 7643/7644) Users, and Groups (`groups.rs`).
 //!
 //! Every operation converges instead of assuming: create adopts an existing account on
 //! a uniqueness conflict, update of a user the target has never seen creates it, delete
 //! of a missing user is `already_absent`. Updates PATCH only the mapped attributes when
 //! the server advertises PATCH; otherwise they read the resource, overlay the mapped
 //! attributes and PUT it back, so attributes we do not manage are never wiped.
+//!
+//! Users and groups share the plumbing: lookups ([`Lookup`]), reads, writes with
+//! `If-Match` and deletes go through an [`Endpoint`].
 
+mod groups;
 pub mod settings;
 
 use std::sync::Arc;
@@ -13,7 +17,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use rand::distr::{Distribution, Uniform};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE, ETAG, IF_MATCH};
-use reqwest::{RequestBuilder, StatusCode};
+use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{json, Map, Value};
 use tokio::sync::OnceCell;
 use url::Url;
@@ -24,7 +28,7 @@ use crate::connectors::scim::settings::{
     PasswordProvisioning, Scim2Settings, ScimAuth, ScimDeprovision, UserStoreDomainHandling,
 };
 use crate::connectors::{deleted_or_absent, Applied, BuildError, Connector, ConnectorError};
-use crate::domain::{Operation, Outcome, User, UserChange};
+use crate::domain::{GroupChange, MembersChange, Operation, Outcome, User, UserChange};
 use crate::secret::Secret;
 
 const SCIM_JSON: &str = "application/scim+json";
@@ -49,22 +53,93 @@ impl Capabilities {
     };
 }
 
-/// A user as found on the target.
-/// Users read per page when a target that cannot filter is scanned.
+/// Resources read per page when a target that cannot filter is scanned.
 const LISTING_PAGE: u64 = 100;
-/// The most users such a scan reads before giving up.
+/// The most resources such a scan reads before giving up.
 const MAX_LISTING: u64 = 100_000;
 
-struct RemoteUser {
+/// A user or group as found on the target.
+struct RemoteResource {
     id: String,
     version: Option<String>,
+    /// As read. A group found by a lookup has no `members` ([`Endpoint`]), so only a
+    /// group read by id ([`ScimConnector::get_resource`]) may be PUT back.
     resource: Value,
+}
+
+/// A resource endpoint: `/Users` or `/Groups`.
+struct Endpoint {
+    url: Url,
+    /// `user` or `group`, for messages.
+    noun: &'static str,
+    /// Attributes a lookup leaves out (`excludedAttributes`): a group's `members` can
+    /// run to thousands, and a lookup needs only ids and names. Azure AD's provisioning
+    /// asks the same way, so servers built for it accept it.
+    excluded_from_lookups: Option<&'static str>,
+}
+
+impl Endpoint {
+    fn resource_url(&self, id: &str) -> Url {
+        let mut url = self.url.clone();
+        // Pushed as one segment, so an id with `/` or `?` cannot change the path.
+        url.path_segments_mut()
+            .expect("resource endpoint URLs are hierarchical")
+            .push(id);
+        url
+    }
+
+    /// The query of a lookup or listing: `parameters`, and what lookups leave out.
+    fn lookup_query<'a>(&self, parameters: &[(&'a str, String)]) -> Vec<(&'a str, String)> {
+        let mut query = parameters.to_vec();
+        if let Some(excluded) = self.excluded_from_lookups {
+            query.push(("excludedAttributes", excluded.to_string()));
+        }
+        query
+    }
+}
+
+/// One way to look a resource up: `attribute eq value`.
+struct Lookup<'a> {
+    attribute: &'static str,
+    value: &'a str,
+    /// RFC 7643 `caseExact`: `externalId` is; `userName` and `displayName` are not.
+    case_exact: bool,
+}
+
+impl Lookup<'_> {
+    fn filter(&self) -> String {
+        format!("{} eq {}", self.attribute, filter_literal(self.value))
+    }
+
+    /// Whether `resource` really matches: a server that ignores `filter` answers with
+    /// every resource.
+    fn matches(&self, resource: &Value) -> bool {
+        resource
+            .get(self.attribute)
+            .and_then(Value::as_str)
+            .is_some_and(|found| {
+                if self.case_exact {
+                    found == self.value
+                } else {
+                    equal_ignoring_case(found, self.value)
+                }
+            })
+    }
+}
+
+/// What filtered lookups found.
+enum Filtered {
+    Found(RemoteResource),
+    NotFound,
+    /// The server refused to filter (400 invalidFilter, 403, 501).
+    FilteringFailed(ConnectorError),
 }
 
 pub struct ScimConnector {
     name: String,
     http: reqwest::Client,
-    users_url: Url,
+    users: Endpoint,
+    groups: Endpoint,
     service_provider_config_url: Url,
     settings: Scim2Settings,
     capabilities: OnceCell<Capabilities>,
@@ -82,21 +157,38 @@ impl ScimConnector {
             (None, Some(base_url)) => join_path(base_url, "Users"),
             (None, None) => return Err(invalid("set base_url or users_url".into())),
         };
-        let service_provider_config_url = match &settings.base_url {
-            Some(base_url) => join_path(base_url, "ServiceProviderConfig"),
+        // Without base_url, the other endpoints are the Users endpoint's siblings.
+        let base_url = match &settings.base_url {
+            Some(base_url) => base_url.clone(),
             None => {
                 let mut base = users_url.clone();
                 base.path_segments_mut()
                     .map_err(|_| invalid("users_url cannot be a base URL".into()))?
                     .pop();
-                join_path(&base, "ServiceProviderConfig")
+                base
             }
         };
+        let groups_url = match &settings.groups_url {
+            Some(groups_url) => groups_url.clone(),
+            None => join_path(&base_url, "Groups"),
+        };
+        if groups_url.cannot_be_a_base() {
+            return Err(invalid("groups_url cannot be a base URL".into()));
+        }
         Ok(ScimConnector {
             name: name.to_string(),
             http: build_client(name, &settings.http)?,
-            users_url,
-            service_provider_config_url,
+            users: Endpoint {
+                url: users_url,
+                noun: "user",
+                excluded_from_lookups: None,
+            },
+            groups: Endpoint {
+                url: groups_url,
+                noun: "group",
+                excluded_from_lookups: Some("members"),
+            },
+            service_provider_config_url: join_path(&base_url, "ServiceProviderConfig"),
             settings: settings.clone(),
             capabilities: OnceCell::new(),
             tokens: TokenCache::default(),
@@ -109,11 +201,17 @@ impl ScimConnector {
             Operation::Create => self.create(user).await,
             Operation::Update => {
                 if let Some(id) = change.remote_id {
-                    if let Some(applied) = self.update_by_id(id, user).await? {
-                        return Ok(applied);
+                    if let Some(id) = self
+                        .update_by_id(&self.users, id, &self.desired_attributes(user))
+                        .await?
+                    {
+                        return Ok(Applied {
+                            outcome: Outcome::Updated,
+                            remote_id: Some(id),
+                        });
                     }
                 }
-                match self.find(user).await? {
+                match self.find_user(user).await? {
                     Some(remote) => self.converge(remote, user).await.map(|id| Applied {
                         outcome: Outcome::Updated,
                         remote_id: Some(id),
@@ -126,28 +224,31 @@ impl ScimConnector {
         }
     }
 
-    /// Updates the user by the id the provisioning state remembers: one PATCH when the
-    /// target takes PATCH without ETags, else a read and a write. `None` when the
-    /// target no longer has that id (then the caller forgets it and searches).
-    async fn update_by_id(&self, id: &str, user: &User) -> Result<Option<Applied>, ConnectorError> {
+    /// Replaces `attributes` on the resource the provisioning state remembers as `id`:
+    /// one PATCH when the target takes PATCH without ETags, else a read and a write.
+    /// Returns its id, or `None` when the target no longer has it (then the caller
+    /// forgets it and searches).
+    async fn update_by_id(
+        &self,
+        endpoint: &Endpoint,
+        id: &str,
+        attributes: &[(String, Value)],
+    ) -> Result<Option<String>, ConnectorError> {
         let capabilities = self.capabilities().await?;
         let remote = if capabilities.patch && !capabilities.etag {
-            RemoteUser {
+            RemoteResource {
                 id: id.to_string(),
                 version: None,
                 resource: Value::Null,
             }
         } else {
-            match self.get(id).await? {
+            match self.get_resource(endpoint, id).await? {
                 Some(remote) => remote,
                 None => return Ok(None),
             }
         };
-        match self.converge(remote, user).await {
-            Ok(id) => Ok(Some(Applied {
-                outcome: Outcome::Updated,
-                remote_id: Some(id),
-            })),
+        match self.write_attributes(endpoint, remote, attributes).await {
+            Ok(id) => Ok(Some(id)),
             Err(ConnectorError::Rejected { status: 404, .. }) => {
                 tracing::info!(connector = %self.name, remote_id = id, "The stored remote id is gone; searching.");
                 Ok(None)
@@ -161,7 +262,7 @@ impl ScimConnector {
         if let Some(password) = self.password() {
             resource["password"] = Value::String(password.expose().to_string());
         }
-        let url = self.users_url.clone();
+        let url = self.users.url.clone();
         let response = self
             .send(
                 |http| http.post(url.clone()).json(&resource),
@@ -179,7 +280,7 @@ impl ScimConnector {
             Err(error) if is_uniqueness_conflict(&error) => {
                 // Someone (a previous attempt, an admin, another system) created it
                 // first: find it and take it over.
-                let Some(remote) = self.find(user).await? else {
+                let Some(remote) = self.find_user(user).await? else {
                     return Err(ConnectorError::Conflict {
                         status: error.http_status(),
                         message: format!(
@@ -199,7 +300,7 @@ impl ScimConnector {
 
     async fn delete(&self, user: &User, known_id: Option<&str>) -> Result<Applied, ConnectorError> {
         let known = match known_id {
-            Some(id) => self.get(id).await?,
+            Some(id) => self.get_resource(&self.users, id).await?,
             None => None,
         };
         if known_id.is_some() && known.is_none() {
@@ -207,7 +308,7 @@ impl ScimConnector {
         }
         let remote = match known {
             Some(remote) => Some(remote),
-            None => self.find(user).await?,
+            None => self.find_user(user).await?,
         };
         let Some(remote) = remote else {
             return Ok(Applied {
@@ -217,19 +318,13 @@ impl ScimConnector {
         };
         match self.settings.deprovision {
             ScimDeprovision::Delete => {
-                let url = self.user_url(&remote.id);
                 let version = self.if_match(&remote).await?;
-                let result = self
-                    .send(
-                        |http| with_if_match(http.delete(url.clone()), version.as_deref()),
-                        &[StatusCode::NO_CONTENT, StatusCode::OK],
-                    )
-                    .await;
+                let result = self.delete_resource(&self.users, &remote.id, version.as_deref()).await;
                 deleted_or_absent(result, remote.id)
             }
             ScimDeprovision::Deactivate => {
                 let id = self
-                    .write_attributes(remote, &[("active".to_string(), Value::Bool(false))])
+                    .write_attributes(&self.users, remote, &[("active".to_string(), Value::Bool(false))])
                     .await?;
                 Ok(Applied {
                     outcome: Outcome::Deactivated,
@@ -240,57 +335,89 @@ impl ScimConnector {
     }
 
     /// Brings an existing remote user in line with the event. Returns its id.
-    async fn converge(&self, remote: RemoteUser, user: &User) -> Result<String, ConnectorError> {
-        self.write_attributes(remote, &self.desired_attributes(user)).await
+    async fn converge(&self, remote: RemoteResource, user: &User) -> Result<String, ConnectorError> {
+        self.write_attributes(&self.users, remote, &self.desired_attributes(user))
+            .await
     }
 
-    /// Replaces `attributes` on the remote user: PATCH when advertised, else
-    /// read-modify-PUT. A stale ETag (412) re-reads once and tries again.
+    /// Replaces `attributes` on the remote resource: PATCH when advertised, else
+    /// read-modify-PUT of `remote` as read, which must then be whole (a user found by a
+    /// lookup is; a group must be read by id).
     async fn write_attributes(
         &self,
-        remote: RemoteUser,
+        endpoint: &Endpoint,
+        remote: RemoteResource,
         attributes: &[(String, Value)],
     ) -> Result<String, ConnectorError> {
         let capabilities = self.capabilities().await?;
-        let mut remote = remote;
-        for attempt in 0..2 {
-            let url = self.user_url(&remote.id);
-            let version = if capabilities.etag {
-                remote.version.clone()
-            } else {
-                None
-            };
-            let result = if capabilities.patch {
+        self.write_resource(endpoint, remote, |remote| {
+            if capabilities.patch {
                 let operations: Vec<Value> = attributes
                     .iter()
                     .map(|(path, value)| json!({"op": "replace", "path": path, "value": value}))
                     .collect();
-                let body = json!({"schemas": [PATCH_SCHEMA], "Operations": operations});
-                self.send(
-                    |http| with_if_match(http.patch(url.clone()).json(&body), version.as_deref()),
-                    &[StatusCode::OK, StatusCode::NO_CONTENT],
-                )
-                .await
+                Some((Method::PATCH, patch_request(operations)))
             } else {
                 let mut resource = remote.resource.clone();
                 overlay(&mut resource, attributes);
-                if let Value::Object(object) = &mut resource {
-                    object.remove("meta");
-                }
-                self.send(
-                    |http| with_if_match(http.put(url.clone()).json(&resource), version.as_deref()),
+                Some((Method::PUT, without_meta(resource)))
+            }
+        })
+        .await
+    }
+
+    /// Sends the write that `request_for` builds from the resource as last read (`None`:
+    /// nothing to write), with `If-Match` where ETags are advertised. A stale version
+    /// (412) re-reads the resource once and builds the write again; a second 412 means
+    /// someone else keeps writing it, and the call is retried later. Returns its id.
+    async fn write_resource(
+        &self,
+        endpoint: &Endpoint,
+        remote: RemoteResource,
+        request_for: impl Fn(&RemoteResource) -> Option<(Method, Value)>,
+    ) -> Result<String, ConnectorError> {
+        let mut remote = remote;
+        for attempt in 0..2 {
+            let Some((method, body)) = request_for(&remote) else {
+                return Ok(remote.id);
+            };
+            let url = endpoint.resource_url(&remote.id);
+            let version = self.if_match(&remote).await?;
+            let result = self
+                .send(
+                    |http| {
+                        with_if_match(
+                            http.request(method.clone(), url.clone()).json(&body),
+                            version.as_deref(),
+                        )
+                    },
                     &[StatusCode::OK, StatusCode::NO_CONTENT],
                 )
-                .await
-            };
+                .await;
             match result {
                 Ok(_) => return Ok(remote.id),
                 Err(ConnectorError::Rejected { status: 412, .. }) if attempt == 0 => {
                     let id = remote.id.clone();
-                    remote = self.get(&id).await?.ok_or_else(|| ConnectorError::Conflict {
-                        status: Some(404),
-                        message: format!("user {id} disappeared while being updated"),
-                    })?;
+                    remote = self
+                        .get_resource(endpoint, &id)
+                        .await?
+                        .ok_or_else(|| ConnectorError::Rejected {
+                            status: 404,
+                            message: format!("{} {id} disappeared while being updated", endpoint.noun),
+                        })?;
+                }
+                // Not Rejected: that would fail the event for good over a race that a
+                // later attempt wins. Throttled (unlike Server) pauses nothing else and
+                // does not count against the circuit breaker.
+                Err(ConnectorError::Rejected { status: 412, message }) => {
+                    return Err(ConnectorError::Throttled {
+                        status: Some(412),
+                        message: format!(
+                            "{} {} changed again while being updated ({message}); trying again later",
+                            endpoint.noun, remote.id
+                        ),
+                        retry_after: None,
+                    })
                 }
                 Err(error) => return Err(error),
             }
@@ -298,7 +425,7 @@ impl ScimConnector {
         unreachable!("the loop returns on its second pass")
     }
 
-    async fn if_match(&self, remote: &RemoteUser) -> Result<Option<String>, ConnectorError> {
+    async fn if_match(&self, remote: &RemoteResource) -> Result<Option<String>, ConnectorError> {
         Ok(if self.capabilities().await?.etag {
             remote.version.clone()
         } else {
@@ -306,71 +433,104 @@ impl ScimConnector {
         })
     }
 
+    async fn delete_resource(
+        &self,
+        endpoint: &Endpoint,
+        id: &str,
+        version: Option<&str>,
+    ) -> Result<Value, ConnectorError> {
+        let url = endpoint.resource_url(id);
+        self.send(
+            |http| with_if_match(http.delete(url.clone()), version),
+            &[StatusCode::NO_CONTENT, StatusCode::OK],
+        )
+        .await
+    }
+
     /// Looks the user up by `externalId`, then by `userName`. Used when the provisioning
     /// state has no id for the user (provisioned before the state existed, or a crash
     /// between the call and the state write) or its id is gone.
+    async fn find_user(&self, user: &User) -> Result<Option<RemoteResource>, ConnectorError> {
+        let user_name = self.user_name(user);
+        let lookups = [
+            Lookup {
+                attribute: "externalId",
+                value: &user.id,
+                case_exact: true,
+            },
+            Lookup {
+                attribute: "userName",
+                value: &user_name,
+                case_exact: false,
+            },
+        ];
+        self.find(&self.users, &lookups).await
+    }
+
+    /// The first resource the lookups find, tried in order.
     ///
     /// A filter is tried even when `/ServiceProviderConfig` says filtering is not
-    /// supported: several servers ship that default while filtering works. Every match
-    /// is checked against the user, since a server that ignores `filter` answers with
-    /// everyone. When filtering fails outright, a paged listing is scanned instead.
-    async fn find(&self, user: &User) -> Result<Option<RemoteUser>, ConnectorError> {
-        let user_name = self.user_name(user);
-        let matches = |resource: &Value| {
-            resource.get("externalId").and_then(Value::as_str) == Some(user.id.as_str())
-                || resource
-                    .get("userName")
-                    .and_then(Value::as_str)
-                    .is_some_and(|name| name.eq_ignore_ascii_case(&user_name))
+    /// supported: several servers ship that default while filtering works. When
+    /// filtering fails outright, a paged listing is scanned instead.
+    async fn find(
+        &self,
+        endpoint: &Endpoint,
+        lookups: &[Lookup<'_>],
+    ) -> Result<Option<RemoteResource>, ConnectorError> {
+        let filter_error = match self.filter_lookup(endpoint, lookups).await? {
+            Filtered::Found(remote) => return Ok(Some(remote)),
+            Filtered::NotFound => return Ok(None),
+            Filtered::FilteringFailed(error) => error,
         };
-        let mut filtering_failed = None;
-        for (attribute, value) in [("externalId", user.id.clone()), ("userName", user_name.clone())] {
-            let filter = format!("{attribute} eq {}", filter_literal(&value));
-            let url = self.users_url.clone();
-            let answer = self
-                .send(
-                    |http| http.get(url.clone()).query(&[("filter", filter.as_str())]),
-                    &[StatusCode::OK],
-                )
-                .await;
-            let body = match answer {
-                Ok(body) => body,
-                // 400 invalidFilter, 403, 501: this server cannot filter after all.
-                Err(error @ ConnectorError::Rejected { .. }) => {
-                    filtering_failed = Some(error);
-                    break;
-                }
-                Err(error) => return Err(error),
-            };
-            let found = body.get("Resources").and_then(Value::as_array).into_iter().flatten();
-            if let Some(resource) = found.into_iter().find(|resource| matches(resource)) {
-                return remote_user(resource).map(Some);
-            }
-        }
-        let Some(filter_error) = filtering_failed else {
-            return Ok(None);
-        };
-        tracing::info!(connector = %self.name, error = %filter_error, "Filtering failed; scanning the user listing.");
-        self.scan_listing(&matches)
+        tracing::info!(connector = %self.name, error = %filter_error, "Filtering failed; scanning the {} listing.", endpoint.noun);
+        let matches = |resource: &Value| lookups.iter().any(|lookup| lookup.matches(resource));
+        self.scan_listing(endpoint, &matches)
             .await
             .map_err(|error| ConnectorError::Rejected {
                 status: error.http_status().unwrap_or(501),
                 message: format!(
-                    "the user cannot be looked up: filtering failed ({filter_error}) and listing failed ({error})"
+                    "the {} cannot be looked up: filtering failed ({filter_error}) and listing failed ({error})",
+                    endpoint.noun
                 ),
             })
     }
 
-    /// Pages through `GET /Users` (RFC 7644 §3.4.2.4) looking for a match, up to
-    /// [`MAX_LISTING`] users.
-    async fn scan_listing(&self, matches: &impl Fn(&Value) -> bool) -> Result<Option<RemoteUser>, ConnectorError> {
+    /// The lookups as `filter` queries, in order, without falling back to a listing.
+    async fn filter_lookup(&self, endpoint: &Endpoint, lookups: &[Lookup<'_>]) -> Result<Filtered, ConnectorError> {
+        for lookup in lookups {
+            let query = endpoint.lookup_query(&[("filter", lookup.filter())]);
+            let url = endpoint.url.clone();
+            let answer = self
+                .send(|http| http.get(url.clone()).query(&query), &[StatusCode::OK])
+                .await;
+            let body = match answer {
+                Ok(body) => body,
+                // 400 invalidFilter, 403, 501: this server cannot filter after all.
+                Err(error @ ConnectorError::Rejected { .. }) => return Ok(Filtered::FilteringFailed(error)),
+                Err(error) => return Err(error),
+            };
+            let found = body.get("Resources").and_then(Value::as_array).into_iter().flatten();
+            if let Some(resource) = found.into_iter().find(|resource| lookup.matches(resource)) {
+                return remote_resource(resource).map(Filtered::Found);
+            }
+        }
+        Ok(Filtered::NotFound)
+    }
+
+    /// Pages through the endpoint's listing (RFC 7644 §3.4.2.4) looking for a match,
+    /// up to [`MAX_LISTING`] resources.
+    async fn scan_listing(
+        &self,
+        endpoint: &Endpoint,
+        matches: &impl Fn(&Value) -> bool,
+    ) -> Result<Option<RemoteResource>, ConnectorError> {
         let mut start_index: u64 = 1;
         while start_index <= MAX_LISTING {
-            let url = self.users_url.clone();
-            let page = [
+            let url = endpoint.url.clone();
+            let page = endpoint.lookup_query(&[
                 ("startIndex", start_index.to_string()),
                 ("count", LISTING_PAGE.to_string()),
-            ];
+            ]);
             let body = self
                 .send(|http| http.get(url.clone()).query(&page), &[StatusCode::OK])
                 .await?;
@@ -380,7 +540,7 @@ impl ScimConnector {
                 .cloned()
                 .unwrap_or_default();
             if let Some(resource) = resources.iter().find(|resource| matches(resource)) {
-                return remote_user(resource).map(Some);
+                return remote_resource(resource).map(Some);
             }
             let total = body.get("totalResults").and_then(Value::as_u64).unwrap_or(0);
             let next = start_index + resources.len() as u64;
@@ -391,14 +551,15 @@ impl ScimConnector {
         }
         Err(ConnectorError::Rejected {
             status: 501,
-            message: format!("the user is not among the first {MAX_LISTING} users listed"),
+            message: format!("the {} is not among the first {MAX_LISTING} listed", endpoint.noun),
         })
     }
 
-    async fn get(&self, id: &str) -> Result<Option<RemoteUser>, ConnectorError> {
-        let url = self.user_url(id);
+    /// The whole resource by id, or `None` when the target has no such id.
+    async fn get_resource(&self, endpoint: &Endpoint, id: &str) -> Result<Option<RemoteResource>, ConnectorError> {
+        let url = endpoint.resource_url(id);
         match self.send_raw(|http| http.get(url.clone()), &[StatusCode::OK]).await {
-            Ok((body, etag)) => Ok(Some(RemoteUser {
+            Ok((body, etag)) => Ok(Some(RemoteResource {
                 id: id.to_string(),
                 version: body
                     .pointer("/meta/version")
@@ -514,13 +675,6 @@ impl ScimConnector {
         }
     }
 
-    fn user_url(&self, id: &str) -> Url {
-        let mut url = self.users_url.clone();
-        // Pushed as one segment, so an id with `/` or `?` cannot change the path.
-        url.path_segments_mut().expect("users URL is hierarchical").push(id);
-        url
-    }
-
     fn user_name(&self, user: &User) -> String {
         let (domain_in_name, bare_name) = match user.user_name.split_once('/') {
             Some((domain, name)) => (Some(domain), name),
@@ -622,6 +776,19 @@ impl Connector for ScimConnector {
     fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
         Box::pin(async move { self.apply_change(&change).await })
     }
+
+    fn apply_group<'a>(&'a self, change: GroupChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_group_change(&change).await })
+    }
+
+    fn apply_members<'a>(&'a self, change: MembersChange<'a>) -> BoxFuture<'a, Result<(), ConnectorError>> {
+        Box::pin(async move { self.apply_members_change(&change).await })
+    }
+
+    fn max_members_per_request(&self) -> usize {
+        // `check` refuses 0; settings built without it must not make batches of nothing.
+        self.settings.max_members_per_request.max(1)
+    }
 }
 
 /// Writes each (path, value) into a resource: `a.b` nests, `urn:…:Attr` goes into the
@@ -684,14 +851,33 @@ fn with_if_match(request: RequestBuilder, version: Option<&str>) -> RequestBuild
     }
 }
 
+/// A PatchOp request (RFC 7644 §3.5.2) carrying `operations`.
+fn patch_request(operations: Vec<Value>) -> Value {
+    json!({"schemas": [PATCH_SCHEMA], "Operations": operations})
+}
+
+/// A resource as read, ready to be PUT back: `meta` is the server's (read-only).
+fn without_meta(mut resource: Value) -> Value {
+    if let Value::Object(object) = &mut resource {
+        object.remove("meta");
+    }
+    resource
+}
+
+/// Compares as SCIM does for attributes that are not `caseExact` (`userName`,
+/// `displayName`), Unicode included.
+fn equal_ignoring_case(left: &str, right: &str) -> bool {
+    left == right || left.to_lowercase() == right.to_lowercase()
+}
+
 /// A SCIM filter string literal: JSON string syntax (RFC 7644 §3.4.2.2), so quotes and
 /// backslashes in user values are escaped, never interpreted.
 pub fn filter_literal(value: &str) -> String {
     Value::String(value.to_string()).to_string()
 }
 
-fn remote_user(resource: &Value) -> Result<RemoteUser, ConnectorError> {
-    Ok(RemoteUser {
+fn remote_resource(resource: &Value) -> Result<RemoteResource, ConnectorError> {
+    Ok(RemoteResource {
         id: resource_id(resource)?,
         version: resource
             .pointer("/meta/version")
@@ -833,14 +1019,56 @@ mod tests {
         let settings: Scim2Settings =
             serde_json::from_value(json!({"base_url": "http://127.0.0.1:1/scim/v2/"})).unwrap();
         let connector = ScimConnector::new("t", &settings).unwrap();
-        assert_eq!(connector.users_url.as_str(), "http://127.0.0.1:1/scim/v2/Users");
+        assert_eq!(connector.users.url.as_str(), "http://127.0.0.1:1/scim/v2/Users");
         assert_eq!(
-            connector.user_url("../../Groups/x?y").as_str(),
+            connector.users.resource_url("../../Groups/x?y").as_str(),
             "http://127.0.0.1:1/scim/v2/Users/..%2F..%2FGroups%2Fx%3Fy"
         );
         assert_eq!(
             connector.service_provider_config_url.as_str(),
             "http://127.0.0.1:1/scim/v2/ServiceProviderConfig"
         );
+    }
+
+    #[test]
+    fn the_groups_endpoint_comes_from_groups_url_else_base_url_else_beside_users_url() {
+        let groups_url = |settings: Value| {
+            let settings: Scim2Settings = serde_json::from_value(settings).unwrap();
+            ScimConnector::new("t", &settings).unwrap().groups.url.to_string()
+        };
+        assert_eq!(
+            groups_url(json!({"base_url": "http://127.0.0.1:1/scim/v2/"})),
+            "http://127.0.0.1:1/scim/v2/Groups"
+        );
+        assert_eq!(
+            groups_url(json!({"users_url": "https://wso2.example/scim2/Users"})),
+            "https://wso2.example/scim2/Groups"
+        );
+        assert_eq!(
+            groups_url(json!({
+                "base_url": "http://127.0.0.1:1/scim/v2",
+                "groups_url": "https://wso2.example/t/acme/scim2/Groups"
+            })),
+            "https://wso2.example/t/acme/scim2/Groups"
+        );
+    }
+
+    #[test]
+    fn lookups_compare_case_as_the_attribute_does() {
+        let external_id = Lookup {
+            attribute: "externalId",
+            value: "G-1",
+            case_exact: true,
+        };
+        assert!(external_id.matches(&json!({"externalId": "G-1"})));
+        assert!(!external_id.matches(&json!({"externalId": "g-1"})));
+        let display_name = Lookup {
+            attribute: "displayName",
+            value: "Équipe \"Ops\"",
+            case_exact: false,
+        };
+        assert!(display_name.matches(&json!({"displayName": "équipe \"OPS\""})));
+        assert!(!display_name.matches(&json!({"displayName": "Équipe"})));
+        assert_eq!(display_name.filter(), r#"displayName eq "Équipe \"Ops\"""#);
     }
 }

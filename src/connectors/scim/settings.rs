@@ -18,9 +18,14 @@ pub struct Scim2Settings {
     /// Explicit Users endpoint (WSO2 `scim2-user-ep`); overrides `base_url` + `/Users`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users_url: Option<Url>,
-    /// Explicit Groups endpoint (WSO2 `scim2-group-ep`).
+    /// Explicit Groups endpoint (WSO2 `scim2-group-ep`); overrides `base_url` + `/Groups`
+    /// (or, with only `users_url`, its sibling `/Groups`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups_url: Option<Url>,
+    /// The most members one membership PATCH adds or removes; larger changes are sent in
+    /// batches of this size. AWS IAM Identity Center refuses more than 100.
+    #[serde(default = "default_max_members_per_request")]
+    pub max_members_per_request: usize,
     #[serde(default)]
     pub auth: ScimAuth,
     /// `strip` sends `alice` for `PRIMARY/alice`; `keep` sends `PRIMARY/alice`.
@@ -40,6 +45,10 @@ pub struct Scim2Settings {
     pub http: HttpSettings,
     #[serde(default)]
     pub delivery: DeliverySettings,
+}
+
+fn default_max_members_per_request() -> usize {
+    100
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -105,5 +114,37 @@ impl Scim2Settings {
                 "is required when password = \"default\"".into(),
             );
         }
+        if self.max_members_per_request == 0 {
+            problem(format!("{key}.max_members_per_request"), "must be at least 1".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(settings: serde_json::Value) -> Vec<(String, String)> {
+        let settings: Scim2Settings = serde_json::from_value(settings).expect("valid SCIM settings");
+        let mut problems = Vec::new();
+        settings.check("connectors.directory", &mut |key, message| {
+            problems.push((key, message))
+        });
+        problems
+    }
+
+    #[test]
+    fn max_members_per_request_defaults_to_100_and_must_be_at_least_1() {
+        let settings: Scim2Settings =
+            serde_json::from_value(serde_json::json!({"base_url": "http://127.0.0.1:1/scim"})).unwrap();
+        assert_eq!(settings.max_members_per_request, 100);
+        assert!(problems(serde_json::json!({"base_url": "http://127.0.0.1:1/scim"})).is_empty());
+        assert_eq!(
+            problems(serde_json::json!({"base_url": "http://127.0.0.1:1/scim", "max_members_per_request": 0})),
+            vec![(
+                "connectors.directory.max_members_per_request".to_string(),
+                "must be at least 1".to_string()
+            )]
+        );
     }
 }

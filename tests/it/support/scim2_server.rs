@@ -57,6 +57,13 @@ cli.main()
 impl Scim2Server {
     /// Starts a server on a port the OS picks (`--port 0`), read back from its output.
     pub async fn start() -> Scim2Server {
+        Scim2Server::start_with_args(&[]).await
+    }
+
+    /// Starts a server with extra `scim2-server` arguments (e.g. `--service-provider-config
+    /// FILE`). It reads the files it is given before it reports its port, so they may go
+    /// once this returns.
+    pub async fn start_with_args(args: &[&std::ffi::OsStr]) -> Scim2Server {
         let python = binary().with_file_name("python");
         let mut process = Command::new("sh")
             .arg("-c")
@@ -64,6 +71,7 @@ impl Scim2Server {
             .arg("sh")
             .arg(&python)
             .args(["-c", PORT_REPORTING_MAIN, "--hostname", "127.0.0.1", "--port", "0"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(if std::env::var_os("TEST_LOG").is_some() {
@@ -100,6 +108,22 @@ impl Scim2Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         server
+    }
+
+    /// The server's built-in resource `name` (e.g. `default-schemas.json`), to start
+    /// another server with a changed copy.
+    pub fn default_resource(name: &str) -> serde_json::Value {
+        let output = Command::new(binary().with_file_name("python"))
+            .args([
+                "-c",
+                "import importlib.resources, sys; \
+                 sys.stdout.write((importlib.resources.files('scim2_server') / 'resources' / sys.argv[1]).read_text())",
+                name,
+            ])
+            .output()
+            .expect("scim2-server's python runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout).expect("a JSON resource")
     }
 
     /// Every user the server holds.
