@@ -32,29 +32,11 @@ use crate::kafka::producer::OutboundRecord;
 use crate::kafka::retry_topics::{self, RetryTopicError};
 use crate::kafka::settings::KafkaSettings;
 use crate::kafka::state_topic::{self, StateTopicError};
-use crate::pipeline::worker::{produce_durably, publish_state, update_state, Lane, Worker};
+use crate::pipeline::worker::{produce_durably, publish_state, update_state, Groups, Lane, Worker};
 use crate::result::{ConnectorResult, ErrorKind, Outcome, ResultError, Superseded};
-use crate::settings::{GroupsSettings, UserPartitioner};
+use crate::settings::GroupsSettings;
 use crate::state::record::{AccountState, StateKey, StateRecord, STATE_SCHEMA_VERSION};
 use crate::state::version::Relation;
-
-/// What group events need to write memberships.
-#[derive(Debug, Clone)]
-pub struct Groups {
-    pub membership_topic: String,
-    /// The input's (and so the membership topic's) partition count.
-    pub partitions: i32,
-    pub user_partitioner: UserPartitioner,
-    pub member_wait: Duration,
-    pub chunk: usize,
-}
-
-impl Groups {
-    /// The member's partition: where its own events are, by the producer's partitioner.
-    pub fn partition_of(&self, member_key: &str) -> i32 {
-        self.user_partitioner.partition(member_key.as_bytes(), self.partitions)
-    }
-}
 
 /// Why the membership topic cannot be used.
 #[derive(Debug, thiserror::Error)]

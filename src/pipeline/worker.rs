@@ -13,12 +13,30 @@ use crate::connectors::ConnectorSet;
 use crate::kafka::producer::{EventProducer, OutboundRecord, ProduceError};
 use crate::metrics::Metrics;
 use crate::pipeline::assignments::Assignments;
-use crate::pipeline::groups::Groups;
 use crate::pipeline::parking::{LaneWriteLocks, RetryTopics};
 use crate::pipeline::router::Router;
+use crate::settings::UserPartitioner;
 use crate::state::record::{StateKey, StateRecord};
 use crate::state::version::EventVersion;
 use crate::state::ProvisioningState;
+
+/// What group events need to write memberships.
+#[derive(Debug, Clone)]
+pub struct Groups {
+    pub membership_topic: String,
+    /// The input's (and so the membership topic's) partition count.
+    pub partitions: i32,
+    pub user_partitioner: UserPartitioner,
+    pub member_wait: Duration,
+    pub chunk: usize,
+}
+
+impl Groups {
+    /// The member's partition: where its own events are, by the producer's partitioner.
+    pub fn partition_of(&self, member_key: &str) -> i32 {
+        self.user_partitioner.partition(member_key.as_bytes(), self.partitions)
+    }
+}
 
 /// Everything a worker needs, shared by all workers.
 pub struct Worker {

@@ -341,3 +341,60 @@ async fn a_large_groups_members_are_batched_and_an_older_delta_changes_nothing()
         requests.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_list_near_the_event_size_limit_is_written_in_chunks_and_every_member_answered() {
+    // UUID-like ids, as WSO2 gives: about 20,000 fill most of max_event_bytes.
+    const MEMBERS: usize = 20_000;
+    let (names, directory, app) = start("groups-huge", "1s").await;
+    let members: Vec<String> = (0..MEMBERS)
+        .map(|index| format!("{index:08x}-7d1c-4f44-9b0e-2a5e0c3e9f10"))
+        .collect();
+    let payload = group_event(
+        "huge-created",
+        "group.created",
+        json!({"id": "huge", "displayName": "Everyone, really", "members": members}),
+        None,
+    );
+    let limit = provisioner::settings::PipelineSettings::default().max_event_bytes;
+    assert!(
+        payload.len() > limit * 3 / 4 && payload.len() < limit,
+        "the event is {} bytes, limit {limit}",
+        payload.len()
+    );
+    let started = Instant::now();
+    publish_group(&names, "huge", &payload).await;
+    let mut results = TopicReader::new(&names.results, 1);
+    let group_result = results.result_of("huge-created", WAIT).await;
+    assert_eq!(group_result.results[0].outcome, Outcome::Created, "{group_result:?}");
+    assert_eq!(group_result.results[0].members_added, Some(MEMBERS as u64));
+    let written_in = started.elapsed();
+    // None of them is a user on the target: each is answered `skipped` after the
+    // 1 s member_wait, none is sent.
+    let answered = RefCell::new(0usize);
+    let seen = RefCell::new(0usize);
+    results
+        .read_until("every member answered", Duration::from_secs(240), |records| {
+            let mut answered = answered.borrow_mut();
+            let mut seen = seen.borrow_mut();
+            for record in &records[(*seen).min(records.len())..] {
+                let result = record.result();
+                if result.event_id == "huge-created" && !result.user_id.is_empty() {
+                    assert_eq!(result.results[0].outcome, Outcome::Skipped, "{result:?}");
+                    *answered += 1;
+                }
+            }
+            *seen = records.len();
+            *answered == MEMBERS
+        })
+        .await;
+    let answered_in = started.elapsed();
+    assert!(directory.membership_requests().is_empty());
+    let emitted = app.metrics.memberships_emitted.with_label_values(&["directory", "add"]).get();
+    assert_eq!(emitted, MEMBERS as u64, "each membership written once");
+    app.stop().await;
+    eprintln!(
+        "GROUPS-REPORT huge: a {}-byte group event with {MEMBERS} members: its memberships written in {written_in:?} (chunks of 500, progress saved), every member answered (skipped: not a user) in {answered_in:?}; 0 requests",
+        payload.len()
+    );
+}

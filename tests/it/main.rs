@@ -25,6 +25,8 @@ mod google;
 mod google_emulator_groups;
 mod groups;
 #[cfg(feature = "devtools")]
+mod groups_scim;
+#[cfg(feature = "devtools")]
 mod isolation;
 #[cfg(feature = "devtools")]
 mod isolation_parking;
