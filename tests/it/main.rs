@@ -24,6 +24,8 @@ mod google;
 #[cfg(feature = "devtools")]
 mod google_emulator_groups;
 #[cfg(feature = "devtools")]
+mod google_groups;
+#[cfg(feature = "devtools")]
 mod isolation;
 #[cfg(feature = "devtools")]
 mod isolation_parking;

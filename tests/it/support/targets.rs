@@ -9,11 +9,13 @@ use provisioner::connectors::google::GoogleConnector;
 use provisioner::connectors::jwt::RsaSigner;
 use provisioner::connectors::salesforce::settings::SalesforceSettings;
 use provisioner::connectors::salesforce::SalesforceConnector;
+use provisioner::connectors::{Connector, ConnectorError};
 use provisioner::devtools::emulators::google::{self as google_emulator, GoogleEmulator, GoogleEmulatorSettings};
 use provisioner::devtools::emulators::salesforce::{
     self as salesforce_emulator, SalesforceEmulator, SalesforceEmulatorSettings,
 };
 use provisioner::devtools::emulators::Faults;
+use provisioner::domain::{GroupChange, GroupRef, MemberAction, MemberRef, MembersChange, Operation};
 use provisioner::event::{self, UserEvent};
 use provisioner::metrics::Metrics;
 use serde_json::{json, Value};
@@ -168,4 +170,57 @@ pub fn user_event(event_type: &str, user_id: &str, user: Value) -> UserEvent {
         .unwrap()
         .into_user()
         .expect("a user event")
+}
+
+/// A change of the group `group_id` of tenant `acme`.
+pub fn group_change<'a>(
+    operation: Operation,
+    group_id: &'a str,
+    display_name: &'a str,
+    remote_id: Option<&'a str>,
+) -> GroupChange<'a> {
+    GroupChange {
+        operation,
+        event_id: "group-event",
+        tenant: "acme",
+        group_id,
+        display_name,
+        remote_id,
+    }
+}
+
+/// Creates `count` users `{prefix}-0` … through `connector`; returns them as members.
+pub async fn create_members(connector: &impl Connector, prefix: &str, count: usize) -> Vec<MemberRef> {
+    let mut members = Vec::with_capacity(count);
+    for index in 0..count {
+        let user_id = format!("{prefix}-{index}");
+        let created = user_event("user.created", &user_id, json!({"userName": user_id}));
+        let applied = connector.apply(created.change(Operation::Create)).await.unwrap();
+        members.push(MemberRef {
+            user_id,
+            remote_id: applied.remote_id.expect("a created user has a remote id"),
+        });
+    }
+    members
+}
+
+/// Adds or removes `members` as the pipeline does: in calls of at most the connector's
+/// `max_members_per_request`, stopping at the first error.
+pub async fn apply_members_in_batches(
+    connector: &impl Connector,
+    action: MemberAction,
+    group: GroupRef<'_>,
+    members: &[MemberRef],
+) -> Result<(), ConnectorError> {
+    for batch in members.chunks(connector.max_members_per_request()) {
+        connector
+            .apply_members(MembersChange {
+                action,
+                tenant: "acme",
+                group,
+                members: batch,
+            })
+            .await?;
+    }
+    Ok(())
 }
