@@ -38,6 +38,8 @@ mod salesforce;
 #[cfg(feature = "devtools")]
 mod salesforce_emulator_groups;
 #[cfg(feature = "devtools")]
+mod salesforce_groups;
+#[cfg(feature = "devtools")]
 mod scim;
 #[cfg(feature = "devtools")]
 mod security;
