@@ -4,104 +4,25 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use provisioner::connectors::google::settings::GoogleSettings;
 use provisioner::connectors::google::GoogleConnector;
 use provisioner::connectors::jwt::RsaSigner;
 use provisioner::connectors::{Connector, ConnectorError};
-use provisioner::devtools::emulators::google::{self as google_emulator, GoogleEmulator, GoogleEmulatorSettings};
 use provisioner::devtools::emulators::Faults;
-use provisioner::event::{self, UserEvent};
+use provisioner::event;
 use provisioner::result::{Operation, Outcome, Status};
 use provisioner::retry::{run_with_retries, RetryPolicy};
 use provisioner::settings::Settings;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::app::{producer, publish, Names, TopicReader};
 use crate::support::doubles::event_json;
 use crate::support::google_discovery::{check, discovery_document, required_for};
-
-const SERVICE_ACCOUNT: &str = "provisioner@demo-project.iam.gserviceaccount.com";
-const ADMIN: &str = "admin@example.com";
-
-struct Fixture {
-    emulator: GoogleEmulator,
-    key: RsaSigner,
-    _shutdown: CancellationToken,
-}
-
-impl Fixture {
-    async fn start() -> Fixture {
-        let key = RsaSigner::generate();
-        let shutdown = CancellationToken::new();
-        let emulator = google_emulator::start(
-            "127.0.0.1:0".parse().unwrap(),
-            GoogleEmulatorSettings {
-                domain: "example.com".into(),
-                client_email: SERVICE_ACCOUNT.into(),
-                public_key: key.public_key(),
-                admin_email: ADMIN.into(),
-                token_lifetime: Duration::from_secs(3600),
-                faults: Faults::default(),
-            },
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        Fixture {
-            emulator,
-            key,
-            _shutdown: shutdown,
-        }
-    }
-
-    fn key_json(&self, signer: &RsaSigner) -> String {
-        json!({
-            "type": "service_account",
-            "client_email": SERVICE_ACCOUNT,
-            "private_key": signer.private_key_pem(),
-            "token_uri": self.emulator.token_url(),
-        })
-        .to_string()
-    }
-
-    fn settings(&self, extra: Value) -> GoogleSettings {
-        let mut settings = json!({
-            "domain": "example.com",
-            "service_account_key": self.key_json(&self.key),
-            "admin_email": ADMIN,
-            "api_base_url": self.emulator.api_base_url(),
-        });
-        if let Value::Object(extra) = extra {
-            for (key, value) in extra {
-                settings[key] = value;
-            }
-        }
-        serde_json::from_value(settings).unwrap()
-    }
-
-    fn connector(&self, extra: Value) -> GoogleConnector {
-        GoogleConnector::new("workspace", &self.settings(extra)).unwrap()
-    }
-}
-
-fn user_event(event_type: &str, user_id: &str, user: Value) -> UserEvent {
-    let bytes = event_json(
-        &format!("{event_type}-{user_id}"),
-        event_type,
-        "acme",
-        user_id,
-        json!({"user": user}),
-    );
-    event::decode(Some(&bytes), &[], 1 << 20)
-        .unwrap()
-        .into_user()
-        .expect("a user event")
-}
+use crate::support::targets::{user_event, GoogleFixture, ADMIN};
 
 #[tokio::test]
 async fn create_update_suspend_and_delete() {
-    let fixture = Fixture::start().await;
+    let fixture = GoogleFixture::start().await;
     let connector = fixture.connector(json!({"org_unit_path": "/Staff", "change_password_at_next_login": true}));
     let created = user_event(
         "user.created",
@@ -182,7 +103,7 @@ async fn create_update_suspend_and_delete() {
 
 #[tokio::test]
 async fn a_duplicate_is_adopted_and_found_by_id_after_a_rename() {
-    let fixture = Fixture::start().await;
+    let fixture = GoogleFixture::start().await;
     let existing_id = fixture.emulator.insert_directly(json!({
         "primaryEmail": "carol@example.com", "name": {"givenName": "C", "familyName": "Old"}
     }));
@@ -212,7 +133,7 @@ async fn a_duplicate_is_adopted_and_found_by_id_after_a_rename() {
 
 #[tokio::test]
 async fn tokens_are_cached_renewed_on_401_and_checked() {
-    let fixture = Fixture::start().await;
+    let fixture = GoogleFixture::start().await;
     let connector = fixture.connector(json!({}));
     for index in 0..4 {
         let event = user_event("user.created", &format!("u-{index}"), json!({}));
@@ -246,7 +167,7 @@ async fn tokens_are_cached_renewed_on_401_and_checked() {
 
 #[tokio::test]
 async fn rate_limits_are_retried_after_at_least_a_second() {
-    let fixture = Fixture::start().await;
+    let fixture = GoogleFixture::start().await;
     let connector = fixture.connector(json!({}));
     let warm_up = user_event("user.deleted", "u-warm", json!({}));
     connector.apply(warm_up.change(Operation::Delete)).await.unwrap();
@@ -297,7 +218,7 @@ async fn rate_limits_are_retried_after_at_least_a_second() {
 
 #[tokio::test]
 async fn a_permanent_error_carries_googles_reason() {
-    let fixture = Fixture::start().await;
+    let fixture = GoogleFixture::start().await;
     // The connector's domain is not the Workspace's: Google refuses the address.
     let connector = fixture.connector(json!({"domain": "not-ours.example"}));
     let error = connector
@@ -317,7 +238,7 @@ async fn every_request_body_fits_googles_discovery_document() {
     let document = discovery_document();
     let user_schema = document["schemas"]["User"].clone();
     assert!(user_schema.is_object(), "the discovery document has a User schema");
-    let fixture = Fixture::start().await;
+    let fixture = GoogleFixture::start().await;
     let connector = fixture.connector(json!({"org_unit_path": "/Eng", "deprovision": "suspend"}));
     let scenarios = [
         (
@@ -387,7 +308,7 @@ async fn every_request_body_fits_googles_discovery_document() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_on_kafka_becomes_a_workspace_user() {
-    let fixture = Fixture::start().await;
+    let fixture = GoogleFixture::start().await;
     let names = Names::new("google-e2e");
     names.create(1).await;
     let settings = Settings::from_toml_str(&format!(

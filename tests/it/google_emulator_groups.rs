@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::google_discovery::{check, discovery_document, request_schema, required_for};
+use crate::support::google_discovery::assert_group_bodies_fit_discovery_document;
 
 const SERVICE_ACCOUNT: &str = "provisioner@demo-project.iam.gserviceaccount.com";
 const ADMIN: &str = "admin@example.com";
@@ -144,32 +144,6 @@ impl Directory<'_> {
 fn google_error(code: u16, reason: &str, message: &str) -> Value {
     json!({"error": {"code": code, "message": message,
                      "errors": [{"domain": "global", "reason": reason, "message": message}]}})
-}
-
-/// Every body the emulator's groups and members endpoints received fits the request
-/// schema of its method in Google's discovery document; with `all_accepted`, each also
-/// has the fields the document requires for its method.
-fn assert_group_bodies_fit_discovery_document(emulator: &GoogleEmulator, all_accepted: bool) {
-    let document = discovery_document();
-    let requests = emulator.group_requests();
-    assert!(!requests.is_empty());
-    let mut problems = Vec::new();
-    for (index, request) in requests.iter().enumerate() {
-        let schema = request_schema(&document, request.method_id);
-        let path = format!("request {index} ({})", request.method_id);
-        check(&document, &schema, &request.body, &path, &mut problems);
-        if all_accepted {
-            required_for(
-                &document,
-                request.method_id,
-                &schema,
-                &request.body,
-                &path,
-                &mut problems,
-            );
-        }
-    }
-    assert!(problems.is_empty(), "{problems:#?}");
 }
 
 #[tokio::test]

@@ -27,6 +27,8 @@ mod groups;
 #[cfg(feature = "devtools")]
 mod groups_scim;
 #[cfg(feature = "devtools")]
+mod google_groups;
+#[cfg(feature = "devtools")]
 mod isolation;
 #[cfg(feature = "devtools")]
 mod isolation_parking;
@@ -38,6 +40,8 @@ mod pipeline;
 mod salesforce;
 #[cfg(feature = "devtools")]
 mod salesforce_emulator_groups;
+#[cfg(feature = "devtools")]
+mod salesforce_groups;
 #[cfg(feature = "devtools")]
 mod scim;
 #[cfg(feature = "devtools")]

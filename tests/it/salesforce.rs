@@ -3,114 +3,25 @@
 //! end to end through Kafka.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provisioner::connectors::jwt::RsaSigner;
-use provisioner::connectors::salesforce::settings::SalesforceSettings;
 use provisioner::connectors::salesforce::SalesforceConnector;
 use provisioner::connectors::{Connector, ConnectorError};
-use provisioner::devtools::emulators::salesforce::{
-    self as salesforce_emulator, SalesforceEmulator, SalesforceEmulatorSettings,
-};
 use provisioner::devtools::emulators::Faults;
-use provisioner::event::{self, UserEvent};
-use provisioner::metrics::Metrics;
 use provisioner::result::{Operation, Outcome, Status};
 use provisioner::retry::{run_with_retries, RetryPolicy};
 use provisioner::settings::Settings;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Map};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::app::{producer, publish, Names, TopicReader};
 use crate::support::doubles::event_json;
-
-const CLIENT_ID: &str = "3MVG9emulator";
-const CLIENT_SECRET: &str = "client-secret-5e1f";
-const API_USER: &str = "integration@crm.example.com";
-
-struct Fixture {
-    emulator: SalesforceEmulator,
-    key: RsaSigner,
-    metrics: Arc<Metrics>,
-    _shutdown: CancellationToken,
-}
-
-impl Fixture {
-    async fn start(foreign_usernames: Vec<String>) -> Fixture {
-        let key = RsaSigner::generate();
-        let shutdown = CancellationToken::new();
-        let emulator = salesforce_emulator::start(
-            "127.0.0.1:0".parse().unwrap(),
-            SalesforceEmulatorSettings {
-                client_id: CLIENT_ID.into(),
-                client_secret: CLIENT_SECRET.into(),
-                username: API_USER.into(),
-                password_with_token: "pa55wordTOKEN123".into(),
-                public_key: Some(key.public_key()),
-                session_lifetime: Duration::from_secs(7200),
-                foreign_usernames,
-                faults: Faults::default(),
-            },
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        Fixture {
-            emulator,
-            key,
-            metrics: Arc::new(Metrics::new()),
-            _shutdown: shutdown,
-        }
-    }
-
-    fn settings(&self, auth: Value, extra: Value) -> SalesforceSettings {
-        let mut settings = json!({
-            "login_url": self.emulator.login_url(),
-            "auth": auth,
-            "provisioning_domain": "crm.example.com",
-            "profile_id": "00e000000000001AAA",
-        });
-        if let Value::Object(extra) = extra {
-            for (key, value) in extra {
-                settings[key] = value;
-            }
-        }
-        serde_json::from_value(settings).unwrap()
-    }
-
-    fn client_credentials(&self) -> Value {
-        json!({"grant": "client_credentials", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET})
-    }
-
-    fn connector(&self, extra: Value) -> SalesforceConnector {
-        SalesforceConnector::new(
-            "crm",
-            &self.settings(self.client_credentials(), extra),
-            self.metrics.clone(),
-            None,
-        )
-        .unwrap()
-    }
-}
-
-fn user_event(event_type: &str, user_id: &str, user: Value) -> UserEvent {
-    let bytes = event_json(
-        &format!("{event_type}-{user_id}"),
-        event_type,
-        "acme",
-        user_id,
-        json!({"user": user}),
-    );
-    event::decode(Some(&bytes), &[], 1 << 20)
-        .unwrap()
-        .into_user()
-        .expect("a user event")
-}
+use crate::support::targets::{user_event, SalesforceFixture, API_USER, CLIENT_ID, CLIENT_SECRET};
 
 #[tokio::test]
 async fn all_three_grants_get_a_token() {
-    let fixture = Fixture::start(Vec::new()).await;
+    let fixture = SalesforceFixture::start(Vec::new()).await;
     let grants = [
         fixture.client_credentials(),
         json!({"grant": "jwt_bearer", "client_id": CLIENT_ID, "username": API_USER, "private_key": fixture.key.private_key_pem()}),
@@ -149,7 +60,7 @@ async fn all_three_grants_get_a_token() {
 
 #[tokio::test]
 async fn create_update_and_deactivate_with_username_freeing() {
-    let fixture = Fixture::start(Vec::new()).await;
+    let fixture = SalesforceFixture::start(Vec::new()).await;
     let connector =
         fixture.connector(json!({"free_username_on_deactivate": true, "fields": {"Title": "attributes.title"}}));
     let created = user_event(
@@ -227,7 +138,7 @@ async fn create_update_and_deactivate_with_username_freeing() {
 
 #[tokio::test]
 async fn our_duplicate_is_adopted_and_reactivated_but_a_foreign_one_fails() {
-    let fixture = Fixture::start(vec!["taken@crm.example.com".into()]).await;
+    let fixture = SalesforceFixture::start(vec!["taken@crm.example.com".into()]).await;
     let mut ours = Map::new();
     for (field, value) in [
         ("Username", "bob@crm.example.com"),
@@ -276,7 +187,7 @@ async fn our_duplicate_is_adopted_and_reactivated_but_a_foreign_one_fails() {
 
 #[tokio::test]
 async fn an_expired_session_is_renewed_once() {
-    let fixture = Fixture::start(Vec::new()).await;
+    let fixture = SalesforceFixture::start(Vec::new()).await;
     let connector = fixture.connector(json!({}));
     connector
         .apply(user_event("user.created", "u-a", json!({})).change(Operation::Create))
@@ -301,7 +212,7 @@ async fn an_expired_session_is_renewed_once() {
 
 #[tokio::test]
 async fn request_limits_are_retried_with_a_long_backoff() {
-    let fixture = Fixture::start(Vec::new()).await;
+    let fixture = SalesforceFixture::start(Vec::new()).await;
     let connector = fixture.connector(json!({}));
     connector
         .apply(user_event("user.deleted", "u-warm", json!({})).change(Operation::Delete))
@@ -345,7 +256,7 @@ async fn request_limits_are_retried_with_a_long_backoff() {
 
 #[tokio::test]
 async fn hostile_usernames_are_escaped_in_soql() {
-    let fixture = Fixture::start(Vec::new()).await;
+    let fixture = SalesforceFixture::start(Vec::new()).await;
     let connector = fixture.connector(json!({}));
     let victim = user_event("user.created", "u-victim", json!({"userName": "victim"}));
     connector.apply(victim.change(Operation::Create)).await.unwrap();
@@ -368,7 +279,7 @@ async fn hostile_usernames_are_escaped_in_soql() {
 
 #[tokio::test]
 async fn a_missing_required_field_is_a_permanent_error() {
-    let fixture = Fixture::start(Vec::new()).await;
+    let fixture = SalesforceFixture::start(Vec::new()).await;
     let connector = fixture.connector(json!({"profile_id": ""}));
     let error = connector
         .apply(user_event("user.created", "u-x", json!({})).change(Operation::Create))
@@ -381,7 +292,7 @@ async fn a_missing_required_field_is_a_permanent_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_on_kafka_becomes_a_salesforce_user() {
-    let fixture = Fixture::start(Vec::new()).await;
+    let fixture = SalesforceFixture::start(Vec::new()).await;
     let names = Names::new("salesforce-e2e");
     names.create(1).await;
     let settings = Settings::from_toml_str(&format!(

@@ -1,15 +1,20 @@
-//! Google Workspace users through the Admin SDK Directory API.
+//! Google Workspace users and groups through the Admin SDK Directory API.
 //!
 //! Auth is a service account with domain-wide delegation: an RS256 JWT assertion
 //! (RFC 7523) signed with the key from Google's standard JSON key file, exchanged for a
-//! token that is cached until 60 s before expiry and renewed once on a 401.
+//! token that is cached until 60 s before expiry and renewed once on a 401. Users and
+//! groups have a token each ([`Api`]), so groups need no change to a delegation that
+//! grants only the user scope until the first group event.
 //!
 //! Unlike WSO2's connector, users are keyed by Google's immutable `id` (found through
 //! `externalIds`, which carry the source user id), updates PATCH only what changed and
-//! never touch the password, and the key never touches the disk.
+//! never touch the password, and the key never touches the disk. Groups and their
+//! members are in `groups.rs`.
 
+mod groups;
 pub mod settings;
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +31,7 @@ use crate::connectors::jwt::RsaSigner;
 use crate::connectors::naming::{account_name, bare_user_name};
 use crate::connectors::oauth::{request_jwt_bearer_token, send_authorised, Target, Token, TokenCache};
 use crate::connectors::{deleted_or_absent, Applied, BuildError, Connector, ConnectorError};
-use crate::domain::{Operation, Outcome, UserChange};
+use crate::domain::{GroupChange, MembersChange, Operation, Outcome, UserChange};
 use crate::secret::Secret;
 
 /// Google's limit for `name.givenName` and `name.familyName`.
@@ -48,11 +53,25 @@ struct ServiceAccountKey {
 pub struct GoogleConnector {
     http: reqwest::Client,
     users_url: Url,
+    groups_url: Url,
     token_url: String,
     client_email: String,
     signer: RsaSigner,
     settings: GoogleSettings,
+    /// The token for the users API (`settings.scopes`).
     tokens: TokenCache,
+    /// The token for the groups and members APIs (`settings.group_scopes`).
+    group_tokens: TokenCache,
+    /// Whether `members.insert` is sent the member's user id. Cleared for good the first
+    /// time Google asks for the email instead (see `groups.rs`).
+    member_insert_by_id: AtomicBool,
+}
+
+/// Which part of the Directory API a call goes to, and so which token it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Users,
+    Groups,
 }
 
 /// A user as found in the directory.
@@ -81,20 +100,25 @@ impl GoogleConnector {
             .map(Url::to_string)
             .or(key.token_uri)
             .ok_or_else(|| invalid("no token_url, and the key file has no token_uri".into()))?;
-        let mut users_url = settings.api_base_url.clone();
-        users_url
-            .path_segments_mut()
-            .map_err(|_| invalid("api_base_url cannot be a base URL".into()))?
-            .pop_if_empty()
-            .extend(["admin", "directory", "v1", "users"]);
+        let directory_url = |collection: &str| {
+            let mut url = settings.api_base_url.clone();
+            url.path_segments_mut()
+                .map_err(|_| invalid("api_base_url cannot be a base URL".into()))?
+                .pop_if_empty()
+                .extend(["admin", "directory", "v1", collection]);
+            Ok(url)
+        };
         Ok(GoogleConnector {
             http: build_client(name, &settings.http)?,
-            users_url,
+            users_url: directory_url("users")?,
+            groups_url: directory_url("groups")?,
             token_url,
             client_email: key.client_email,
             signer,
             settings: settings.clone(),
             tokens: TokenCache::default(),
+            group_tokens: TokenCache::default(),
+            member_insert_by_id: AtomicBool::new(true),
         })
     }
 
@@ -119,10 +143,10 @@ impl GoogleConnector {
         body["password"] = Value::String(random_password().expose().to_string());
         body["changePasswordAtNextLogin"] = Value::Bool(self.settings.change_password_at_next_login);
         let url = self.users_url.clone();
-        match self.send(|http| http.post(url.clone()).json(&body)).await {
+        match self.send(Api::Users, |http| http.post(url.clone()).json(&body)).await {
             Ok(created) => Ok(Applied {
                 outcome: Outcome::Created,
-                remote_id: Some(user_id(&created)?),
+                remote_id: Some(resource_id(&created, "user")?),
             }),
             Err(ConnectorError::Rejected { status: 409, .. }) => {
                 // `duplicate`: the account exists. Take it over.
@@ -153,10 +177,13 @@ impl GoogleConnector {
         };
         let url = self.user_url(&remote.id);
         match self.settings.deprovision {
-            GoogleDeprovision::Delete => deleted_or_absent(self.send(|http| http.delete(url.clone())).await, remote.id),
+            GoogleDeprovision::Delete => {
+                deleted_or_absent(self.send(Api::Users, |http| http.delete(url.clone())).await, remote.id)
+            }
             GoogleDeprovision::Suspend => {
                 let body = json!({"suspended": true});
-                self.send(|http| http.patch(url.clone()).json(&body)).await?;
+                self.send(Api::Users, |http| http.patch(url.clone()).json(&body))
+                    .await?;
                 Ok(Applied {
                     outcome: Outcome::Deactivated,
                     remote_id: Some(remote.id),
@@ -195,7 +222,9 @@ impl GoogleConnector {
         }
         let url = self.user_url(&remote.id);
         let body = Value::Object(changes);
-        self.send(|http| http.patch(url.clone()).json(&body)).await.map(|_| ())
+        self.send(Api::Users, |http| http.patch(url.clone()).json(&body))
+            .await
+            .map(|_| ())
     }
 
     /// By the stored remote id, then the immutable link (`externalIds` holds our user
@@ -211,7 +240,7 @@ impl GoogleConnector {
         let url = self.users_url.clone();
         let query = format!("externalId:{}", search_literal(&change.user.id));
         let list = self
-            .send(|http| {
+            .send(Api::Users, |http| {
                 http.get(url.clone()).query(&[
                     ("customer", "my_customer"),
                     ("query", query.as_str()),
@@ -225,7 +254,7 @@ impl GoogleConnector {
             .and_then(|users| users.first())
         {
             return Ok(Some(RemoteUser {
-                id: user_id(found)?,
+                id: resource_id(found, "user")?,
                 resource: found.clone(),
             }));
         }
@@ -234,9 +263,9 @@ impl GoogleConnector {
 
     async fn get(&self, user_key: &str) -> Result<Option<RemoteUser>, ConnectorError> {
         let url = self.user_url(user_key);
-        match self.send(|http| http.get(url.clone())).await {
+        match self.send(Api::Users, |http| http.get(url.clone())).await {
             Ok(resource) => Ok(Some(RemoteUser {
-                id: user_id(&resource)?,
+                id: resource_id(&resource, "user")?,
                 resource,
             })),
             Err(ConnectorError::Rejected { status: 404, .. }) => Ok(None),
@@ -281,21 +310,36 @@ impl GoogleConnector {
         url
     }
 
-    /// Sends with a bearer token; a 401 renews the token once and retries.
-    async fn send(&self, build: impl Fn(&reqwest::Client) -> RequestBuilder) -> Result<Value, ConnectorError> {
-        let token = || async { self.token().await.map(Some) };
-        let response = send_authorised(&self.tokens, token, |_| build(&self.http), self).await?;
+    /// Sends with the bearer token for `api`; a 401 renews the token once and retries.
+    async fn send(
+        &self,
+        api: Api,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<Value, ConnectorError> {
+        let token = || async { self.token(api).await.map(Some) };
+        let response = send_authorised(self.token_cache(api), token, |_| build(&self.http), self).await?;
         json_body(response).await
     }
 
-    async fn token(&self) -> Result<Token, ConnectorError> {
-        self.tokens
+    fn token_cache(&self, api: Api) -> &TokenCache {
+        match api {
+            Api::Users => &self.tokens,
+            Api::Groups => &self.group_tokens,
+        }
+    }
+
+    async fn token(&self, api: Api) -> Result<Token, ConnectorError> {
+        let scopes = match api {
+            Api::Users => &self.settings.scopes,
+            Api::Groups => &self.settings.group_scopes,
+        };
+        self.token_cache(api)
             .get(|| {
                 let now = chrono::Utc::now().timestamp();
                 let claims = json!({
                     "iss": self.client_email,
                     "sub": self.settings.admin_email,
-                    "scope": self.settings.scopes.join(" "),
+                    "scope": scopes.join(" "),
                     "aud": self.token_url,
                     "iat": now,
                     "exp": now + 3600,
@@ -315,6 +359,21 @@ impl Target for GoogleConnector {
 impl Connector for GoogleConnector {
     fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
         Box::pin(async move { self.apply_change(&change).await })
+    }
+
+    fn apply_group<'a>(&'a self, change: GroupChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_group_change(&change).await })
+    }
+
+    fn apply_members<'a>(&'a self, change: MembersChange<'a>) -> BoxFuture<'a, Result<(), ConnectorError>> {
+        Box::pin(async move { self.apply_members_change(&change).await })
+    }
+
+    /// Google has no call that adds or removes several members, so a request is one
+    /// member. One member per call also keeps the gate's rate limit (Google's quota is
+    /// per request) and concurrency cap counting real requests.
+    fn max_members_per_request(&self) -> usize {
+        1
     }
 }
 
@@ -366,14 +425,15 @@ fn search_literal(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-fn user_id(resource: &Value) -> Result<String, ConnectorError> {
+/// The immutable `id` of a user or group resource (`kind` names which, for the error).
+fn resource_id(resource: &Value, kind: &str) -> Result<String, ConnectorError> {
     resource
         .get("id")
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or_else(|| ConnectorError::InvalidResponse {
             status: None,
-            message: "the Google user has no id".into(),
+            message: format!("the Google {kind} has no id"),
         })
 }
 

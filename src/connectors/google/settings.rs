@@ -5,7 +5,7 @@ use url::Url;
 
 use crate::connectors::delivery::DeliverySettings;
 use crate::connectors::http::HttpSettings;
-use crate::connectors::naming::AccountNamePattern;
+use crate::connectors::naming::{AccountNamePattern, GroupEmailPattern};
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -17,8 +17,15 @@ pub struct GoogleSettings {
     pub service_account_key: Secret,
     /// Admin user the service account impersonates (the JWT `sub`).
     pub admin_email: String,
+    /// The scopes of the token for the users API.
     #[serde(default = "default_google_scopes")]
     pub scopes: Vec<String>,
+    /// The scopes of the token for the groups and members APIs. A separate token, asked
+    /// for at the first group operation only, so a domain-wide delegation that grants
+    /// just the user scope keeps provisioning users (Google refuses a token request if
+    /// any one scope in it is not delegated).
+    #[serde(default = "default_google_group_scopes")]
+    pub group_scopes: Vec<String>,
     #[serde(default = "default_google_api_base_url")]
     pub api_base_url: Url,
     /// Defaults to the key's `token_uri`.
@@ -26,6 +33,11 @@ pub struct GoogleSettings {
     pub token_url: Option<Url>,
     #[serde(default)]
     pub primary_email: AccountNamePattern,
+    /// The address of a group: `{GN}` its display name as a slug, `{GID}` its source
+    /// id, `{TD}` the tenant; `@domain` appended. Set when the group is created and kept
+    /// on renames, as Google keeps a group's address when its name changes.
+    #[serde(default)]
+    pub group_email: GroupEmailPattern,
     /// Used when the event has no given/family name (Google requires both);
     /// `{UN}` stands for the user name.
     #[serde(default = "default_name_fallback")]
@@ -65,11 +77,15 @@ impl GoogleSettings {
             problem(format!("{key}.admin_email"), "must be an email address".into());
         }
         self.primary_email.check(&format!("{key}.primary_email"), problem);
+        self.group_email.check(&format!("{key}.group_email"), problem);
     }
 }
 
 fn default_google_scopes() -> Vec<String> {
     vec!["https://www.googleapis.com/auth/admin.directory.user".into()]
+}
+fn default_google_group_scopes() -> Vec<String> {
+    vec!["https://www.googleapis.com/auth/admin.directory.group".into()]
 }
 fn default_google_api_base_url() -> Url {
     Url::parse("https://admin.googleapis.com").expect("constant URL")

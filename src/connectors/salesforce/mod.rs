@@ -4,11 +4,14 @@
 //! grant; the token and its `instance_url` are cached, and a `401 INVALID_SESSION_ID`
 //! renews them once. Users are linked by `FederationIdentifier` = the source user id.
 //! Salesforce users cannot be deleted: deprovisioning deactivates them, optionally
-//! renaming the globally unique `Username` so it can be used again.
+//! renaming the globally unique `Username` so it can be used again. Groups are permission
+//! sets (`permission_sets.rs`).
 
+mod permission_sets;
 pub mod settings;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -23,7 +26,7 @@ use crate::connectors::naming::{account_name, bare_user_name};
 use crate::connectors::oauth::{request_jwt_bearer_token, request_token, send_authorised, Target, Token, TokenCache};
 use crate::connectors::salesforce::settings::{SalesforceAuth, SalesforceSettings};
 use crate::connectors::{Applied, BuildError, Connector, ConnectorError};
-use crate::domain::{Operation, Outcome, UserChange};
+use crate::domain::{GroupChange, MembersChange, Operation, Outcome, UserChange};
 use crate::metrics::Metrics;
 
 /// `REQUEST_LIMIT_EXCEEDED` carries no Retry-After; the allocation is per 24 hours or
@@ -44,6 +47,8 @@ pub struct SalesforceConnector {
     metrics: Arc<Metrics>,
     /// Told about `Sforce-Limit-Info`, to pace calls near the daily allocation.
     gate: Option<Arc<Gate>>,
+    /// Permission set Ids by API Name: a set's Id never changes, so one query each.
+    permission_set_ids: Mutex<HashMap<String, String>>,
 }
 
 /// A user as the lookup query returns it.
@@ -88,6 +93,7 @@ impl SalesforceConnector {
             tokens: TokenCache::default(),
             metrics,
             gate,
+            permission_set_ids: Mutex::default(),
         })
     }
 
@@ -265,15 +271,8 @@ impl SalesforceConnector {
     }
 
     async fn query_one(&self, soql: &str) -> Result<Option<RemoteUser>, ConnectorError> {
-        let url = self.api_path("query");
-        let result = self
-            .send(|http, base| http.get(format!("{base}{url}")).query(&[("q", soql)]))
-            .await?;
-        let Some(record) = result
-            .get("records")
-            .and_then(Value::as_array)
-            .and_then(|records| records.first())
-        else {
+        let records = self.query_records(soql).await?;
+        let Some(record) = records.first() else {
             return Ok(None);
         };
         let mut fields = record.as_object().cloned().unwrap_or_default();
@@ -282,6 +281,19 @@ impl SalesforceConnector {
             id: record_id(record)?,
             fields,
         }))
+    }
+
+    /// The records of the first batch a query answers (2,000 unless the org says less,
+    /// never under 200): our queries ask for fewer.
+    async fn query_records(&self, soql: &str) -> Result<Vec<Value>, ConnectorError> {
+        let url = self.api_path("query");
+        let mut result = self
+            .send(|http, base| http.get(format!("{base}{url}")).query(&[("q", soql)]))
+            .await?;
+        match result.get_mut("records").map(Value::take) {
+            Some(Value::Array(records)) => Ok(records),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// The User fields we own.
@@ -466,6 +478,19 @@ impl Target for SalesforceConnector {
 impl Connector for SalesforceConnector {
     fn apply<'a>(&'a self, change: UserChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
         Box::pin(async move { self.apply_change(&change).await })
+    }
+
+    fn apply_group<'a>(&'a self, change: GroupChange<'a>) -> BoxFuture<'a, Result<Applied, ConnectorError>> {
+        Box::pin(async move { self.apply_group_change(&change).await })
+    }
+
+    fn apply_members<'a>(&'a self, change: MembersChange<'a>) -> BoxFuture<'a, Result<(), ConnectorError>> {
+        Box::pin(async move { self.apply_members_change(&change).await })
+    }
+
+    /// sObject Collections take 200 records (or ids) a request.
+    fn max_members_per_request(&self) -> usize {
+        permission_sets::COLLECTION_LIMIT
     }
 }
 

@@ -38,6 +38,12 @@ pub struct SalesforceSettings {
     /// On deactivation also rename `Username` so it can be reused (as WSO2 does).
     #[serde(default)]
     pub free_username_on_deactivate: bool,
+    /// Group → the API Name of the permission set its members are assigned. A key is a
+    /// group's id or its displayName, exactly (case-sensitive); the id wins when both
+    /// have an entry. Groups not listed are skipped. Permission sets are never created
+    /// or deleted, only assigned and unassigned.
+    #[serde(default)]
+    pub permission_sets: BTreeMap<String, String>,
     #[serde(default)]
     pub http: HttpSettings,
     #[serde(default)]
@@ -80,7 +86,21 @@ impl SalesforceSettings {
             );
         }
         self.username.check(&format!("{key}.username"), problem);
+        for (group, permission_set) in &self.permission_sets {
+            if !is_api_name(permission_set) {
+                problem(
+                    format!("{key}.permission_sets.{group}"),
+                    format!("`{permission_set}` is not a permission set API Name (letters, digits and underscores, starting with a letter); is it the Label?"),
+                );
+            }
+        }
     }
+}
+
+/// A Salesforce API Name: a letter, then letters, digits and underscores (`__` only
+/// after a managed package's namespace prefix, which we do not police).
+fn is_api_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_alphabetic()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn default_salesforce_login_url() -> Url {
@@ -97,4 +117,19 @@ fn default_locale() -> String {
 }
 fn default_email_encoding() -> String {
     "UTF-8".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_sets_are_named_by_api_name() {
+        assert!(is_api_name("Sales_Cloud_User"));
+        assert!(is_api_name("ns__Analyst"));
+        assert!(!is_api_name("Sales Cloud User"), "a Label, not an API Name");
+        assert!(!is_api_name("_Hidden"));
+        assert!(!is_api_name(""));
+        assert!(!is_api_name("x' OR Name != 'y"));
+    }
 }

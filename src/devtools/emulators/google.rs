@@ -23,10 +23,14 @@
 //!
 //! Every request body is recorded (users and groups apart) and every call is counted per
 //! discovery method id, so tests can check bodies against Google's discovery document.
+//!
+//! `members.insert` takes a member by `email` or by `id`, as the discovery document's
+//! Member schema allows. Its text calls `email` required when adding, so a test can make
+//! the emulator insist on it (`require_member_email`) to see how a client copes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -125,6 +129,8 @@ struct GoogleState {
     calls: Arc<Mutex<BTreeMap<&'static str, u64>>>,
     next_id: Arc<AtomicU64>,
     next_group_id: Arc<AtomicU64>,
+    /// Whether `members.insert` refuses a body without `email` (400 `required`).
+    member_email_required: Arc<AtomicBool>,
 }
 
 pub struct GoogleEmulator {
@@ -256,6 +262,12 @@ impl GoogleEmulator {
         self.state.tokens.expire_all();
     }
 
+    /// From now on, `members.insert` refuses a member named only by `id` with 400
+    /// `required` "Missing required field: email".
+    pub fn require_member_email(&self, required: bool) {
+        self.state.member_email_required.store(required, Ordering::Relaxed);
+    }
+
     pub fn set_faults(&self, faults: Faults) {
         *self.control.faults.lock().expect("faults lock") = faults;
     }
@@ -281,6 +293,7 @@ pub async fn start(
         calls: Arc::default(),
         next_id: Arc::new(AtomicU64::new(100_000_000_000_000_000)),
         next_group_id: Arc::new(AtomicU64::new(1)),
+        member_email_required: Arc::default(),
     };
     let directory = Router::new()
         .route("/users", get(list_users).post(insert_user))
@@ -1125,6 +1138,9 @@ async fn insert_member(
     let Some(member_key) = member_key else {
         return missing_required("member").into_response();
     };
+    if state.member_email_required.load(Ordering::Relaxed) && member.get("email").is_none() {
+        return missing_required("email").into_response();
+    }
     let role = match role_of(&member) {
         Ok(role) => role.unwrap_or_else(|| MEMBER_ROLES[0].to_string()),
         Err(refusal) => return refusal.into_response(),

@@ -211,6 +211,12 @@ impl SalesforceEmulator {
         names
     }
 
+    /// How many REST API calls the org has answered (the `api-usage` of
+    /// `Sforce-Limit-Info`); token requests are not API calls.
+    pub fn api_calls(&self) -> u64 {
+        self.state.api_calls.load(Ordering::Relaxed)
+    }
+
     /// Every SOQL query received, as sent.
     pub fn queries(&self) -> Vec<String> {
         self.state.queries.lock().expect("queries lock").clone()

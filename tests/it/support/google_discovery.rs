@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use provisioner::devtools::emulators::google::GoogleEmulator;
 use serde_json::{json, Value};
 
 /// The discovery document `scripts/test` installs with google-api-python-client
@@ -117,4 +118,30 @@ pub fn required_for(
             None => {}
         }
     }
+}
+
+/// Every body the emulator's groups and members endpoints received fits the request
+/// schema of its method in Google's discovery document; with `all_accepted`, each also
+/// has the fields the document requires for its method.
+pub fn assert_group_bodies_fit_discovery_document(emulator: &GoogleEmulator, all_accepted: bool) {
+    let document = discovery_document();
+    let requests = emulator.group_requests();
+    assert!(!requests.is_empty());
+    let mut problems = Vec::new();
+    for (index, request) in requests.iter().enumerate() {
+        let schema = request_schema(&document, request.method_id);
+        let path = format!("request {index} ({})", request.method_id);
+        check(&document, &schema, &request.body, &path, &mut problems);
+        if all_accepted {
+            required_for(
+                &document,
+                request.method_id,
+                &schema,
+                &request.body,
+                &path,
+                &mut problems,
+            );
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
 }

@@ -10,6 +10,8 @@ pub mod google_discovery;
 pub mod scim2_server;
 pub mod service;
 #[cfg(feature = "devtools")]
+pub mod targets;
+#[cfg(feature = "devtools")]
 pub mod workload;
 
 use std::time::{Duration, Instant};
