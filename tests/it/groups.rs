@@ -390,7 +390,11 @@ async fn a_member_list_near_the_event_size_limit_is_written_in_chunks_and_every_
         .await;
     let answered_in = started.elapsed();
     assert!(directory.membership_requests().is_empty());
-    let emitted = app.metrics.memberships_emitted.with_label_values(&["directory", "add"]).get();
+    let emitted = app
+        .metrics
+        .memberships_emitted
+        .with_label_values(&["directory", "add"])
+        .get();
     assert_eq!(emitted, MEMBERS as u64, "each membership written once");
     app.stop().await;
     eprintln!(

@@ -18,9 +18,9 @@ use provisioner::settings::Settings;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::scim_groups::scim2_server_with_unique_group_names;
 use crate::support::app::{producer, publish, Names, OutputRecord, TestApp, TopicReader};
 use crate::support::doubles::event_json;
-use crate::support::scim2_server::Scim2Server;
 
 const PARTITIONS: i32 = 4;
 const WAIT: Duration = Duration::from_secs(120);
@@ -56,11 +56,18 @@ fn group_event(id: &str, event_type: &str, group: Value) -> Vec<u8> {
 }
 
 async fn publish_group(names: &Names, group_id: &str, payload: &[u8]) {
-    publish(&producer(), &names.events, Some(&format!("acme/group:{group_id}")), payload, &[]).await;
+    publish(
+        &producer(),
+        &names.events,
+        Some(&format!("acme/group:{group_id}")),
+        payload,
+        &[],
+    )
+    .await;
 }
 
-async fn publish_user(names: &Names, event_id: &str, event_type: &str, user: &str) {
-    let payload = event_json(event_id, event_type, "acme", user, json!({}));
+async fn publish_user(names: &Names, event_id: impl AsRef<str>, event_type: &str, user: &str) {
+    let payload = event_json(event_id.as_ref(), event_type, "acme", user, json!({}));
     publish(&producer(), &names.events, Some(&format!("acme/{user}")), &payload, &[]).await;
 }
 
@@ -93,7 +100,11 @@ async fn read_results(
 fn member_sources(members: &[String], users: &[Value]) -> BTreeSet<String> {
     users
         .iter()
-        .filter(|user| user["id"].as_str().is_some_and(|id| members.iter().any(|member| member == id)))
+        .filter(|user| {
+            user["id"]
+                .as_str()
+                .is_some_and(|id| members.iter().any(|member| member == id))
+        })
         .filter_map(|user| user["externalId"].as_str().map(str::to_string))
         .collect()
 }
@@ -183,9 +194,12 @@ async fn run_scenario(test: &str, base_url: &str, members: usize) -> String {
         ),
     )
     .await;
-    for user in &users {
-        publish_user(&names, &format!("create-{user}"), "user.created", user).await;
-    }
+    futures::future::join_all(
+        users
+            .iter()
+            .map(|user| publish_user(&names, format!("create-{user}"), "user.created", user)),
+    )
+    .await;
     let initial_ids: HashSet<String> = initial.iter().cloned().collect();
     read_results(&mut results, "every membership of the created group", |seen| {
         initial_ids
@@ -284,20 +298,38 @@ async fn run_scenario(test: &str, base_url: &str, members: usize) -> String {
     assert_eq!(held, expected, "the target's group at the end");
     let group = reader.group_by_external_id("eng").await.expect("the group");
     assert_eq!(group["displayName"], hostile);
-    assert_eq!(reader.members_of("legacy").await, [initial[30].clone()].into_iter().collect());
+    assert_eq!(
+        reader.members_of("legacy").await,
+        [initial[30].clone()].into_iter().collect()
+    );
 
     // Deleted: gone from the target.
     publish_group(
         &names,
         "eng",
-        &group_event("eng-deleted", "group.deleted", json!({"id": "eng", "displayName": hostile})),
+        &group_event(
+            "eng-deleted",
+            "group.deleted",
+            json!({"id": "eng", "displayName": hostile}),
+        ),
     )
     .await;
     let deleted = results.result_of("eng-deleted", WAIT).await;
     assert_eq!(deleted.results[0].outcome, Outcome::Deleted, "{deleted:?}");
-    assert!(reader.group_by_external_id("eng").await.is_none(), "the group is deleted");
-    let requests = app.metrics.membership_requests.with_label_values(&["directory", "add"]).get()
-        + app.metrics.membership_requests.with_label_values(&["directory", "remove"]).get();
+    assert!(
+        reader.group_by_external_id("eng").await.is_none(),
+        "the group is deleted"
+    );
+    let requests = app
+        .metrics
+        .membership_requests
+        .with_label_values(&["directory", "add"])
+        .get()
+        + app
+            .metrics
+            .membership_requests
+            .with_label_values(&["directory", "remove"])
+            .get();
     app.stop().await;
     format!(
         "{members} members whose group came first were all applied {created_in:?} after it, after their creates; a hostile rename, 10 added, 10 removed, a deleted member gone, an existing group adopted, the group deleted; {requests} membership requests in all; the end state matched after a sentinel"
@@ -332,7 +364,8 @@ async fn a_group_lives_its_whole_life_on_the_scim_emulator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_lives_its_whole_life_on_a_real_scim_server() {
-    let server = Scim2Server::start().await;
+    // Group names unique, so that an existing group is found by the 409 and adopted.
+    let server = scim2_server_with_unique_group_names().await;
     let report = run_scenario("groups-scim2-server", &server.base_url, 120).await;
     eprintln!("GROUPS-REPORT scim2-server: {report}");
 }

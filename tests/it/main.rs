@@ -23,11 +23,11 @@ mod faults;
 mod google;
 #[cfg(feature = "devtools")]
 mod google_emulator_groups;
+#[cfg(feature = "devtools")]
+mod google_groups;
 mod groups;
 #[cfg(feature = "devtools")]
 mod groups_scim;
-#[cfg(feature = "devtools")]
-mod google_groups;
 #[cfg(feature = "devtools")]
 mod isolation;
 #[cfg(feature = "devtools")]

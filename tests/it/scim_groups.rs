@@ -111,13 +111,34 @@ async fn create_group_directly(base_url: &str, group: Value) -> Value {
 
 /// scim2-server with one of its built-in resources (`default-schemas.json`,
 /// `default-service-provider-config.json`) changed by `change`, passed as `option`.
-async fn scim2_server_with(option: &str, resource: &str, change: impl FnOnce(&mut Value)) -> Scim2Server {
+pub(crate) async fn scim2_server_with(option: &str, resource: &str, change: impl FnOnce(&mut Value)) -> Scim2Server {
     let mut document = Scim2Server::default_resource(resource);
     change(&mut document);
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join(resource);
     std::fs::write(&path, serde_json::to_vec(&document).unwrap()).unwrap();
     Scim2Server::start_with_args(&[OsStr::new(option), path.as_os_str()]).await
+}
+
+/// scim2-server with `displayName` unique (`uniqueness: server`) in its Group schema, as
+/// Entra-facing apps and AWS have it.
+pub(crate) async fn scim2_server_with_unique_group_names() -> Scim2Server {
+    scim2_server_with("--schema", "default-schemas.json", |schemas| {
+        let group = schemas
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|schema| schema["id"] == GROUP_SCHEMA)
+            .expect("the Group schema");
+        let display_name = group["attributes"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|attribute| attribute["name"] == "displayName")
+            .expect("displayName");
+        display_name["uniqueness"] = json!("server");
+    })
+    .await
 }
 
 // --- a recording proxy ------------------------------------------------------------
@@ -450,22 +471,7 @@ async fn an_update_by_a_stale_id_searches_and_an_unknown_group_is_created() {
 /// name that is taken gets a 409, and the group holding it is adopted if it is nobody's.
 #[tokio::test]
 async fn where_names_are_unique_a_409_adopts_an_unowned_group_but_not_someone_elses() {
-    let server = scim2_server_with("--schema", "default-schemas.json", |schemas| {
-        let group = schemas
-            .as_array_mut()
-            .unwrap()
-            .iter_mut()
-            .find(|schema| schema["id"] == GROUP_SCHEMA)
-            .expect("the Group schema");
-        let display_name = group["attributes"]
-            .as_array_mut()
-            .unwrap()
-            .iter_mut()
-            .find(|attribute| attribute["name"] == "displayName")
-            .expect("displayName");
-        display_name["uniqueness"] = json!("server");
-    })
-    .await;
+    let server = scim2_server_with_unique_group_names().await;
     let base_url = server.base_url.as_str();
     let connector = scim_connector(json!({"base_url": base_url}));
     let unowned = create_group_directly(
