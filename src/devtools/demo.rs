@@ -149,6 +149,8 @@ fn demo_settings(bootstrap: &str, targets: &DemoTargets, admin: SocketAddr, stat
         login_url = "{salesforce_login_url}"
         provisioning_domain = "crm.example.com"
         profile_id = "00e000000000001AAA"
+        # Group "Sales" grants the Sales_Access permission set.
+        permission_sets = {{ "Sales" = "{SALES_PERMISSION_SET}" }}
         [connectors.crm.auth]
         grant = "client_credentials"
         client_id = "demo-app"
@@ -172,7 +174,7 @@ fn demo_settings(bootstrap: &str, targets: &DemoTargets, admin: SocketAddr, stat
         [[tenants."{TENANT}".service_providers.sales_portal.bindings]]
         connector = "crm"
         blocking = false
-        rule = "'sales' in groups"
+        rule = "'sales' in groups || group.displayName == 'Sales'"
 
         [tenants."{TENANT}".service_providers.partner_portal]
         [[tenants."{TENANT}".service_providers.partner_portal.bindings]]
@@ -188,6 +190,24 @@ fn demo_settings(bootstrap: &str, targets: &DemoTargets, admin: SocketAddr, stat
     .expect("the demo configuration is valid")
 }
 
+/// The Salesforce permission set the "Sales" group maps to.
+const SALES_PERMISSION_SET: &str = "Sales_Access";
+/// The demo's group: its id, and its members' indexes (users on all three targets).
+const SALES_GROUP_ID: &str = "5a1e5000-demo";
+
+/// Users in the sales group who are provisioned to every target: created through the
+/// sales portal (`user % 4` is 0 or 1), in `sales` (`user % 3 == 0`, the CRM rule), and
+/// not deleted by the workload (`user % 5 != 0`).
+fn sales_group_members(users: usize) -> Vec<usize> {
+    (0..users)
+        .filter(|user| user % 4 <= 1 && user.is_multiple_of(3) && !user.is_multiple_of(5))
+        .collect()
+}
+
+fn demo_user_id(user: usize) -> String {
+    format!("7d0c{user:04}-demo")
+}
+
 /// One generated event: its id, whether a blocking caller sends it, and its JSON.
 struct DemoEvent {
     key: String,
@@ -198,7 +218,7 @@ struct DemoEvent {
 fn workload(users: usize) -> Vec<DemoEvent> {
     let mut events = Vec::new();
     let mut push = |event_type: &str, user: usize, blocking: bool, extra: serde_json::Value| {
-        let user_id = format!("7d0c{user:04}-demo");
+        let user_id = demo_user_id(user);
         let id = format!("{}-{user}-{}", event_type.trim_start_matches("user."), events.len());
         let mut data = json!({
             "tenant": TENANT,
@@ -247,6 +267,22 @@ fn workload(users: usize) -> Vec<DemoEvent> {
     for user in (0..users).step_by(5) {
         push("user.deleted", user, false, json!({"service_provider": "sales_portal"}));
     }
+    // The sales team as a group, provisioned to all three targets with its members.
+    let members: Vec<String> = sales_group_members(users).into_iter().map(demo_user_id).collect();
+    let event = json!({
+        "specversion": "1.0", "id": "group-sales-created", "source": "/wso2is/carbon.super",
+        "type": "group.created", "time": chrono::Utc::now().to_rfc3339(),
+        "data": {
+            "tenant": TENANT,
+            "service_provider": "sales_portal",
+            "group": {"id": SALES_GROUP_ID, "displayName": "Sales", "members": members},
+        }
+    });
+    events.push(DemoEvent {
+        key: format!("{TENANT}/group:{SALES_GROUP_ID}"),
+        blocking: false,
+        json: serde_json::to_vec(&event).expect("JSON"),
+    });
     events
 }
 
@@ -330,6 +366,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         shutdown.clone(),
     )
     .await?;
+    salesforce.add_permission_set(SALES_PERMISSION_SET, "Sales access");
     let targets = DemoTargets {
         directory_url: directory.base_url(),
         google_api_url: google.api_base_url(),
@@ -434,9 +471,11 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let blocking_replies = futures::future::join_all(blocking_waits).await;
     let blocking_failures = blocking_replies.iter().filter(|reply| reply.is_err()).count();
 
-    // Collect every result, showing progress.
-    let expected = events.len();
-    let mut results: HashMap<String, ProvisioningResult> = HashMap::new();
+    // Collect every result, showing progress: one per event, and one per membership a
+    // group's event wrote (known once that event's result is in).
+    let mut expected = events.len();
+    let mut memberships_counted = false;
+    let mut results: HashMap<(String, String, Option<String>), ProvisioningResult> = HashMap::new();
     let deadline = Duration::from_secs(120);
     let mut last_progress = Instant::now();
     while results.len() < expected {
@@ -444,7 +483,23 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         match tokio::time::timeout(remaining.min(Duration::from_millis(500)), results_reader.recv()).await {
             Ok(Ok(message)) => {
                 if let Some(Ok(result)) = message.payload().map(serde_json::from_slice::<ProvisioningResult>) {
-                    results.insert(result.event_id.clone(), result);
+                    if result.scope != crate::result::ResultScope::Complete {
+                        continue;
+                    }
+                    if result.group_id.is_some() && result.user_id.is_empty() && !memberships_counted {
+                        memberships_counted = true;
+                        expected += result
+                            .results
+                            .iter()
+                            .map(|slot| slot.members_added.unwrap_or(0) + slot.members_removed.unwrap_or(0))
+                            .sum::<u64>() as usize;
+                    }
+                    // A membership has one result per connector, with the same event and user.
+                    let membership_of = match (&result.group_id, result.user_id.is_empty()) {
+                        (Some(_), false) => result.results.first().map(|slot| slot.connector.clone()),
+                        _ => None,
+                    };
+                    results.insert((result.event_id.clone(), result.user_id.clone(), membership_of), result);
                 }
             }
             Ok(Err(error)) => tracing::warn!(error = %error, "Results reader error."),
@@ -459,7 +514,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         }
         if last_progress.elapsed() >= Duration::from_millis(500) || results.len() == expected {
             println!(
-                "  progress: {:>4}/{expected} events have their complete result",
+                "  progress: {:>4}/{expected} events and memberships have their complete result",
                 results.len()
             );
             last_progress = Instant::now();
@@ -473,6 +528,7 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
         admin_address,
         started.elapsed(),
     );
+    print_group_summary(&results, &directory, &google, &salesforce, options.users);
     if blocking_failures > 0 {
         println!("  {blocking_failures} blocking callers got no reply in time");
     }
@@ -511,8 +567,79 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     Ok(())
 }
 
+/// The group: each target's outcome, its memberships' outcomes, and what each target
+/// holds for it now.
+fn print_group_summary(
+    results: &HashMap<(String, String, Option<String>), ProvisioningResult>,
+    directory: &scim_emulator::ScimEmulator,
+    google: &google_emulator::GoogleEmulator,
+    salesforce: &salesforce_emulator::SalesforceEmulator,
+    users: usize,
+) {
+    let Some(group) = results
+        .values()
+        .find(|result| result.group_id.is_some() && result.user_id.is_empty())
+    else {
+        return;
+    };
+    let members = sales_group_members(users).len();
+    println!("\nGroup \"Sales\" ({members} member(s) on every target, one group.created event):");
+    let mut slots: Vec<_> = group.results.iter().collect();
+    slots.sort_by(|left, right| left.connector.cmp(&right.connector));
+    for slot in slots {
+        let mut memberships: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for result in results
+            .values()
+            .filter(|result| result.event_id == group.event_id && !result.user_id.is_empty())
+        {
+            for membership in result
+                .results
+                .iter()
+                .filter(|membership| membership.connector == slot.connector)
+            {
+                *memberships.entry(membership.outcome.as_str()).or_default() += 1;
+            }
+        }
+        let memberships_text = memberships
+            .iter()
+            .map(|(outcome, count)| format!("{outcome}={count}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "  {:<16} group {:<8} memberships {}",
+            slot.connector,
+            slot.outcome.as_str(),
+            if memberships_text.is_empty() {
+                "-".to_string()
+            } else {
+                memberships_text
+            }
+        );
+    }
+    let scim_members = directory
+        .group_by_display_name("Sales")
+        .and_then(|group| group["id"].as_str().map(str::to_string))
+        .and_then(|id| directory.group_member_ids(&id))
+        .map_or(0, |ids| ids.len());
+    let google_members = google
+        .groups()
+        .iter()
+        .find(|group| group["name"] == "Sales")
+        .and_then(|group| group["email"].as_str().map(str::to_string))
+        .and_then(|email| google.members_of(&email))
+        .map_or(0, |members| members.len());
+    let salesforce_assignments = salesforce
+        .assignments()
+        .iter()
+        .filter(|assignment| assignment["PermissionSetId"].as_str().is_some())
+        .count();
+    println!(
+        "  targets now hold: SCIM group members {scim_members}, Google group members {google_members}, Salesforce {SALES_PERMISSION_SET} assignments {salesforce_assignments}"
+    );
+}
+
 fn print_summary(
-    results: &HashMap<String, ProvisioningResult>,
+    results: &HashMap<(String, String, Option<String>), ProvisioningResult>,
     metrics: &crate::metrics::Metrics,
     round_trip: Option<&(Vec<u8>, ProvisioningResult, Duration)>,
     admin: SocketAddr,
@@ -520,7 +647,8 @@ fn print_summary(
 ) {
     let mut outcomes: BTreeMap<String, BTreeMap<&'static str, usize>> = BTreeMap::new();
     let mut latencies: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
-    for result in results.values() {
+    // Users' events here; the group and its memberships have their own section.
+    for result in results.values().filter(|result| result.group_id.is_none()) {
         for connector in &result.results {
             *outcomes
                 .entry(connector.connector.clone())

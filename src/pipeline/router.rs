@@ -220,13 +220,28 @@ fn evaluate(rule: &CompiledRule, context: &Context<'_>) -> Decision {
 }
 
 /// The variables a rule can see: `user`, `roles`, `groups`, `attributes`, `group`,
-/// `tenant`, `service_provider`, `identity_provider` and `type`. A user's event has an
-/// empty `group`; a group's event has an empty `user`, `roles`, `groups` and
-/// `attributes` and its `group` (`id`, `displayName`). Absent optional values are empty
+/// `tenant`, `service_provider`, `identity_provider` and `type`. A user's event has a
+/// `group` with empty `id` and `displayName`; a group's event has its `group` (`id`,
+/// `displayName`), a `user` with empty `id` and `userName`, and empty `roles`, `groups`
+/// and `attributes`. Absent optional values are empty
 /// strings, so rules can compare without null checks.
 fn rule_context_for(event: &Event) -> Result<Context<'static>, String> {
     let envelope = event.envelope();
     let empty_map = || Ok(Value::Map(std::collections::HashMap::<String, Value>::new().into()));
+    // Absent: empty strings, so that `group.displayName == 'Sales'` is false for a
+    // user's event, not an error (an error would deny the binding).
+    let no_group = || {
+        to_cel(&serde_json::json!({
+            "id": "",
+            "displayName": "",
+        }))
+    };
+    let no_user = || {
+        to_cel(&serde_json::json!({
+            "id": "",
+            "userName": "",
+        }))
+    };
     let empty_list = || Ok(Value::List(Vec::new().into()));
     let (user, roles, groups, attributes, group, identity_provider) = match event {
         Event::User(event) => {
@@ -236,12 +251,12 @@ fn rule_context_for(event: &Event) -> Result<Context<'static>, String> {
                 to_cel(&user.roles),
                 to_cel(&user.groups),
                 to_cel(&user.attributes),
-                empty_map(),
+                no_group(),
                 event.data.identity_provider.clone().unwrap_or_default(),
             )
         }
         Event::Group(event) => (
-            empty_map(),
+            no_user(),
             empty_list(),
             empty_list(),
             empty_map(),
@@ -253,7 +268,7 @@ fn rule_context_for(event: &Event) -> Result<Context<'static>, String> {
         ),
         // Never routed (its group's event was); the same view, for completeness.
         Event::Membership(record) => (
-            empty_map(),
+            no_user(),
             empty_list(),
             empty_list(),
             empty_map(),

@@ -11,8 +11,18 @@ fn the_demo_runs_to_a_summary_and_exits_zero() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "exit {:?}\n{stdout}\n{stderr}", output.status);
-    // 12 users: 12 creates, 6 updates, 3 deletes.
-    assert!(stdout.contains("21/21 events have their complete result"), "{stdout}");
+    // 12 users: 12 creates, 6 updates, 3 deletes; a group with one member on all three
+    // targets (one membership result each).
+    assert!(
+        stdout.contains("25/25 events and memberships have their complete result"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "targets now hold: SCIM group members 1, Google group members 1, Salesforce Sales_Access assignments 1"
+        ),
+        "the group and its member on every target: {stdout}"
+    );
     assert!(stdout.contains("corp_directory"), "{stdout}");
     assert!(
         stdout.contains("created=12"),
