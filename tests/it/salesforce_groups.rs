@@ -78,17 +78,28 @@ async fn groups_are_bound_to_the_permission_sets_they_map_to() {
         "{error}"
     );
 
-    let assignments = fixture.emulator.assignment_count();
-    let error = connector
+    // A deleted group takes its access with it: every assignment of its permission set
+    // goes (250: two collection requests), the permission set and others' stay.
+    for index in 0..250 {
+        fixture.emulator.assign_directly(&format!("005{index:015}"), &sales_id);
+    }
+    fixture.emulator.assign_directly("005000000000000999", &service_id);
+    let deleted = connector
         .apply_group(group_change(Operation::Delete, "g-sales", "Sales", Some(&sales_id)))
         .await
-        .unwrap_err();
-    assert!(
-        matches!(&error, ConnectorError::Unsupported { message } if message.contains("`Sales_Cloud_User` of group `Sales` is kept")),
-        "a deleted group is skipped, saying why: {error:?}"
+        .unwrap();
+    assert_eq!(deleted.outcome, Outcome::Deleted, "{deleted:?}");
+    assert_eq!(fixture.emulator.permission_sets().len(), 2, "the permission sets stay");
+    assert_eq!(
+        fixture.emulator.assignment_count(),
+        1,
+        "only the other permission set's assignment is left"
     );
-    assert_eq!(fixture.emulator.permission_sets().len(), 2);
-    assert_eq!(fixture.emulator.assignment_count(), assignments);
+    let again = connector
+        .apply_group(group_change(Operation::Delete, "g-sales", "Sales", Some(&sales_id)))
+        .await
+        .unwrap();
+    assert_eq!(again.outcome, Outcome::AlreadyAbsent);
 }
 
 #[tokio::test]

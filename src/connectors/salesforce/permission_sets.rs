@@ -42,12 +42,65 @@ impl SalesforceConnector {
                 outcome: Outcome::Adopted,
                 remote_id: Some(self.permission_set_id(permission_set).await?),
             }),
-            Operation::Delete => Err(ConnectorError::Unsupported {
-                message: format!(
-                    "permission set `{permission_set}` of group `{}` is kept: permission sets are never deleted, and their assignments go only as members are removed",
-                    change.display_name
-                ),
-            }),
+            Operation::Delete => {
+                // The permission set stays (it is the administrator's); the access the
+                // group granted goes: a deleted group must not leave its members their
+                // permissions (a leaver keeping access).
+                let permission_set_id = self.permission_set_id(permission_set).await?;
+                let removed = self.unassign_all(&permission_set_id).await?;
+                tracing::info!(
+                    permission_set,
+                    removed,
+                    "Group deleted: its permission set's assignments removed."
+                );
+                Ok(Applied {
+                    outcome: if removed > 0 {
+                        Outcome::Deleted
+                    } else {
+                        Outcome::AlreadyAbsent
+                    },
+                    remote_id: Some(permission_set_id),
+                })
+            }
+        }
+    }
+
+    /// Removes every assignment of a permission set, 200 at a time; how many went.
+    async fn unassign_all(&self, permission_set_id: &str) -> Result<usize, ConnectorError> {
+        let mut removed = 0;
+        loop {
+            let found = self
+                .query_records(&format!(
+                    "SELECT Id FROM PermissionSetAssignment WHERE PermissionSetId = {}",
+                    soql_literal(permission_set_id)
+                ))
+                .await?;
+            if found.is_empty() {
+                return Ok(removed);
+            }
+            let ids = found.iter().map(record_id).collect::<Result<Vec<String>, _>>()?;
+            for chunk in ids.chunks(COLLECTION_LIMIT) {
+                let joined = chunk.join(",");
+                let url = self.api_path("composite/sobjects");
+                let results = self
+                    .send(|http, base| {
+                        http.delete(format!("{base}{url}"))
+                            .query(&[("ids", joined.as_str()), ("allOrNone", "false")])
+                    })
+                    .await?;
+                let named: Vec<MemberRef> = chunk
+                    .iter()
+                    .map(|id| MemberRef {
+                        user_id: String::new(),
+                        remote_id: id.clone(),
+                    })
+                    .collect();
+                let refusals = refusals(&results, &named, |code| code == "ENTITY_IS_DELETED")?;
+                if !refusals.is_empty() {
+                    return Err(refused("assignment removals", &refusals, chunk.len()));
+                }
+                removed += chunk.len();
+            }
         }
     }
 

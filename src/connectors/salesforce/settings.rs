@@ -86,7 +86,16 @@ impl SalesforceSettings {
             );
         }
         self.username.check(&format!("{key}.username"), problem);
+        let mut managed_by: BTreeMap<&str, &str> = BTreeMap::new();
         for (group, permission_set) in &self.permission_sets {
+            // A mapped permission set's assignments follow its group (a group's delete
+            // removes them all), so two groups cannot share one.
+            if let Some(other) = managed_by.insert(permission_set, group) {
+                problem(
+                    format!("{key}.permission_sets.{group}"),
+                    format!("permission set `{permission_set}` is mapped from group `{other}` already; each permission set follows one group"),
+                );
+            }
             if !is_api_name(permission_set) {
                 problem(
                     format!("{key}.permission_sets.{group}"),
@@ -122,6 +131,28 @@ fn default_email_encoding() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_permission_set_follows_one_group_only() {
+        let settings: SalesforceSettings = toml::from_str(
+            r#"
+            login_url = "https://login.example.com"
+            provisioning_domain = "crm.example.com"
+            profile_id = "00e000000000001AAA"
+            permission_sets = { "Sales" = "Sales_Access", "Sales EMEA" = "Sales_Access" }
+            [auth]
+            grant = "client_credentials"
+            client_id = "app"
+            client_secret = "secret"
+            "#,
+        )
+        .unwrap();
+        let mut problems = Vec::new();
+        settings.check("connectors.crm", &mut |key, message| problems.push((key, message)));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "connectors.crm.permission_sets.Sales EMEA");
+        assert!(problems[0].1.contains("mapped from group `Sales`"), "{problems:?}");
+    }
 
     #[test]
     fn permission_sets_are_named_by_api_name() {
