@@ -369,3 +369,130 @@ async fn a_group_lives_its_whole_life_on_a_real_scim_server() {
     let report = run_scenario("groups-scim2-server", &server.base_url, 120).await;
     eprintln!("GROUPS-REPORT scim2-server: {report}");
 }
+
+/// The value of `series` (exact labels) on a service's `/metrics`.
+async fn metric(admin: std::net::SocketAddr, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_group_killed_mid_way_resumes_its_memberships_where_it_stopped() {
+    use crate::support::app::record_count;
+    use crate::support::service::ServiceProcess;
+
+    const MEMBERS: usize = 20_000;
+    const CHUNK: usize = 100;
+    let names = Names::new("groups-resume");
+    names.create(PARTITIONS).await;
+    let shutdown = CancellationToken::new();
+    let emulator = scim_emulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        ScimEmulatorSettings::default(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    let config = folder.path().join("provisioner.toml");
+    let kafka = names.kafka_toml().replace(
+        "[groups]",
+        &format!("[groups]\n            chunk = {CHUNK}\n            member_wait = \"1h\""),
+    );
+    std::fs::write(
+        &config,
+        format!(
+            r#"{kafka}
+            # The memberships wait for members that never come: stopping abandons them.
+            [pipeline]
+            shutdown_grace = "1s"
+
+            [connectors.directory]
+            type = "scim2"
+            base_url = "{}"
+
+            [[tenants.acme.resident.bindings]]
+            connector = "directory"
+            "#,
+            emulator.base_url()
+        ),
+    )
+    .unwrap();
+    // No member is a user: the memberships wait; only their writing is measured here.
+    let members: Vec<String> = (0..MEMBERS).map(|index| format!("r{index:05}")).collect();
+    publish_group(
+        &names,
+        "big",
+        &group_event(
+            "big-created",
+            "group.created",
+            json!({"id": "big", "displayName": "Big", "members": members}),
+        ),
+    )
+    .await;
+
+    let emitted_series = "provisioner_memberships_emitted_total{action=\"add\",connector=\"directory\"}";
+    let mut first = ServiceProcess::start(&config, folder.path().join("first.log"));
+    let first_admin = first.admin_address().await;
+    let mut emitted_at_kill = 0.0;
+    let deadline = Instant::now() + WAIT;
+    while emitted_at_kill < 2_000.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no memberships written in {WAIT:?}: {}",
+            first.log_text()
+        );
+        emitted_at_kill = metric(first_admin, emitted_series).await.unwrap_or(0.0);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.signal("KILL");
+    assert!(!first.wait(Duration::from_secs(10)).await.success());
+    let written_at_kill = record_count(&names.memberships, PARTITIONS);
+    assert!(
+        (written_at_kill as usize) < MEMBERS,
+        "the group's memberships were all written before the kill ({written_at_kill}); nothing to resume"
+    );
+
+    let mut second = ServiceProcess::start(&config, folder.path().join("second.log"));
+    let second_admin = second.admin_address().await;
+    let mut results = TopicReader::new(&names.results, 1);
+    let group_result = results.result_of("big-created", WAIT).await;
+    assert_eq!(
+        group_result.results[0].members_added,
+        Some(MEMBERS as u64),
+        "{group_result:?}"
+    );
+    let emitted_by_second = metric(second_admin, emitted_series).await.unwrap_or(0.0) as usize;
+    let written = record_count(&names.memberships, PARTITIONS) as usize;
+    second.signal("TERM");
+    assert!(
+        second.wait(Duration::from_secs(60)).await.success(),
+        "{}",
+        second.log_text()
+    );
+    // Resumed at the last saved chunk, not from the start.
+    assert!(
+        emitted_by_second + written_at_kill as usize <= MEMBERS + CHUNK,
+        "the second process wrote {emitted_by_second} after {written_at_kill} were written: it started over"
+    );
+    assert!(
+        written >= MEMBERS,
+        "only {written} membership records for {MEMBERS} members"
+    );
+    assert!(
+        written <= MEMBERS + CHUNK,
+        "{written} records: more than one chunk written twice"
+    );
+    eprintln!(
+        "GROUPS-REPORT resume: {MEMBERS} members, chunks of {CHUNK}; killed (-9) after {emitted_at_kill} memberships were written ({written_at_kill} on the topic); the restarted process wrote {emitted_by_second} more (resumed, not restarted); {written} records in all ({} written twice)",
+        written - MEMBERS
+    );
+}
