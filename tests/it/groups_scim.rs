@@ -35,6 +35,9 @@ fn settings(names: &Names, base_url: &str) -> Settings {
         type = "scim2"
         base_url = "{base_url}"
         max_members_per_request = 100
+        # `active` from a claim (when a user has it), so that one user can carry a
+        # value the target refuses.
+        attributes = {{ "active" = "attributes.active" }}
         [connectors.directory.delivery]
         initial_backoff = "20ms"
         max_backoff = "200ms"
@@ -181,6 +184,10 @@ async fn run_scenario(test: &str, base_url: &str, members: usize) -> String {
     let mut results = TopicReader::new(&names.results, 1);
     let users: Vec<String> = (0..members + 10).map(|index| format!("u{index:03}")).collect();
     let (initial, extra) = users.split_at(members);
+    // `victim`'s create fails for good: it carries a value the target refuses
+    // (`active` mapped from a claim that is not a boolean: 400 invalidValue).
+    let victim = "victim".to_string();
+    let group_members: Vec<String> = initial.iter().cloned().chain([victim.clone()]).collect();
 
     // The group's event comes first: its memberships wait for the creates.
     let started = Instant::now();
@@ -190,7 +197,7 @@ async fn run_scenario(test: &str, base_url: &str, members: usize) -> String {
         &group_event(
             "eng-created",
             "group.created",
-            json!({"id": "eng", "displayName": "Engineering", "members": initial}),
+            json!({"id": "eng", "displayName": "Engineering", "members": group_members}),
         ),
     )
     .await;
@@ -200,14 +207,44 @@ async fn run_scenario(test: &str, base_url: &str, members: usize) -> String {
             .map(|user| publish_user(&names, format!("create-{user}"), "user.created", user)),
     )
     .await;
-    let initial_ids: HashSet<String> = initial.iter().cloned().collect();
+    let refused = event_json(
+        "create-victim",
+        "user.created",
+        "acme",
+        &victim,
+        json!({"user": {"attributes": {"active": "maybe"}}}),
+    );
+    publish(
+        &producer(),
+        &names.events,
+        Some(&format!("acme/{victim}")),
+        &refused,
+        &[],
+    )
+    .await;
+    let group_ids: HashSet<String> = group_members.iter().cloned().collect();
     read_results(&mut results, "every membership of the created group", |seen| {
-        initial_ids
+        group_ids
             .iter()
             .all(|user| seen.contains(&("eng-created".to_string(), user.clone())))
     })
     .await;
     let created_in = started.elapsed();
+    // The victim's create failed for good: its membership fails, saying why.
+    let victim_membership = results
+        .records
+        .iter()
+        .map(OutputRecord::result)
+        .find(|result| result.event_id == "eng-created" && result.user_id == victim)
+        .expect("read above");
+    assert_eq!(
+        victim_membership.results[0].outcome,
+        Outcome::Failed,
+        "{victim_membership:?}"
+    );
+    let error = victim_membership.results[0].error.clone().expect("an error");
+    assert_eq!(error.kind, provisioner::result::ErrorKind::Dependency, "{error:?}");
+    assert!(error.message.contains("failed for good"), "{}", error.message);
     assert_eq!(
         reader.members_of("eng").await,
         initial.iter().cloned().collect::<BTreeSet<_>>(),
@@ -332,7 +369,7 @@ async fn run_scenario(test: &str, base_url: &str, members: usize) -> String {
             .get();
     app.stop().await;
     format!(
-        "{members} members whose group came first were all applied {created_in:?} after it, after their creates; a hostile rename, 10 added, 10 removed, a deleted member gone, an existing group adopted, the group deleted; {requests} membership requests in all; the end state matched after a sentinel"
+        "{members} members whose group came first were all applied {created_in:?} after it, after their creates (a member whose create failed for good: its membership failed, `dependency`); a hostile rename, 10 added, 10 removed, a deleted member gone, an existing group adopted, the group deleted; {requests} membership requests in all; the end state matched after a sentinel"
     )
 }
 

@@ -1312,6 +1312,11 @@ fn check_shape(kind: Kind, resource: &Value) -> Result<(), ScimError> {
             format!("{required} is required"),
         ));
     }
+    // Attribute types are checked as real servers do (RFC 7643 §4.1: `active` is a
+    // boolean), so that a client sending the wrong type learns it.
+    if kind == Kind::User && resource.get("active").is_some_and(|active| !active.is_boolean()) {
+        return Err(ScimError::bad_request("invalidValue", "active must be a boolean"));
+    }
     Ok(())
 }
 
