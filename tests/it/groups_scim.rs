@@ -407,24 +407,10 @@ async fn a_group_lives_its_whole_life_on_a_real_scim_server() {
     eprintln!("GROUPS-REPORT scim2-server: {report}");
 }
 
-/// The value of `series` (exact labels) on a service's `/metrics`.
-async fn metric(admin: std::net::SocketAddr, series: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_group_killed_mid_way_resumes_its_memberships_where_it_stopped() {
     use crate::support::app::record_count;
-    use crate::support::service::ServiceProcess;
+    use crate::support::service::{metric, ServiceProcess};
 
     const MEMBERS: usize = 20_000;
     const CHUNK: usize = 100;

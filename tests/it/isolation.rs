@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::support::app::{producer, publish, Names, TestApp, TopicReader};
 use crate::support::doubles::event_json;
 use crate::support::eventually;
-use crate::support::service::ServiceProcess;
+use crate::support::service::{metric, ServiceProcess};
 use crate::support::workload::{converge, differences, scim_state, Expected, Workload};
 
 /// 667 users × 3 events: 2,001 blocking callers.
@@ -347,20 +347,6 @@ async fn targets_with_workspace_down() -> Targets {
         latency,
         _shutdown: [directory_shutdown, workspace_shutdown],
     }
-}
-
-/// The value of `metric` (a counter or gauge with these exact labels) on `/metrics`.
-async fn metric(admin: std::net::SocketAddr, series: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

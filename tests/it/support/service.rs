@@ -92,3 +92,18 @@ impl Drop for ServiceProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The value of `series` (a counter or gauge with exactly these labels) on a service's
+/// `/metrics`, if it is there.
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
