@@ -273,6 +273,15 @@ async fn a_failing_target_recovers_and_the_circuit_holds_work_meanwhile() {
         (app.metrics.circuit_state.with_label_values(&["directory"]).get() == 1).then_some(())
     })
     .await;
+    // Calls admitted just before the circuit opened may still be arriving (a loaded
+    // machine delays them): count from half a second after the open.
+    let settled_at = Instant::now() + Duration::from_millis(500);
+    eventually(
+        "the calls admitted before the open to arrive",
+        Duration::from_secs(5),
+        || async { (Instant::now() >= settled_at).then_some(()) },
+    )
+    .await;
     let opened_at = Instant::now();
     let requests_at_open = emulator.control.stats.report().requests;
     eventually("two seconds of outage", Duration::from_secs(10), || async {
