@@ -25,6 +25,16 @@
 //!    records; a fresh service (empty local store) restores them before applying a
 //!    sentinel event. Restore time (from the service's own histogram), time to the
 //!    sentinel's result, peak RSS and the local store's size.
+//! 7. **groups** (with `--groups N`): where a group's memberships are applied, measured
+//!    both ways for one `group.created` event with N members (see `Rig::groups`).
+//!    **A**, what the service does: each membership in its member's lane, the member's
+//!    remote id from local state, members of the group batched into shared PATCHes.
+//!    **B**, the alternative: the group's lane resolves every member against the
+//!    target (`GET /Users?filter=externalId eq …`), then PATCHes. Requests and time
+//!    for each, the service's CPU for A.
+//!
+//! `--events 0` skips the throughput phase (and `--compare-state`, its rerun), so
+//! `--events 0 --skip-baseline --skip-latency --groups 1000` runs the groups phase alone.
 //!
 //! Every phase runs with the provisioning state on unless it says otherwise.
 
@@ -36,19 +46,32 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::connectors::scim::filter_literal;
+use crate::connectors::scim::settings::Scim2Settings;
 use crate::devtools::emulators::scim::{self as scim_emulator, ScimEmulatorSettings};
 use crate::devtools::emulators::Faults;
-use crate::result::ProvisioningResult;
+use crate::result::{Outcome, ProvisioningResult, ResultScope, Status};
+
+/// The connector's `delivery.max_in_flight` in every phase but groups: those measure the
+/// service, so the target's concurrency must not be what limits them.
+const CONNECTOR_MAX_IN_FLIGHT: usize = 1024;
+
+/// How long a phase may wait for one result before it gives up: the service is stuck.
+const RESULT_SILENCE_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long a phase may run at most.
+const PHASE_LIMIT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// Events in the throughput phase; 0 skips it.
     pub events: usize,
     pub partitions: i32,
     /// Distinct users; default `events / 2` (each created, then deleted).
@@ -74,6 +97,10 @@ pub struct BenchOptions {
     pub restore_users: Vec<usize>,
     /// A real Kafka to run against (`host:port`) instead of the embedded mock cluster.
     pub broker: Option<String>,
+    /// Groups phase: members of the one group (0 skips it, as does `None`).
+    pub group_members: Option<usize>,
+    /// Groups phase: the connector's `delivery.max_in_flight` (A) and B's lookups at once.
+    pub groups_max_in_flight: usize,
 }
 
 impl Default for BenchOptions {
@@ -95,6 +122,8 @@ impl Default for BenchOptions {
             compare_state: false,
             restore_users: Vec::new(),
             broker: None,
+            group_members: None,
+            groups_max_in_flight: 32,
         }
     }
 }
@@ -158,10 +187,90 @@ pub struct RestoreReport {
     pub peak_rss_mib: f64,
 }
 
+/// A: memberships applied in the members' lanes (what the service does). Counted from
+/// the group event's publication to the last membership's complete result.
+#[derive(Debug, Default, Serialize)]
+pub struct MemberLanesReport {
+    /// Requests the SCIM emulator answered in that interval, of every kind.
+    pub requests: u64,
+    /// Of those, membership PATCHes (`PATCH /Groups/{id}`).
+    pub group_patch_requests: u64,
+    /// Of those, the group's own: its lookup by `externalId` and its POST.
+    pub group_requests: u64,
+    /// Of those, user lookups (`GET /Users`): A needs none.
+    pub user_lookups: u64,
+    /// The rest, e.g. `/ServiceProviderConfig`, read once per process before the
+    /// connector's first membership request.
+    pub other_requests: u64,
+    /// The most members one group request carried (the emulator's count).
+    pub largest_batch: usize,
+    /// Members per membership request, from the service's own histogram.
+    pub mean_batch: f64,
+    /// Membership requests per batch size, from that histogram (empty buckets left out).
+    pub batches: Vec<BatchSizeBucket>,
+    /// From the publication to the group event's own result (group created, its
+    /// membership records written).
+    pub seconds_to_group_result: f64,
+    /// From the publication to the last membership's result.
+    pub seconds: f64,
+    /// Memberships whose result is `members_added`; `memberships_other` got another.
+    pub memberships_added: usize,
+    pub memberships_other: usize,
+    /// The group's members on the emulator afterwards.
+    pub members_on_target: usize,
+    /// The service process's CPU (user + system) over the interval.
+    pub cpu_milliseconds: f64,
+}
+
+/// Membership requests that carried more members than the bucket below this one and at
+/// most `at_most`.
+#[derive(Debug, Default, Serialize)]
+pub struct BatchSizeBucket {
+    pub at_most: f64,
+    pub requests: u64,
+}
+
+/// B: the group's lane resolves every member against the target, then PATCHes. Real
+/// requests from the bench to the same emulator (same latency), with the connector's
+/// HTTP client settings, `max_in_flight` at once, for a second group of the same users.
+/// The target's calls alone: B would also pay the group event's Kafka hop (consume,
+/// result), which A's figures include, so B's time is a lower bound.
+#[derive(Debug, Default, Serialize)]
+pub struct GroupLaneReport {
+    /// Every request below, as the emulator counted them.
+    pub requests: u64,
+    /// The group's own: its lookup by `externalId` and its POST, one after the other.
+    pub group_requests: u64,
+    pub group_seconds: f64,
+    /// `GET /Users?filter=externalId eq "<id>"`, one per member.
+    pub user_lookups: u64,
+    pub lookup_seconds: f64,
+    /// `PATCH /Groups/{id}` adding up to the connector's `max_members_per_request`.
+    pub group_patch_requests: u64,
+    pub patch_seconds: f64,
+    /// `group_seconds + lookup_seconds + patch_seconds`.
+    pub seconds: f64,
+    /// The group's members on the emulator afterwards.
+    pub members_on_target: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GroupsReport {
+    pub members: usize,
+    pub partitions: i32,
+    /// The connector's `delivery.max_in_flight` in A, and B's requests at once.
+    pub max_in_flight: usize,
+    /// The connector's `max_members_per_request` (SCIM's default).
+    pub max_members_per_request: usize,
+    pub member_lanes: MemberLanesReport,
+    pub group_lane: GroupLaneReport,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct BenchReport {
     pub target_latency_ms: u64,
-    pub throughput: ThroughputReport,
+    /// `None` with `--events 0`.
+    pub throughput: Option<ThroughputReport>,
     pub baseline: Option<ThroughputReport>,
     pub speedup_over_baseline: Option<f64>,
     pub latency: Option<LatencyReport>,
@@ -169,6 +278,7 @@ pub struct BenchReport {
     /// The throughput phase with the provisioning state off.
     pub without_state: Option<ThroughputReport>,
     pub restores: Vec<RestoreReport>,
+    pub groups: Option<GroupsReport>,
     pub machine_cores: usize,
 }
 
@@ -236,16 +346,19 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         ..BenchReport::default()
     };
     let users = options.users.unwrap_or(options.events / 2).max(1);
-    say(format!(
-        "throughput: {} events, {users} users, {} partitions, target latency {} ms …",
-        options.events,
-        options.partitions,
-        options.target_latency.as_millis()
-    ));
-    report.throughput = rig
-        .throughput(options.events, users, options.partitions, "user", true)
-        .await?;
-    say(format!("  {:.0} events/s", report.throughput.events_per_second));
+    if options.events > 0 {
+        say(format!(
+            "throughput: {} events, {users} users, {} partitions, target latency {} ms …",
+            options.events,
+            options.partitions,
+            options.target_latency.as_millis()
+        ));
+        let throughput = rig
+            .throughput(options.events, users, options.partitions, "user", true)
+            .await?;
+        say(format!("  {:.0} events/s", throughput.events_per_second));
+        report.throughput = Some(throughput);
+    }
 
     if !options.skip_baseline {
         let baseline_users = (options.baseline_events / 2).max(1);
@@ -263,8 +376,10 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
             )
             .await?;
         say(format!("  {:.0} events/s", baseline.events_per_second));
-        report.speedup_over_baseline =
-            Some(report.throughput.events_per_second / baseline.events_per_second.max(f64::MIN_POSITIVE));
+        report.speedup_over_baseline = report
+            .throughput
+            .as_ref()
+            .map(|throughput| throughput.events_per_second / baseline.events_per_second.max(f64::MIN_POSITIVE));
         report.baseline = Some(baseline);
     }
 
@@ -277,7 +392,8 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         report.latency = Some(rig.latency(options.rate, options.duration, options.partitions).await?);
     }
 
-    if options.compare_state {
+    // The same throughput phase with the state off: nothing to compare with --events 0.
+    if options.compare_state && options.events > 0 {
         say(format!(
             "throughput without the provisioning state: {} events …",
             options.events
@@ -299,6 +415,25 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
             restore.restore_seconds_total, restore.seconds_to_first_result
         ));
         report.restores.push(restore);
+    }
+
+    // Before the memory phase, which leaves the emulator at 1 s per request.
+    if let Some(members) = options.group_members.filter(|members| *members > 0) {
+        say(format!(
+            "groups: one group.created with {members} members, {} partitions, {} requests in flight …",
+            options.partitions, options.groups_max_in_flight
+        ));
+        let groups = rig
+            .groups(members, options.partitions, options.groups_max_in_flight)
+            .await?;
+        say(format!(
+            "  A: {} requests, {:.2} s; B: {} requests, {:.2} s",
+            groups.member_lanes.requests,
+            groups.member_lanes.seconds,
+            groups.group_lane.requests,
+            groups.group_lane.seconds
+        ));
+        report.groups = Some(groups);
     }
 
     if let Some(backlog) = options.backlog {
@@ -363,10 +498,16 @@ impl Rig {
     }
 
     fn write_config(&self, ordering: &str, state: bool) -> Result<PathBuf, BenchError> {
-        self.write_config_with_admin(ordering, state, "127.0.0.1:0")
+        self.write_config_with(ordering, state, "127.0.0.1:0", CONNECTOR_MAX_IN_FLIGHT)
     }
 
-    fn write_config_with_admin(&self, ordering: &str, state: bool, admin: &str) -> Result<PathBuf, BenchError> {
+    fn write_config_with(
+        &self,
+        ordering: &str,
+        state: bool,
+        admin: &str,
+        connector_max_in_flight: usize,
+    ) -> Result<PathBuf, BenchError> {
         let run = &self.prefix;
         let config = format!(
             r#"
@@ -406,7 +547,7 @@ impl Rig {
             type = "scim2"
             base_url = "{scim_url}"
             [connectors.directory.delivery]
-            max_in_flight = 1024
+            max_in_flight = {connector_max_in_flight}
 
             [[tenants.bench.resident.bindings]]
             connector = "directory"
@@ -699,7 +840,7 @@ impl Rig {
         }
         let reader = self.results_reader(&results_topic)?;
         let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let config = self.write_config_with_admin("user", true, &admin.to_string())?;
+        let config = self.write_config_with("user", true, &admin.to_string(), CONNECTOR_MAX_IN_FLIGHT)?;
         let started = Instant::now();
         let mut service = ServiceChild::start(&config)?;
         // The sentinel: an update of a restored user, applied after its partition's restore.
@@ -737,13 +878,7 @@ impl Rig {
         let seconds_to_all_restored = started.elapsed().as_secs_f64();
         let (_, peak_rss) = service.usage()?;
         service.stop()?;
-        let value = |name: &str| -> f64 {
-            metrics
-                .lines()
-                .filter(|line| line.starts_with(name))
-                .filter_map(|line| line.rsplit_once(' ').and_then(|(_, value)| value.parse::<f64>().ok()))
-                .sum()
-        };
+        let value = |name: &str| metric_value(&metrics, name);
         // The smallest bucket bound that holds every successful restore.
         let count = value("provisioner_state_restore_duration_seconds_count{result=\"ok\"}");
         let max_bucket = metrics
@@ -770,6 +905,270 @@ impl Rig {
         })
     }
 
+    /// The groups phase: N users created and their results in, then one
+    /// `group.created` event with all N as members, measured two ways.
+    ///
+    /// **A** runs in the service, with the connector at `max_in_flight`: the time from
+    /// publishing the group event to every membership's complete result, the requests
+    /// the emulator answered meanwhile (from its request log and counters), the batch
+    /// sizes and the service's CPU. **B** runs from this process against the same
+    /// emulator, for a second group of the same users ([`Rig::group_lane`]).
+    async fn groups(
+        &mut self,
+        members: usize,
+        partitions: i32,
+        max_in_flight: usize,
+    ) -> Result<GroupsReport, BenchError> {
+        let (events_topic, results_topic) = self.topics(partitions).await?;
+        let group_id = format!("{}-group", self.prefix);
+        let (group_event_id, group_key, group_payload) = group_created_event(&group_id, members);
+        // A larger event would be dead-lettered, and the phase would wait for nothing.
+        let max_event_bytes = crate::settings::PipelineSettings::default().max_event_bytes;
+        if group_payload.len() > max_event_bytes {
+            return Err(BenchError::Service(format!(
+                "a group of {members} members is a {}-byte event, over pipeline.max_event_bytes ({max_event_bytes}): use fewer members",
+                group_payload.len()
+            )));
+        }
+        let max_members_per_request = serde_json::from_value::<Scim2Settings>(json!({}))
+            .map_err(|error| BenchError::Service(format!("SCIM settings: {error}")))?
+            .max_members_per_request;
+        let producer = self.producer()?;
+        let reader = self.results_reader(&results_topic)?;
+        // The admin listener serves /metrics: the service's batch-size histogram.
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let config = self.write_config_with("user", true, &admin.to_string(), max_in_flight)?;
+        let mut service = ServiceChild::start(&config)?;
+
+        // The members first: a membership waits for its member's create, and A measures
+        // the memberships, not the creates.
+        let mut creating = std::collections::HashSet::with_capacity(members);
+        for member in 0..members {
+            let (id, key, payload) = group_member_created_event(member);
+            producer
+                .send_result(FutureRecord::to(&events_topic).key(&key).payload(&payload))
+                .map_err(|(error, _)| error)?;
+            creating.insert(id);
+        }
+        producer.flush(Timeout::After(Duration::from_secs(60)))?;
+        let deadline = Instant::now() + PHASE_LIMIT;
+        while !creating.is_empty() {
+            let result = next_complete_result(&reader, deadline).await?;
+            if creating.remove(&result.event_id) && result.status != Status::Succeeded {
+                return Err(BenchError::Service(format!(
+                    "the create of member `{}` did not succeed: {:?}",
+                    result.user_id, result.results
+                )));
+            }
+        }
+
+        // A: the group's event, measured from its publication.
+        let requests_before = self.emulator.control.stats.report().requests;
+        let patches_before = self.emulator.group_patch_requests();
+        let cpu_before = service.usage()?.0;
+        let published_at = Instant::now();
+        producer
+            .send(
+                FutureRecord::to(&events_topic).key(&group_key).payload(&group_payload),
+                Timeout::After(Duration::from_secs(60)),
+            )
+            .await
+            .map_err(|(error, _)| error)?;
+        let mut seconds_to_group_result = None;
+        let mut memberships = std::collections::HashSet::with_capacity(members);
+        let mut memberships_added = 0usize;
+        let deadline = Instant::now() + PHASE_LIMIT;
+        while seconds_to_group_result.is_none() || memberships.len() < members {
+            let result = next_complete_result(&reader, deadline).await?;
+            if result.event_id != group_event_id {
+                continue;
+            }
+            if result.user_id.is_empty() {
+                // Without the group on the target no membership is written: stop here.
+                if result.status != Status::Succeeded {
+                    return Err(BenchError::Service(format!(
+                        "the group's event did not succeed: {:?}",
+                        result.results
+                    )));
+                }
+                seconds_to_group_result = Some(published_at.elapsed().as_secs_f64());
+                continue;
+            }
+            let added = !result.results.is_empty()
+                && result
+                    .results
+                    .iter()
+                    .all(|connector| connector.outcome == Outcome::MembersAdded);
+            if memberships.insert(result.user_id) && added {
+                memberships_added += 1;
+            }
+        }
+        let seconds = published_at.elapsed().as_secs_f64();
+        let cpu = service.usage()?.0.saturating_sub(cpu_before);
+        let requests = self.emulator.control.stats.report().requests - requests_before;
+        let group_patch_requests = self.emulator.group_patch_requests() - patches_before;
+        // Only this phase touches groups, and B has not run yet: the emulator's maximum
+        // is A's.
+        let largest_batch = self.emulator.largest_group_membership_change();
+        let answered: Vec<_> = self
+            .emulator
+            .control
+            .requests()
+            .into_iter()
+            .filter(|request| request.at >= published_at)
+            .collect();
+        let group_requests = answered
+            .iter()
+            .filter(|request| request.path.ends_with("/Groups") && request.method != "PATCH")
+            .count() as u64;
+        let user_lookups = answered
+            .iter()
+            .filter(|request| request.path.ends_with("/Users") && request.method == "GET")
+            .count() as u64;
+        let metrics = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .map_err(|error| BenchError::Service(format!("metrics: {error}")))?
+            .text()
+            .await
+            .map_err(|error| BenchError::Service(format!("metrics: {error}")))?;
+        let batches = batch_size_buckets(&metrics);
+        let batch_requests = metric_value(&metrics, "provisioner_membership_batch_size_count");
+        let batch_members = metric_value(&metrics, "provisioner_membership_batch_size_sum");
+        service.stop()?;
+        let member_lanes = MemberLanesReport {
+            requests,
+            group_patch_requests,
+            group_requests,
+            user_lookups,
+            other_requests: requests.saturating_sub(group_patch_requests + group_requests + user_lookups),
+            largest_batch,
+            mean_batch: batch_members / batch_requests.max(1.0),
+            batches,
+            seconds_to_group_result: seconds_to_group_result.unwrap_or_default(),
+            seconds,
+            memberships_added,
+            memberships_other: members - memberships_added,
+            members_on_target: self.members_on_target(&group_id),
+            cpu_milliseconds: cpu.as_secs_f64() * 1000.0,
+        };
+
+        let group_lane = self.group_lane(members, max_in_flight, max_members_per_request).await?;
+        Ok(GroupsReport {
+            members,
+            partitions,
+            max_in_flight,
+            max_members_per_request,
+            member_lanes,
+            group_lane,
+        })
+    }
+
+    /// B: what the group's lane would do for a group of the groups phase's members,
+    /// sent from here to the same emulator: create the group (look it up by
+    /// `externalId`, then POST it, as the connector does), resolve every member with
+    /// `GET /Users?filter=externalId eq "<id>"`, `max_in_flight` at once, then PATCH
+    /// them in as the connector would, `max_members_per_request` per request. Each step
+    /// is timed and its requests counted by the emulator.
+    async fn group_lane(
+        &self,
+        members: usize,
+        max_in_flight: usize,
+        max_members_per_request: usize,
+    ) -> Result<GroupLaneReport, BenchError> {
+        use futures::StreamExt;
+        let http = crate::connectors::http::build_client("bench", &Default::default())
+            .map_err(|error| BenchError::Service(format!("HTTP client: {error}")))?;
+        let requests = || self.emulator.control.stats.report().requests;
+        let scim_url = &self.scim_url;
+        let started = requests();
+
+        let group_id = format!("{}-group-b", self.prefix);
+        let group_started = Instant::now();
+        let found = scim_call(http.get(format!("{scim_url}/Groups")).query(&[
+            ("filter", format!("externalId eq {}", filter_literal(&group_id))),
+            ("excludedAttributes", "members".to_string()),
+        ]))
+        .await?;
+        if found["totalResults"].as_u64() != Some(0) {
+            return Err(BenchError::Service(format!(
+                "group `{group_id}` is already on the emulator"
+            )));
+        }
+        let created = scim_call(http.post(format!("{scim_url}/Groups")).json(&json!({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+            "displayName": group_display_name(&group_id),
+            "externalId": group_id,
+        })))
+        .await?;
+        let group_seconds = group_started.elapsed().as_secs_f64();
+        let group_remote_id = created["id"]
+            .as_str()
+            .ok_or_else(|| BenchError::Service(format!("the created group has no id: {created}")))?
+            .to_string();
+        let after_group = requests();
+
+        let lookups_started = Instant::now();
+        let resolved: Vec<Result<String, BenchError>> = futures::stream::iter(0..members)
+            .map(|member| {
+                let user_id = group_member_id(member);
+                let lookup = http
+                    .get(format!("{scim_url}/Users"))
+                    .query(&[("filter", format!("externalId eq {}", filter_literal(&user_id)))]);
+                async move {
+                    let found = scim_call(lookup).await?;
+                    found["Resources"][0]["id"]
+                        .as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| BenchError::Service(format!("member `{user_id}` not found on the emulator")))
+                }
+            })
+            .buffer_unordered(max_in_flight)
+            .collect()
+            .await;
+        let remote_ids = resolved.into_iter().collect::<Result<Vec<String>, BenchError>>()?;
+        let lookup_seconds = lookups_started.elapsed().as_secs_f64();
+        let after_lookups = requests();
+
+        let patches_started = Instant::now();
+        let group_url = format!("{scim_url}/Groups/{group_remote_id}");
+        let patched: Vec<Result<serde_json::Value, BenchError>> =
+            futures::stream::iter(remote_ids.chunks(max_members_per_request.max(1)))
+                .map(|batch| {
+                    let values: Vec<serde_json::Value> = batch.iter().map(|id| json!({"value": id})).collect();
+                    scim_call(http.patch(&group_url).json(&json!({
+                        "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                        "Operations": [{"op": "add", "path": "members", "value": values}],
+                    })))
+                })
+                .buffer_unordered(max_in_flight)
+                .collect()
+                .await;
+        patched.into_iter().collect::<Result<Vec<_>, BenchError>>()?;
+        let patch_seconds = patches_started.elapsed().as_secs_f64();
+        let finished = requests();
+
+        Ok(GroupLaneReport {
+            requests: finished - started,
+            group_requests: after_group - started,
+            group_seconds,
+            user_lookups: after_lookups - after_group,
+            lookup_seconds,
+            group_patch_requests: finished - after_lookups,
+            patch_seconds,
+            seconds: group_seconds + lookup_seconds + patch_seconds,
+            members_on_target: self.members_on_target(&group_id),
+        })
+    }
+
+    /// The members the emulator holds for the group with our display name for `group_id`.
+    fn members_on_target(&self, group_id: &str) -> usize {
+        self.emulator
+            .group_by_display_name(&group_display_name(group_id))
+            .and_then(|group| group["id"].as_str().map(str::to_string))
+            .and_then(|id| self.emulator.group_member_ids(&id))
+            .map_or(0, |ids| ids.len())
+    }
+
     fn emulator_latency_ms(&self) -> f64 {
         self.emulator
             .control
@@ -780,6 +1179,78 @@ impl Rig {
             .as_secs_f64()
             * 1000.0
     }
+}
+
+/// The next complete result on the results topic (replies, queued notices and
+/// undecodable records are passed over). An error when none comes for
+/// [`RESULT_SILENCE_LIMIT`] or `deadline` has passed.
+async fn next_complete_result(reader: &StreamConsumer, deadline: Instant) -> Result<ProvisioningResult, BenchError> {
+    loop {
+        if Instant::now() > deadline {
+            return Err(BenchError::Service(format!(
+                "the phase took over {} s",
+                PHASE_LIMIT.as_secs()
+            )));
+        }
+        let message = tokio::time::timeout(RESULT_SILENCE_LIMIT, reader.recv())
+            .await
+            .map_err(|_| BenchError::Service(format!("no result for {} s", RESULT_SILENCE_LIMIT.as_secs())))??;
+        let result = message
+            .payload()
+            .and_then(|payload| serde_json::from_slice::<ProvisioningResult>(payload).ok());
+        if let Some(result) = result.filter(|result| result.scope == ResultScope::Complete) {
+            return Ok(result);
+        }
+    }
+}
+
+/// One SCIM request of B: its JSON answer, or an error naming the status.
+async fn scim_call(request: reqwest::RequestBuilder) -> Result<serde_json::Value, BenchError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|error| BenchError::Service(format!("SCIM emulator: {error}")))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(BenchError::Service(format!("SCIM emulator answered {status}: {body}")));
+    }
+    // A PATCH may answer 204 without a body.
+    Ok(serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+}
+
+/// The sum of every sample of a Prometheus metric whose line starts with `name`.
+fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit_once(' ').and_then(|(_, value)| value.parse::<f64>().ok()))
+        .sum()
+}
+
+/// The service's membership batch-size histogram, per bucket rather than cumulative.
+fn batch_size_buckets(metrics: &str) -> Vec<BatchSizeBucket> {
+    let cumulative: Vec<(f64, u64)> = metrics
+        .lines()
+        .filter(|line| line.starts_with("provisioner_membership_batch_size_bucket{"))
+        .filter_map(|line| {
+            let bound = line.split("le=\"").nth(1)?.split('"').next()?.parse::<f64>().ok()?;
+            let count = line.rsplit_once(' ')?.1.parse::<f64>().ok()?;
+            Some((bound, count as u64))
+        })
+        .collect();
+    let mut below = 0;
+    let mut buckets = Vec::new();
+    for (at_most, count) in cumulative {
+        if count > below {
+            buckets.push(BatchSizeBucket {
+                at_most,
+                requests: count - below,
+            });
+        }
+        below = count;
+    }
+    buckets
 }
 
 fn result_id(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<String> {
@@ -807,6 +1278,43 @@ fn bench_event(index: usize, users: usize) -> (String, String, Vec<u8>) {
     }))
     .expect("JSON");
     (id, format!("bench/{user_id}"), payload)
+}
+
+/// The groups phase's member `member`: its own user id, so earlier phases' users (created
+/// and deleted on the same emulator) are not in the way.
+fn group_member_id(member: usize) -> String {
+    format!("bench-member-{member}")
+}
+
+/// The create of the groups phase's member `member`.
+fn group_member_created_event(member: usize) -> (String, String, Vec<u8>) {
+    let id = format!("m{member}c");
+    let user_id = group_member_id(member);
+    let payload = serde_json::to_vec(&json!({
+        "specversion": "1.0", "id": id, "source": "/bench", "type": "user.created",
+        "data": {"tenant": "bench", "user": {"id": user_id, "userName": format!("member{member}"),
+                 "name": {"givenName": "Bench", "familyName": format!("Member{member}")},
+                 "emails": [{"value": format!("member{member}@example.com"), "primary": true}]}}
+    }))
+    .expect("JSON");
+    (id, format!("bench/{user_id}"), payload)
+}
+
+fn group_display_name(group_id: &str) -> String {
+    format!("Bench {group_id}")
+}
+
+/// One `group.created` event with members 0..`members`, keyed `tenant/group:<id>`.
+fn group_created_event(group_id: &str, members: usize) -> (String, String, Vec<u8>) {
+    let id = format!("{group_id}-created");
+    let member_ids: Vec<String> = (0..members).map(group_member_id).collect();
+    let payload = serde_json::to_vec(&json!({
+        "specversion": "1.0", "id": id, "source": "/bench", "type": "group.created",
+        "data": {"tenant": "bench", "group": {"id": group_id, "displayName": group_display_name(group_id),
+                 "members": member_ids}}
+    }))
+    .expect("JSON");
+    (id, format!("bench/group:{group_id}"), payload)
 }
 
 fn percentile(sorted: &[f64], quantile: f64) -> f64 {
@@ -877,28 +1385,36 @@ impl Drop for ServiceChild {
 /// The human-readable table.
 pub fn render(report: &BenchReport) -> String {
     let mut out = String::new();
-    let throughput = &report.throughput;
     out.push_str(&format!(
         "provisioner bench — target latency {} ms, {} cores\n\n",
         report.target_latency_ms, report.machine_cores
     ));
-    out.push_str(&format!(
-        "  throughput          {:>10.0} events/s  ({} events, {} users, {} partitions, {:.1} s)\n",
-        throughput.events_per_second, throughput.events, throughput.users, throughput.partitions, throughput.seconds
-    ));
-    out.push_str(&format!(
-        "  CPU per event       {:>10.1} µs        (service process only: user+sys from /proc)\n",
-        throughput.cpu_microseconds_per_event
-    ));
-    out.push_str(&format!(
-        "  peak RSS            {:>10.1} MiB\n",
-        throughput.peak_rss_mib
-    ));
-    if let (Some(baseline), Some(speedup)) = (&report.baseline, report.speedup_over_baseline) {
+    if let Some(throughput) = &report.throughput {
+        out.push_str(&format!(
+            "  throughput          {:>10.0} events/s  ({} events, {} users, {} partitions, {:.1} s)\n",
+            throughput.events_per_second,
+            throughput.events,
+            throughput.users,
+            throughput.partitions,
+            throughput.seconds
+        ));
+        out.push_str(&format!(
+            "  CPU per event       {:>10.1} µs        (service process only: user+sys from /proc)\n",
+            throughput.cpu_microseconds_per_event
+        ));
+        out.push_str(&format!(
+            "  peak RSS            {:>10.1} MiB\n",
+            throughput.peak_rss_mib
+        ));
+    }
+    if let Some(baseline) = &report.baseline {
         out.push_str(&format!(
             "  sequential baseline {:>10.0} events/s  (one in flight per partition, {} events)\n",
             baseline.events_per_second, baseline.events
         ));
+    }
+    // No speed-up without the throughput phase (--events 0).
+    if let Some(speedup) = report.speedup_over_baseline {
         out.push_str(&format!("  speed-up            {:>10.1}×\n", speedup));
     }
     if let Some(latency) = &report.latency {
@@ -919,7 +1435,7 @@ pub fn render(report: &BenchReport) -> String {
             latency.cpu_microseconds_per_event
         ));
     }
-    if let Some(without) = &report.without_state {
+    if let (Some(throughput), Some(without)) = (&report.throughput, &report.without_state) {
         out.push_str(&format!(
             "  without the state   {:>10.0} events/s, {:.1} µs CPU per event, peak RSS {:.1} MiB\n",
             without.events_per_second, without.cpu_microseconds_per_event, without.peak_rss_mib
@@ -942,6 +1458,42 @@ pub fn render(report: &BenchReport) -> String {
             restore.records_restored,
             restore.store_mib,
             restore.peak_rss_mib
+        ));
+    }
+    if let Some(groups) = &report.groups {
+        let a = &groups.member_lanes;
+        let b = &groups.group_lane;
+        out.push_str(&format!(
+            "  groups ({} members, {} partitions, {} requests in flight, {} members per PATCH at most):\n",
+            groups.members, groups.partitions, groups.max_in_flight, groups.max_members_per_request
+        ));
+        out.push_str(&format!(
+            "    A — {} requests ({} PATCH, {} for the group itself, {} user lookups, {} other), {:.2} s  (members' lanes, what the service does: publish to the last membership's result)\n",
+            a.requests, a.group_patch_requests, a.group_requests, a.user_lookups, a.other_requests, a.seconds
+        ));
+        let batches: Vec<String> = a
+            .batches
+            .iter()
+            .map(|bucket| format!("≤{}: {}", bucket.at_most, bucket.requests))
+            .collect();
+        out.push_str(&format!(
+            "        group's result after {:.2} s; batches: largest {}, mean {:.1} members, requests by size {}; {} of {} memberships added, {} on the target; service CPU {:.0} ms\n",
+            a.seconds_to_group_result,
+            a.largest_batch,
+            a.mean_batch,
+            batches.join(", "),
+            a.memberships_added,
+            groups.members,
+            a.members_on_target,
+            a.cpu_milliseconds
+        ));
+        out.push_str(&format!(
+            "    B — {} requests ({} lookups, {} PATCH, {} for the group itself), {:.2} s  (group's lane resolving members: the target's calls alone, a lower bound)\n",
+            b.requests, b.user_lookups, b.group_patch_requests, b.group_requests, b.seconds
+        ));
+        out.push_str(&format!(
+            "        group {:.2} s + lookups {:.2} s + PATCH {:.2} s; {} on the target\n",
+            b.group_seconds, b.lookup_seconds, b.patch_seconds, b.members_on_target
         ));
     }
     if let Some(memory) = &report.memory {

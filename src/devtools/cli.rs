@@ -47,7 +47,7 @@ pub enum DevCommand {
     /// Measure throughput, latency, CPU and memory against a sequential baseline, on an
     /// embedded broker and the SCIM emulator (the service runs as a child process).
     Bench {
-        /// Events in the throughput phase (half creates, half deletes).
+        /// Events in the throughput phase (half creates, half deletes); 0 skips it.
         #[arg(long, default_value_t = 100_000)]
         events: usize,
         #[arg(long, default_value_t = 8)]
@@ -95,6 +95,15 @@ pub enum DevCommand {
         /// long-poll.
         #[arg(long)]
         broker: Option<String>,
+        /// Groups phase: one group.created with this many members (created first),
+        /// applied in the members' lanes (A, the service) and resolved from the group's
+        /// lane (B, measured against the emulator); 1000 when given without a number,
+        /// 0 skips it.
+        #[arg(long, num_args = 0..=1, default_missing_value = "1000")]
+        groups: Option<usize>,
+        /// Groups phase: the connector's delivery.max_in_flight (A) and B's requests at once.
+        #[arg(long, default_value_t = 32)]
+        groups_max_in_flight: usize,
     },
     /// Run a target emulator on a local address (for demos, benchmarks, tests).
     Emulate {
@@ -261,6 +270,8 @@ pub fn run(command: DevCommand, runtime: &Runtime) -> Result<(), Failure> {
             compare_state,
             restore,
             broker,
+            groups,
+            groups_max_in_flight,
         } => run_bench(
             bench::BenchOptions {
                 events,
@@ -279,6 +290,8 @@ pub fn run(command: DevCommand, runtime: &Runtime) -> Result<(), Failure> {
                 compare_state,
                 restore_users: restore,
                 broker,
+                group_members: groups,
+                groups_max_in_flight,
             },
             runtime,
         ),
