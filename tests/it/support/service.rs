@@ -94,7 +94,8 @@ impl Drop for ServiceProcess {
 }
 
 /// The value of `series` (a counter or gauge with exactly these labels) on a service's
-/// `/metrics`, if it is there.
+/// `/metrics`, if it is there. Its users need the emulators.
+#[cfg_attr(not(feature = "devtools"), allow(dead_code))]
 pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://{admin}/metrics"))
         .await
