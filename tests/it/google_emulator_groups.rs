@@ -2,29 +2,29 @@
 //! Google's status codes and error bodies, scopes, paging, and every request body checked
 //! against Google's discovery document.
 
-use std::time::Duration;
-
-use provisioner::connectors::jwt::RsaSigner;
-use provisioner::devtools::emulators::google::{self as google_emulator, GoogleEmulator, GoogleEmulatorSettings};
-use provisioner::devtools::emulators::Faults;
 use reqwest::Method;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::google_discovery::assert_group_bodies_fit_discovery_document;
+use crate::support::targets::{GoogleFixture, ADMIN, SERVICE_ACCOUNT};
 
-const SERVICE_ACCOUNT: &str = "provisioner@demo-project.iam.gserviceaccount.com";
-const ADMIN: &str = "admin@example.com";
 const USER_SCOPE: &str = "https://www.googleapis.com/auth/admin.directory.user";
 const GROUP_SCOPE: &str = "https://www.googleapis.com/auth/admin.directory.group";
 const GROUP_READONLY_SCOPE: &str = "https://www.googleapis.com/auth/admin.directory.group.readonly";
 const GROUP_MEMBER_SCOPE: &str = "https://www.googleapis.com/auth/admin.directory.group.member";
 
+/// The shared emulator fixture, and an HTTP client to drive it as a client would.
 struct Fixture {
-    emulator: GoogleEmulator,
-    key: RsaSigner,
+    target: GoogleFixture,
     http: reqwest::Client,
-    _shutdown: CancellationToken,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = GoogleFixture;
+
+    fn deref(&self) -> &GoogleFixture {
+        &self.target
+    }
 }
 
 /// A client of the emulator's Directory API holding one token.
@@ -35,27 +35,9 @@ struct Directory<'a> {
 
 impl Fixture {
     async fn start() -> Fixture {
-        let key = RsaSigner::generate();
-        let shutdown = CancellationToken::new();
-        let emulator = google_emulator::start(
-            "127.0.0.1:0".parse().unwrap(),
-            GoogleEmulatorSettings {
-                domain: "example.com".into(),
-                client_email: SERVICE_ACCOUNT.into(),
-                public_key: key.public_key(),
-                admin_email: ADMIN.into(),
-                token_lifetime: Duration::from_secs(3600),
-                faults: Faults::default(),
-            },
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
         Fixture {
-            emulator,
-            key,
+            target: GoogleFixture::start().await,
             http: reqwest::Client::new(),
-            _shutdown: shutdown,
         }
     }
 
