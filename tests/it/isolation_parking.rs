@@ -60,6 +60,49 @@ const DOWN_DELIVERY: &str = r#"
         circuit_breaker_cooldown = "250ms"
 "#;
 
+/// Two non-blocking SCIM connectors of the resident provider, `down` (with
+/// [`DOWN_DELIVERY`]) and `healthy`, with `parking` lines added to `[parking]`.
+fn down_and_healthy(
+    names: &Names,
+    down: &ScimEmulator,
+    healthy: &ScimEmulator,
+    parking: &str,
+    max_in_flight: usize,
+    max_buffered_events: usize,
+) -> Settings {
+    let kafka = names
+        .kafka_toml()
+        .replace("[parking]", &format!("[parking]\n            {parking}"));
+    let toml = format!(
+        r#"{kafka}
+        [pipeline]
+        max_in_flight = {max_in_flight}
+        max_buffered_events = {max_buffered_events}
+
+        [connectors.down]
+        type = "scim2"
+        base_url = "{down_url}"
+        [connectors.down.delivery]
+        {DOWN_DELIVERY}
+
+        [connectors.healthy]
+        type = "scim2"
+        base_url = "{healthy_url}"
+
+        [[tenants.acme.resident.bindings]]
+        connector = "down"
+        blocking = false
+
+        [[tenants.acme.resident.bindings]]
+        connector = "healthy"
+        blocking = false
+        "#,
+        down_url = down.base_url(),
+        healthy_url = healthy.base_url(),
+    );
+    Settings::from_toml_str(&toml).expect("valid settings")
+}
+
 /// The source user ids (SCIM `externalId`) the emulator holds.
 fn external_ids(emulator: &ScimEmulator) -> BTreeSet<String> {
     emulator
@@ -426,38 +469,14 @@ async fn a_connector_down_with_a_buffer_smaller_than_the_events_does_not_stop_th
     let (down, _down_shutdown) = emulator().await;
     let (healthy, _healthy_shutdown) = emulator().await;
     down.set_faults(failing());
-    let kafka = names.kafka_toml().replace(
-        "[parking]",
-        &format!("[parking]\n            max_held_operations = {MAX_HELD}"),
+    let settings = down_and_healthy(
+        &names,
+        &down,
+        &healthy,
+        &format!("max_held_operations = {MAX_HELD}"),
+        64,
+        BUFFER,
     );
-    let toml = format!(
-        r#"{kafka}
-        [pipeline]
-        max_in_flight = 64
-        max_buffered_events = {BUFFER}
-
-        [connectors.down]
-        type = "scim2"
-        base_url = "{down_url}"
-        [connectors.down.delivery]
-        {DOWN_DELIVERY}
-
-        [connectors.healthy]
-        type = "scim2"
-        base_url = "{healthy_url}"
-
-        [[tenants.acme.resident.bindings]]
-        connector = "down"
-        blocking = false
-
-        [[tenants.acme.resident.bindings]]
-        connector = "healthy"
-        blocking = false
-        "#,
-        down_url = down.base_url(),
-        healthy_url = healthy.base_url(),
-    );
-    let settings = Settings::from_toml_str(&toml).expect("valid settings");
     assert_eq!(settings.parking.max_held_operations, Some(MAX_HELD));
     let app = TestApp::spawn_configured(settings).await;
     wait_for_partitions(&app).await;
@@ -608,38 +627,14 @@ async fn new_work_for_users_whose_parked_work_waits_on_a_dead_target_is_parked_n
     let (down, _down_shutdown) = emulator().await;
     let (healthy, _healthy_shutdown) = emulator().await;
     down.set_faults(failing());
-    let kafka = names.kafka_toml().replace(
-        "[parking]",
-        &format!("[parking]\n            max_held_operations = {MAX_HELD}\n            park_after = \"1s\""),
+    let settings = down_and_healthy(
+        &names,
+        &down,
+        &healthy,
+        &format!("max_held_operations = {MAX_HELD}\n            park_after = \"1s\""),
+        MAX_IN_FLIGHT,
+        BUFFER,
     );
-    let toml = format!(
-        r#"{kafka}
-        [pipeline]
-        max_in_flight = {MAX_IN_FLIGHT}
-        max_buffered_events = {BUFFER}
-
-        [connectors.down]
-        type = "scim2"
-        base_url = "{down_url}"
-        [connectors.down.delivery]
-        {DOWN_DELIVERY}
-
-        [connectors.healthy]
-        type = "scim2"
-        base_url = "{healthy_url}"
-
-        [[tenants.acme.resident.bindings]]
-        connector = "down"
-        blocking = false
-
-        [[tenants.acme.resident.bindings]]
-        connector = "healthy"
-        blocking = false
-        "#,
-        down_url = down.base_url(),
-        healthy_url = healthy.base_url(),
-    );
-    let settings = Settings::from_toml_str(&toml).expect("valid settings");
     assert_eq!(settings.pipeline.max_in_flight, MAX_IN_FLIGHT);
     let app = TestApp::spawn_configured(settings).await;
     wait_for_partitions(&app).await;
