@@ -6,7 +6,7 @@
 //! member added or removed to the membership topic, keyed and partitioned like that
 //! member's own events ([`emit_memberships`]). The owner of the member's partition
 //! reads it and applies it in the member's (user, connector) lane
-//! ([`apply_membership`]), as Kafka's foreign-key joins do (KIP-213):
+//! ([`decide`], then the call in `process`), as Kafka's foreign-key joins do (KIP-213):
 //!
 //! - the member's remote id is local state there, so no instance holds every user's;
 //! - a membership runs in order with the member's own events: after the create it

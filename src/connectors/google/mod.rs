@@ -3,7 +3,7 @@
 //! Auth is a service account with domain-wide delegation: an RS256 JWT assertion
 //! (RFC 7523) signed with the key from Google's standard JSON key file, exchanged for a
 //! token that is cached until 60 s before expiry and renewed once on a 401. Users and
-//! groups have a token each ([`Api`]), so groups need no change to a delegation that
+//! groups have a token each (`Api`), so groups need no change to a delegation that
 //! grants only the user scope until the first group event.
 //!
 //! Unlike WSO2's connector, users are keyed by Google's immutable `id` (found through

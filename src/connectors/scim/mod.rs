@@ -6,8 +6,8 @@
 //! the server advertises PATCH; otherwise they read the resource, overlay the mapped
 //! attributes and PUT it back, so attributes we do not manage are never wiped.
 //!
-//! Users and groups share the plumbing: lookups ([`Lookup`]), reads, writes with
-//! `If-Match` and deletes go through an [`Endpoint`].
+//! Users and groups share the plumbing: lookups (`Lookup`), reads, writes with
+//! `If-Match` and deletes go through an `Endpoint`.
 
 mod groups;
 pub mod settings;
