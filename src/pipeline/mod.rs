@@ -390,8 +390,11 @@ impl Pipeline {
 }
 
 impl Scheduler {
+    /// Nothing left to finish before stopping: no task runs and every event held is a
+    /// membership waiting for its member (uncommitted, so read again after the restart;
+    /// waiting out the grace for it would only delay the stop).
     fn is_idle(&self) -> bool {
-        self.events.is_empty() && self.held_count == 0 && self.tasks.is_empty()
+        self.events.len() == self.waiting_count && self.held_count == 0 && self.tasks.is_empty()
     }
 
     /// A tracked record: fanned out now, or held while its partition restores.
