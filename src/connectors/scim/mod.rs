@@ -299,6 +299,23 @@ impl ScimConnector {
     }
 
     async fn delete(&self, user: &User, known_id: Option<&str>) -> Result<Applied, ConnectorError> {
+        if let (Some(id), ScimDeprovision::Delete) = (known_id, self.settings.deprovision) {
+            // One request by the stored id, without reading the user first: a delete
+            // needs no ETag (nothing of the user is kept), and the id is ours. A 404
+            // means the id is gone: search, as below. A server that insists on
+            // If-Match (412/428) gets the read and the conditional delete.
+            match self.delete_resource(&self.users, id, None).await {
+                Ok(_) => {
+                    return Ok(Applied {
+                        outcome: Outcome::Deleted,
+                        remote_id: Some(id.to_string()),
+                    })
+                }
+                Err(ConnectorError::Rejected { status: 404, .. }) => {}
+                Err(ConnectorError::Rejected { status: 412 | 428, .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
         let known = match known_id {
             Some(id) => self.get_resource(&self.users, id).await?,
             None => None,
