@@ -298,7 +298,7 @@ impl ScimConnector {
         }
     }
 
-    async fn delete(&self, user: &User, known_id: Option<&str>) -> Result<Applied, ConnectorError> {
+    async fn delete(&self, user: &User, mut known_id: Option<&str>) -> Result<Applied, ConnectorError> {
         if let (Some(id), ScimDeprovision::Delete) = (known_id, self.settings.deprovision) {
             // One request by the stored id, without reading the user first: a delete
             // needs no ETag (nothing of the user is kept), and the id is ours. A 404
@@ -311,7 +311,10 @@ impl ScimConnector {
                         remote_id: Some(id.to_string()),
                     })
                 }
-                Err(ConnectorError::Rejected { status: 404, .. }) => {}
+                Err(ConnectorError::Rejected { status: 404, .. }) => {
+                    tracing::info!(connector = %self.name, remote_id = id, "The stored remote id is gone; searching.");
+                    known_id = None;
+                }
                 Err(ConnectorError::Rejected { status: 412 | 428, .. }) => {}
                 Err(error) => return Err(error),
             }
