@@ -266,19 +266,10 @@ impl Application {
         // Partition p of these topics goes with input partition p.
         let mut companions = Vec::new();
         if let Some(plan) = retry_topics {
-            let prepared = loop {
-                match parking::prepare_retry_topics(&plan.kafka, &plan.settings, &plan.connectors, &plan.input).await {
-                    Ok(prepared) => break Some(prepared),
-                    Err(error) if error.is_retryable() => {
-                        tracing::warn!(error = %error, "Cannot prepare the retry topics yet; retrying.");
-                    }
-                    Err(error) => return Err(error.into()),
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break None,
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-            };
+            let prepared = retry_until_prepared(&shutdown, "the retry topics", || {
+                parking::prepare_retry_topics(&plan.kafka, &plan.settings, &plan.connectors, &plan.input)
+            })
+            .await?;
             if let Some(topics) = prepared {
                 companions.extend(topics.names());
                 // Retention is checked while the consumer joins, like the state topic's configs.
@@ -314,19 +305,10 @@ impl Application {
             }
         }
         if let Some(plan) = membership_topic {
-            let prepared = loop {
-                match groups::prepare_membership_topic(&plan.kafka, &plan.settings, &plan.input).await {
-                    Ok(prepared) => break Some(prepared),
-                    Err(error) if error.is_retryable() => {
-                        tracing::warn!(error = %error, "Cannot prepare the membership topic yet; retrying.");
-                    }
-                    Err(error) => return Err(error.into()),
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break None,
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                }
-            };
+            let prepared = retry_until_prepared(&shutdown, "the membership topic", || {
+                groups::prepare_membership_topic(&plan.kafka, &plan.settings, &plan.input)
+            })
+            .await?;
             if let Some(groups) = prepared {
                 companions.push(groups.membership_topic.clone());
                 let _ = pipeline.worker.groups.set(groups);
@@ -417,6 +399,50 @@ where
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// A start-up topic preparation's error: it may pass (the broker not there yet), or not.
+trait PreparationError: std::fmt::Display + Into<StartupError> {
+    fn is_retryable(&self) -> bool;
+}
+
+impl PreparationError for ParkingError {
+    fn is_retryable(&self) -> bool {
+        ParkingError::is_retryable(self)
+    }
+}
+
+impl PreparationError for GroupsError {
+    fn is_retryable(&self) -> bool {
+        GroupsError::is_retryable(self)
+    }
+}
+
+/// Runs `prepare` until it succeeds, every 2 s while its error may pass; `None` when
+/// the service is stopped meanwhile.
+async fn retry_until_prepared<T, E, F, Fut>(
+    shutdown: &CancellationToken,
+    what: &str,
+    prepare: F,
+) -> Result<Option<T>, StartupError>
+where
+    E: PreparationError,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        match prepare().await {
+            Ok(prepared) => return Ok(Some(prepared)),
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(error = %error, "Cannot prepare {what} yet; retrying.");
+            }
+            Err(error) => return Err(error.into()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }

@@ -440,6 +440,20 @@ impl Settings {
     }
 
     /// Reply topics the service may write to.
+    /// The topics named outright: the input, results, replies, dead letters and state.
+    /// A retry or membership topic may be none of them.
+    fn fixed_topics(&self) -> Vec<&String> {
+        [
+            &self.kafka.results_topic,
+            &self.kafka.reply_topic,
+            &self.kafka.dead_letter_topic,
+            &self.state.topic,
+        ]
+        .into_iter()
+        .chain(&self.kafka.event_topics)
+        .collect()
+    }
+
     pub fn reply_topic_allow_list(&self) -> Vec<String> {
         if self.kafka.reply_topic_allow_list.is_empty() {
             vec![self.kafka.reply_topic.clone()]
@@ -526,15 +540,7 @@ impl Settings {
                     "must be a non-empty Kafka topic name prefix (letters, digits, `.`, `_`, `-`)".into(),
                 );
             }
-            let topics: Vec<&String> = [
-                &self.kafka.results_topic,
-                &self.kafka.reply_topic,
-                &self.kafka.dead_letter_topic,
-                &self.state.topic,
-            ]
-            .into_iter()
-            .chain(&self.kafka.event_topics)
-            .collect();
+            let topics = self.fixed_topics();
             for name in self.connectors.keys() {
                 let retry_topic = parking.retry_topic(name);
                 if topics.contains(&&retry_topic) {
@@ -559,15 +565,7 @@ impl Settings {
             if groups.max_waiting_memberships == Some(0) {
                 problem("groups.max_waiting_memberships".into(), "must be at least 1".into());
             }
-            let taken = [
-                &self.kafka.results_topic,
-                &self.kafka.reply_topic,
-                &self.kafka.dead_letter_topic,
-                &self.state.topic,
-            ]
-            .into_iter()
-            .chain(&self.kafka.event_topics)
-            .any(|topic| topic == &groups.membership_topic)
+            let taken = self.fixed_topics().contains(&&groups.membership_topic)
                 || (self.parking.enabled && groups.membership_topic.starts_with(&self.parking.topic_prefix));
             if groups.membership_topic.is_empty() || taken {
                 problem(
