@@ -82,7 +82,7 @@ pub enum DevCommand {
         json: bool,
         /// The service consumer's fetch.wait.max.ms on the embedded broker, which does
         /// not wake a waiting fetch when data arrives (Kafka does).
-        #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
         fetch_wait: Duration,
         /// Also measure throughput with the provisioning state off (its cost).
         #[arg(long)]

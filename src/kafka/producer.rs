@@ -67,7 +67,10 @@ fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "1")
+        // No linger: every produce is awaited by an event's completion (state, result,
+        // reply), so a linger is added to each event's latency, twice; under load records
+        // batch anyway while earlier requests are in flight (measured: no CPU cost).
+        .set("linger.ms", "0")
         .set("compression.type", "lz4")
         .set("message.timeout.ms", settings.produce_timeout.as_millis().to_string());
     apply_overrides(&mut config, settings);

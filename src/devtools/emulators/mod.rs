@@ -161,6 +161,52 @@ pub struct Control {
     pub stats: Arc<Stats>,
     pub dialect: Dialect,
     pub log: Arc<Mutex<std::collections::VecDeque<LoggedRequest>>>,
+    pub holds: Arc<HoldRecorder>,
+}
+
+/// How long the emulator held each `POST` (from the fault middleware's start to its
+/// response), by the created resource's `userName`: the target's own latency, timer
+/// overshoot and the handler included, so that the benchmark can subtract what the
+/// target really took instead of its nominal latency. Off unless turned on.
+#[derive(Default)]
+pub struct HoldRecorder {
+    enabled: std::sync::atomic::AtomicBool,
+    by_user_name: Mutex<std::collections::HashMap<String, Duration>>,
+}
+
+impl HoldRecorder {
+    pub fn enable(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, user_name: String, held: Duration) {
+        self.by_user_name.lock().expect("holds lock").insert(user_name, held);
+    }
+
+    /// How long the `POST` that carried `user_name` was held, if one was recorded.
+    pub fn take(&self, user_name: &str) -> Option<Duration> {
+        self.by_user_name.lock().expect("holds lock").remove(user_name)
+    }
+}
+
+/// The body of a `POST` when holds are recorded (the request rebuilt around it), with
+/// the `userName` it carries.
+async fn peek_user_name(control: &Control, request: Request) -> (Request, Option<String>) {
+    if !control.holds.is_enabled() || request.method() != axum::http::Method::POST {
+        return (request, None);
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return (Request::from_parts(parts, Body::empty()), None);
+    };
+    let user_name = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|body| body.get("userName").and_then(|name| name.as_str()).map(str::to_string));
+    (Request::from_parts(parts, Body::from(bytes)), user_name)
 }
 
 impl Control {
@@ -170,6 +216,7 @@ impl Control {
             stats: Arc::default(),
             dialect,
             log: Arc::default(),
+            holds: Arc::default(),
         }
     }
 }
@@ -201,6 +248,16 @@ pub async fn log_requests(State(control): State<Control>, request: Request, next
 
 /// Middleware: counts the request, then applies latency and maybe a fault.
 pub async fn inject_faults(State(control): State<Control>, request: Request, next: Next) -> Response {
+    let arrived = std::time::Instant::now();
+    let (request, user_name) = peek_user_name(&control, request).await;
+    let response = apply_faults(&control, request, next).await;
+    if let Some(user_name) = user_name {
+        control.holds.record(user_name, arrived.elapsed());
+    }
+    response
+}
+
+async fn apply_faults(control: &Control, request: Request, next: Next) -> Response {
     let stats = &control.stats;
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let now = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
