@@ -316,7 +316,15 @@ impl Application {
         }
         pipeline.consumer.set_companions(companions);
         pipeline.consumer.subscribe()?;
-        let pipeline_result = pipeline.run(pipeline_shutdown.clone()).await;
+        // On a worker of the runtime, not on the thread that blocks on it: the loop
+        // spawns and joins a task per operation and per completion, and a wake-up
+        // between workers is cheaper than one to and from a thread outside the pool.
+        let pipeline_result = match tokio::spawn(pipeline.run(pipeline_shutdown.clone())).await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // Only a runtime shutting down cancels it, and then nothing is left to do.
+            Err(_) => Ok(()),
+        };
         let mut state_problem = None;
         for check in config_checks {
             if pipeline_shutdown.is_cancelled() && !shutdown.is_cancelled() {

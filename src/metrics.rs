@@ -274,7 +274,7 @@ impl Metrics {
             ),
             consumer_paused: gauge(
                 "provisioner_consumer_paused",
-                "1 while fetching is paused for back-pressure.",
+                "1 while back-pressure holds fetching (the uncommitted window is full: reading stops, and partitions are paused after a second).",
             ),
             dead_letters: counter_vec(
                 "provisioner_dead_letters_total",

@@ -55,7 +55,14 @@ pub fn build_client(name: &str, settings: &HttpSettings) -> Result<reqwest::Clie
         .timeout(settings.request_timeout)
         .user_agent(concat!("provisioner/", env!("CARGO_PKG_VERSION")))
         .pool_idle_timeout(Duration::from_secs(60))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A provisioning API that redirects is misconfigured: a redirected POST would
+        // turn into a GET, and credentials must not follow it to another address. The
+        // 3xx is reported as the call's error instead.
+        .redirect(reqwest::redirect::Policy::none())
+        // Retries are ours (the connector's retry policy and its gate, which see every
+        // attempt); reqwest's own would also keep a copy of every request to replay.
+        .retry(reqwest::retry::never());
     if let Some(path) = &settings.ca_file {
         let pem = std::fs::read(path).map_err(|error| BuildError::Invalid {
             name: name.to_string(),

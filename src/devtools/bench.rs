@@ -535,7 +535,6 @@ impl Rig {
             # The load generator places events with librdkafka's partitioner.
             user_partitioner = "crc32"
             [kafka.properties]
-            "queued.max.messages.kbytes" = "8192"
             "fetch.wait.max.ms" = "{fetch_wait}"
 
             [pipeline]

@@ -250,8 +250,10 @@ impl EventConsumer {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.partition.eof", "false")
-            // Bound prefetch memory: the default (64 MiB) is most of our budget.
-            .set("queued.max.messages.kbytes", "16384")
+            // Bound prefetch memory: the default (64 MiB) is most of our budget. Back-
+            // pressure keeps the prefetch (it stops reading before it pauses), so this adds
+            // to the uncommitted window's memory; 4 MiB refills the window fast enough.
+            .set("queued.max.messages.kbytes", "4096")
             .set("fetch.wait.max.ms", "100")
             .set("statistics.interval.ms", "5000");
         apply_overrides(&mut config, settings);

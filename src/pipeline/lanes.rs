@@ -16,9 +16,18 @@
 //!   at a time per lane, in arrival order. It goes to the retry topic behind the
 //!   drained operation, which is where its order puts it anyway.
 //!
+//! Ready new work starts **oldest first** (by the order operations were accepted), not
+//! in the order lanes became ready: an operation that waited behind its lane's previous
+//! one (a delete behind its user's create) would otherwise queue behind everything
+//! accepted meanwhile, and the input's committed offset, which cannot pass it, would
+//! stall with the uncommitted window full. Measured on the benchmark: the window
+//! (8,192 offsets) paused fetching every half second and drained at 4,600 events/s
+//! while a thousand calls were in flight.
+//!
 //! It only counts and orders; the pipeline loop runs the operations.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// One lane: a connector and an ordering key.
@@ -33,6 +42,36 @@ pub trait Laned {
     fn lane(&self) -> &LaneKey;
     /// Parked work read back from a retry topic.
     fn drained(&self) -> bool;
+    /// Its place in acceptance order (its event's): smaller starts first.
+    fn sequence(&self) -> u64;
+}
+
+/// A ready operation in the heap: the smallest sequence first, then arrival.
+struct Ready<Op> {
+    sequence: u64,
+    arrival: u64,
+    started: Started<Op>,
+}
+
+impl<Op> PartialEq for Ready<Op> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.sequence, self.arrival) == (other.sequence, other.arrival)
+    }
+}
+
+impl<Op> Eq for Ready<Op> {}
+
+impl<Op> PartialOrd for Ready<Op> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<Op> Ord for Ready<Op> {
+    /// Reversed: `BinaryHeap` pops the greatest.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.sequence, other.arrival).cmp(&(self.sequence, self.arrival))
+    }
 }
 
 /// An operation the loop may start now.
@@ -45,8 +84,10 @@ pub struct Started<Op> {
 
 /// One connector's share: its ready operations and counts.
 struct ConnectorLanes<Op> {
-    /// New work, and park-only operations.
-    ready: VecDeque<Started<Op>>,
+    /// New work, and park-only operations, oldest first.
+    ready: BinaryHeap<Ready<Op>>,
+    /// Tie-break among operations of one event (several bindings of one connector).
+    arrivals: u64,
     running: usize,
     /// Drained operations: their own queue and slots.
     ready_drained: VecDeque<Op>,
@@ -58,7 +99,8 @@ struct ConnectorLanes<Op> {
 impl<Op> Default for ConnectorLanes<Op> {
     fn default() -> Self {
         ConnectorLanes {
-            ready: VecDeque::new(),
+            ready: BinaryHeap::new(),
+            arrivals: 0,
             running: 0,
             ready_drained: VecDeque::new(),
             running_drained: 0,
@@ -135,9 +177,9 @@ impl<Op: Laned> Lanes<Op> {
     pub fn start_next(&mut self, connector: &str, limit: usize) -> Option<Started<Op>> {
         let lanes = self.connectors.get_mut(connector)?;
         if lanes.running < limit {
-            if let Some(started) = lanes.ready.pop_front() {
+            if let Some(ready) = lanes.ready.pop() {
                 lanes.running += 1;
-                return Some(started);
+                return Some(ready.started);
             }
         }
         if lanes.running_drained < limit {
@@ -236,7 +278,12 @@ fn push_ready<Op: Laned>(connector: &mut ConnectorLanes<Op>, operation: Op, park
     if operation.drained() && !park_only {
         connector.ready_drained.push_back(operation);
     } else {
-        connector.ready.push_back(Started { operation, park_only });
+        connector.arrivals += 1;
+        connector.ready.push(Ready {
+            sequence: operation.sequence(),
+            arrival: connector.arrivals,
+            started: Started { operation, park_only },
+        });
     }
 }
 
@@ -253,6 +300,9 @@ mod tests {
         }
         fn drained(&self) -> bool {
             self.2
+        }
+        fn sequence(&self) -> u64 {
+            u64::from(self.1)
         }
     }
 

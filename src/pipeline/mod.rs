@@ -16,8 +16,10 @@
 //!   count as finished, and the stored offset never passes an unfinished one
 //!   ([`offsets::OffsetTracker`]);
 //! - when `pipeline.max_buffered_events` offsets are uncommitted (in memory, or
-//!   finished but behind an unfinished one), every partition is paused until that
-//!   drains to three quarters, so memory and the redo after a crash stay bounded.
+//!   finished but behind an unfinished one), the loop stops reading the consumer; if the
+//!   window stays full for `HOLD_BEFORE_PAUSE` every partition is paused (and the
+//!   consumer polled for rebalances) until that drains to three quarters, so memory and
+//!   the redo after a crash stay bounded.
 
 pub mod assignments;
 pub mod groups;
@@ -56,6 +58,14 @@ use crate::settings::OrderingMode;
 /// How often connectors' parking is re-evaluated while nothing else happens.
 const PARKING_TICK: Duration = Duration::from_millis(250);
 
+/// Back-pressure first only stops reading the consumer, which keeps librdkafka's
+/// prefetched records (bounded by `queued.max.messages.kbytes`); only a window full for
+/// this long pauses the partitions, which discards the prefetch (librdkafka purges a
+/// paused partition's fetch queue and fetches it again on resume) but lets the consumer
+/// be polled for rebalances meanwhile. Pausing at once cost a third of the benchmark's
+/// throughput: every pause threw away the prefetch and the window ran dry refetching it.
+const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(1);
+
 /// A record read and tracked, not yet fanned out (its partition's state may still be
 /// restoring).
 struct Accepted {
@@ -80,6 +90,9 @@ impl Laned for Operation {
     }
     fn drained(&self) -> bool {
         self.drained
+    }
+    fn sequence(&self) -> u64 {
+        self.event
     }
 }
 
@@ -116,6 +129,9 @@ enum TaskDone {
         lane: LaneKey,
         park_only: bool,
         done: Box<OperationDone>,
+        /// The event's last operation finished it in the same task: its result (and
+        /// dead letters) are durable, so the event is complete.
+        completed: bool,
     },
     Reply {
         event: u64,
@@ -268,6 +284,7 @@ impl Pipeline {
                 retry_topics.is_none_or(|topics| !topics.is_retry_topic(topic)) && membership_topic != Some(topic)
             })
         };
+        let mut full_since: Option<Instant> = None;
         loop {
             scheduler.dispatch();
             let uncommitted = input_uncommitted();
@@ -279,9 +296,25 @@ impl Pipeline {
                 scheduler.membership_topic_paused = false;
                 scheduler.bound_waiting_memberships(&consumer, false);
                 paused = false;
-                metrics.consumer_paused.set(0);
                 tracing::info!(uncommitted, "Back-pressure released; fetching resumed.");
             }
+            // The window is full: stop reading; pause if it stays full.
+            let full = uncommitted >= max_buffered_events;
+            full_since = match (full, full_since) {
+                (false, _) => None,
+                (true, since) => Some(since.unwrap_or_else(Instant::now)),
+            };
+            if full_since.is_some_and(|since| since.elapsed() >= HOLD_BEFORE_PAUSE) {
+                // Also re-pause while paused: a rebalance may have added unpaused partitions.
+                consumer.pause_all();
+                if !paused {
+                    tracing::info!(uncommitted, "Back-pressure: fetching paused.");
+                }
+                paused = true;
+            }
+            metrics.consumer_paused.set(i64::from(full || paused));
+            // Paused partitions deliver nothing, but the consumer must still be polled.
+            let reading = drain_deadline.is_none() && (!full || paused);
             if drain_deadline.is_some() && scheduler.is_idle() {
                 break;
             }
@@ -315,7 +348,7 @@ impl Pipeline {
                     scheduler.wake_expired_waits(Instant::now());
                     scheduler.bound_waiting_memberships(&consumer, paused);
                 }
-                received = consumer.recv(), if drain_deadline.is_none() => {
+                received = consumer.recv(), if reading => {
                     let record = match received {
                         Ok(record) => {
                             consecutive_consumer_errors = 0;
@@ -358,15 +391,9 @@ impl Pipeline {
                         // load a whole retry backlog into memory.
                         scheduler.evaluate_parking(&consumer, paused);
                     }
-                    // Also re-pause while paused: a rebalance may have added unpaused partitions.
-                    let uncommitted = input_uncommitted();
-                    if uncommitted >= max_buffered_events {
+                    if paused && input_uncommitted() >= max_buffered_events {
+                        // A rebalance may have added unpaused partitions.
                         consumer.pause_all();
-                        if !paused {
-                            tracing::info!(uncommitted, "Back-pressure: fetching paused.");
-                        }
-                        paused = true;
-                        metrics.consumer_paused.set(1);
                     }
                 }
             }
@@ -513,6 +540,21 @@ impl Scheduler {
                     continue;
                 };
                 let context = entry.context.clone();
+                // The common case (the event's last operation, no blocking caller, not
+                // parked work read back) completes the event in the operation's own task:
+                // one task and one trip through this loop per event fewer. Anything else
+                // (a park, a membership that waits) comes back here as before.
+                let complete_inline = !park_only
+                    && entry.outstanding == 1
+                    && entry.reply == ReplyState::None
+                    && !entry.completing
+                    && !entry.parked
+                    && context.drained.is_none();
+                let decided: Vec<Option<ConnectorResult>> = if complete_inline {
+                    entry.results.clone()
+                } else {
+                    Vec::new()
+                };
                 let signal = self.parking_signal(&connector);
                 let worker = self.worker.clone();
                 let Operation {
@@ -532,13 +574,20 @@ impl Scheduler {
                 };
                 let handle = self.tasks.spawn(async move {
                     let start = if park_only { Start::ParkOnly } else { Start::Run(signal) };
-                    let done = Box::new(process::run_operation(worker, context, binding, start).await);
+                    let done = Box::new(process::run_operation(worker.clone(), context.clone(), binding, start).await);
+                    let completed = complete_inline && !done.parked && done.waits_until.is_none();
+                    if completed {
+                        let mut results = decided;
+                        results[index] = Some(done.result.clone());
+                        process::complete_event(worker, context, results.into_iter().flatten().collect()).await;
+                    }
                     TaskDone::Operation {
                         event,
                         index,
                         lane,
                         park_only,
                         done,
+                        completed,
                     }
                 });
                 self.task_kinds.insert(handle.id(), kind);
@@ -580,8 +629,13 @@ impl Scheduler {
                 lane,
                 park_only,
                 done,
+                completed,
             } => {
                 self.lanes.finish(&lane, park_only);
+                if completed {
+                    self.wake_waiting(&lane);
+                    return self.completed(event);
+                }
                 match done.waits_until {
                     Some(until) => self.wait(event, index, lane, until),
                     None => {

@@ -85,10 +85,15 @@ fn write_behind(
     writes: &std::sync::mpsc::Receiver<(i32, String, StateRecord)>,
 ) {
     const MAX_BATCH: usize = 1024;
+    // A commit costs about as much as a few dozen inserts: gather what arrives in the
+    // next few milliseconds into it. Lookups read the records from `pending` meanwhile.
+    const GATHER: Duration = Duration::from_millis(5);
     while let Ok(first) = writes.recv() {
         let mut batch = vec![first];
+        let gather_until = Instant::now() + GATHER;
         while batch.len() < MAX_BATCH {
-            match writes.try_recv() {
+            let remaining = gather_until.saturating_duration_since(Instant::now());
+            match writes.recv_timeout(remaining) {
                 Ok(write) => batch.push(write),
                 Err(_) => break,
             }
