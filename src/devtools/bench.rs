@@ -63,6 +63,10 @@ use crate::result::{Outcome, ProvisioningResult, ResultScope, Status};
 /// The connector's `delivery.max_in_flight` in every phase but groups: those measure the
 /// service, so the target's concurrency must not be what limits them.
 const CONNECTOR_MAX_IN_FLIGHT: usize = 1024;
+/// The one connector's retry topic, after the run's prefix.
+const RETRY_TOPIC_SUFFIX: &str = "-retry.directory";
+/// 14 days: twice the default `parking.max_parked_time`.
+const RETRY_TOPIC_RETENTION_MS: &str = "1209600000";
 
 /// How long a phase may wait for one result before it gives up: the service is stuck.
 const RESULT_SILENCE_LIMIT: Duration = Duration::from_secs(60);
@@ -469,7 +473,7 @@ impl Rig {
             (format!("{prefix}-replies"), 1, true),
             (format!("{prefix}-dlq"), 1, true),
             // The retry topic of the one connector (parking), partitioned like the input.
-            (format!("{prefix}-retry.directory"), partitions, true),
+            (format!("{prefix}{RETRY_TOPIC_SUFFIX}"), partitions, true),
             // The membership topic (groups), partitioned like the input.
             (format!("{prefix}-memberships"), partitions, true),
         ];
@@ -487,7 +491,11 @@ impl Rig {
                     .iter()
                     .map(|(name, count, plain)| {
                         let topic = NewTopic::new(name, *count, TopicReplication::Fixed(1));
-                        if *plain {
+                        if name.ends_with(RETRY_TOPIC_SUFFIX) {
+                            // Longer than parking.max_parked_time (7 days), as the service
+                            // itself would create it; it checks.
+                            topic.set("retention.ms", RETRY_TOPIC_RETENTION_MS)
+                        } else if *plain {
                             topic
                         } else {
                             topic.set("cleanup.policy", "compact")
