@@ -304,12 +304,10 @@ impl Pipeline {
                 (false, _) => None,
                 (true, since) => Some(since.unwrap_or_else(Instant::now)),
             };
-            if full_since.is_some_and(|since| since.elapsed() >= HOLD_BEFORE_PAUSE) {
-                // Also re-pause while paused: a rebalance may have added unpaused partitions.
+            if !paused && full_since.is_some_and(|since| since.elapsed() >= HOLD_BEFORE_PAUSE) {
+                // (Partitions a rebalance adds meanwhile are paused as their records come.)
                 consumer.pause_all();
-                if !paused {
-                    tracing::info!(uncommitted, "Back-pressure: fetching paused.");
-                }
+                tracing::info!(uncommitted, "Back-pressure: fetching paused.");
                 paused = true;
             }
             metrics.consumer_paused.set(i64::from(full || paused));
