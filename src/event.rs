@@ -686,22 +686,30 @@ impl Attributes {
     }
 }
 
-fn decode_data(data: serde_json::Value) -> Result<UserEventData, DecodeError> {
-    // Required fields are checked by hand first so that a missing one is reported as
-    // missing, not as a type error from deep inside serde.
-    for path in ["tenant", "user", "user.id", "user.userName"] {
+/// `data` as `T`, once every `required` path is there: required fields are checked by
+/// hand first so that a missing one is reported as missing, not as a type error from
+/// deep inside serde; a type error names the field's path.
+fn deserialize_required<T: serde::de::DeserializeOwned>(
+    data: serde_json::Value,
+    required: &[&str],
+) -> Result<T, DecodeError> {
+    for path in required {
         let found = path
             .split('.')
             .try_fold(&data, |node, segment| node.get(segment))
             .is_some_and(|node| !node.is_null());
         if !found {
-            return Err(DecodeError::MissingField { path: path.into() });
+            return Err(DecodeError::MissingField { path: (*path).into() });
         }
     }
-    let data: UserEventData = serde_path_to_error::deserialize(data).map_err(|error| DecodeError::InvalidField {
+    serde_path_to_error::deserialize(data).map_err(|error| DecodeError::InvalidField {
         path: error.path().to_string(),
         message: error.into_inner().to_string(),
-    })?;
+    })
+}
+
+fn decode_data(data: serde_json::Value) -> Result<UserEventData, DecodeError> {
+    let data: UserEventData = deserialize_required(data, &["tenant", "user", "user.id", "user.userName"])?;
     for (path, value) in [
         ("tenant", &data.tenant),
         ("user.id", &data.user.id),
@@ -723,20 +731,7 @@ fn decode_data(data: serde_json::Value) -> Result<UserEventData, DecodeError> {
 }
 
 fn decode_group_data(data: serde_json::Value, event_type: EventType) -> Result<GroupEventData, DecodeError> {
-    for path in ["tenant", "group", "group.id", "group.displayName"] {
-        let found = path
-            .split('.')
-            .try_fold(&data, |node, segment| node.get(segment))
-            .is_some_and(|node| !node.is_null());
-        if !found {
-            return Err(DecodeError::MissingField { path: path.into() });
-        }
-    }
-    let mut data: GroupEventData =
-        serde_path_to_error::deserialize(data).map_err(|error| DecodeError::InvalidField {
-            path: error.path().to_string(),
-            message: error.into_inner().to_string(),
-        })?;
+    let mut data: GroupEventData = deserialize_required(data, &["tenant", "group", "group.id", "group.displayName"])?;
     for (path, value) in [
         ("tenant", &data.tenant),
         ("group.id", &data.group.id),
