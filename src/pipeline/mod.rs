@@ -49,7 +49,7 @@ use crate::pipeline::assignments::{Assignments, PartitionEvent};
 use crate::pipeline::lanes::{LaneKey, Laned, Lanes, Started};
 use crate::pipeline::offsets::Ticket;
 use crate::pipeline::parking::ParkingMonitor;
-use crate::pipeline::process::{Completion, EventContext, OperationDone, Prepared, Start};
+use crate::pipeline::process::{EventContext, OperationDone, Prepared, Start};
 use crate::pipeline::router::Binding;
 use crate::pipeline::worker::Worker;
 use crate::result::{ConnectorResult, ErrorKind, Outcome, ResultError};
@@ -572,25 +572,12 @@ impl Scheduler {
                 };
                 let handle = self.tasks.spawn(async move {
                     let start = if park_only { Start::ParkOnly } else { Start::Run(signal) };
-                    let mut completion: Option<Completion> = complete_inline.then(|| {
-                        let worker = worker.clone();
-                        let context = context.clone();
-                        Box::new(move |result: ConnectorResult| {
-                            let mut results = decided;
-                            results[index] = Some(result);
-                            Box::pin(process::complete_event(
-                                worker,
-                                context,
-                                results.into_iter().flatten().collect(),
-                            )) as futures::future::BoxFuture<'static, ()>
-                        }) as Completion
-                    });
-                    let done = Box::new(process::run_operation(worker, context, binding, start, &mut completion).await);
-                    // Not taken by the state write (nothing written, a group's event):
-                    // complete now, unless the operation was parked or waits.
+                    let done = Box::new(process::run_operation(worker.clone(), context.clone(), binding, start).await);
                     let completed = complete_inline && !done.parked && done.waits_until.is_none();
-                    if let Some(complete) = completion.filter(|_| completed) {
-                        complete(done.result.clone()).await;
+                    if completed {
+                        let mut results = decided;
+                        results[index] = Some(done.result.clone());
+                        process::complete_event(worker, context, results.into_iter().flatten().collect()).await;
                     }
                     TaskDone::Operation {
                         event,

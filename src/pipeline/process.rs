@@ -334,21 +334,15 @@ pub enum Start {
 
 /// Applies one binding of an event, or parks it. For a parked operation read back,
 /// applies it and clears its lane's parked mark once the drain has passed it.
-/// Writes the event's complete result, given the operation's. Handed to the event's
-/// last operation, which writes the result while it writes its state record: one wait
-/// for the broker per event instead of two. Taken (left `None`) once it ran.
-pub type Completion = Box<dyn FnOnce(ConnectorResult) -> futures::future::BoxFuture<'static, ()> + Send>;
-
 pub async fn run_operation(
     worker: Arc<Worker>,
     context: Arc<EventContext>,
     binding: Arc<Binding>,
     start: Start,
-    completion: &mut Option<Completion>,
 ) -> OperationDone {
     let span = context.span.clone();
     async move {
-        let done = operate(&worker, &context, &binding, start, completion).await;
+        let done = operate(&worker, &context, &binding, start).await;
         count_result(&worker, &done.result);
         done
     }
@@ -356,13 +350,7 @@ pub async fn run_operation(
     .await
 }
 
-async fn operate(
-    worker: &Worker,
-    context: &EventContext,
-    binding: &Binding,
-    start: Start,
-    completion: &mut Option<Completion>,
-) -> OperationDone {
+async fn operate(worker: &Worker, context: &EventContext, binding: &Binding, start: Start) -> OperationDone {
     let started_at = Utc::now();
     let finished = |outcome: Outcome, error: Option<ResultError>| ConnectorResult {
         error,
@@ -471,7 +459,6 @@ async fn operate(
                     Mark::DrainedPast(context.record.offset, parking),
                     Some(policy),
                     None,
-                    &mut None,
                 )
                 .await
                 .expect("a drained operation is never parked again");
@@ -533,7 +520,6 @@ async fn operate(
             Mark::Keep(parked_until),
             None,
             signal,
-            completion,
         )
         .await
         .map(OperationDone::finished),
@@ -718,7 +704,6 @@ async fn apply_versioned(
     mark: Mark<'_>,
     policy: Option<RetryPolicy>,
     parking_signal: Option<watch::Receiver<bool>>,
-    completion: &mut Option<Completion>,
 ) -> Option<ConnectorResult> {
     let operation = context.operation;
     if let Some(prior) = prior {
@@ -783,21 +768,7 @@ async fn apply_versioned(
         members_emitted,
     };
     match mark {
-        Mark::Keep(parked_until) => {
-            let written = record(parked_until);
-            let state = publish_state(worker, lane, &written);
-            // A group's result still changes below (its memberships): not yet.
-            let complete = match context.event {
-                Event::Group(_) => None,
-                _ => completion.take(),
-            };
-            match complete {
-                Some(complete) => {
-                    tokio::join!(state, complete(result.clone()));
-                }
-                None => state.await,
-            }
-        }
+        Mark::Keep(parked_until) => publish_state(worker, lane, &record(parked_until)).await,
         Mark::DrainedPast(drained_offset, parking) => {
             update_state(worker, lane, parking, |current| {
                 let parked_until = current.and_then(|current| current.parked_until);
