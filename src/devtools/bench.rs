@@ -63,6 +63,8 @@ use crate::result::{Outcome, ProvisioningResult, ResultScope, Status};
 /// The connector's `delivery.max_in_flight` in every phase but groups: those measure the
 /// service, so the target's concurrency must not be what limits them.
 const CONNECTOR_MAX_IN_FLIGHT: usize = 1024;
+/// The service's `pipeline.max_in_flight` (and the floor's events at once).
+const MAX_IN_FLIGHT: usize = 1024;
 /// The one connector's retry topic, after the run's prefix.
 const RETRY_TOPIC_SUFFIX: &str = "-retry.directory";
 /// 14 days: twice the default `parking.max_parked_time`.
@@ -106,6 +108,9 @@ pub struct BenchOptions {
     pub group_members: Option<usize>,
     /// Groups phase: the connector's `delivery.max_in_flight` (A) and B's lookups at once.
     pub groups_max_in_flight: usize,
+    /// Also run the throughput and latency phases with the floor (`devtools::floor`)
+    /// in place of the service: what the parts cost before the service does anything.
+    pub floor: bool,
 }
 
 impl Default for BenchOptions {
@@ -129,6 +134,7 @@ impl Default for BenchOptions {
             broker: None,
             group_members: None,
             groups_max_in_flight: 32,
+            floor: false,
         }
     }
 }
@@ -289,7 +295,23 @@ pub struct BenchReport {
     pub without_state: Option<ThroughputReport>,
     pub restores: Vec<RestoreReport>,
     pub groups: Option<GroupsReport>,
+    /// The throughput and latency phases run with the floor in place of the service.
+    pub floor: Option<FloorReport>,
     pub machine_cores: usize,
+}
+
+/// The floor's figures (`--floor`), measured like the service's.
+#[derive(Debug, Default, Serialize)]
+pub struct FloorReport {
+    pub throughput: Option<ThroughputReport>,
+    pub latency: Option<LatencyReport>,
+}
+
+/// What a phase runs against the rig.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnderTest {
+    Service,
+    Floor,
 }
 
 /// The broker, the SCIM emulator and a scratch directory, shared by all phases.
@@ -304,6 +326,7 @@ struct Rig {
     /// Topic and group names of the current phase.
     prefix: String,
     fetch_wait: Duration,
+    under_test: UnderTest,
 }
 
 pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
@@ -341,6 +364,7 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         run: 0,
         prefix: String::new(),
         fetch_wait: options.fetch_wait,
+        under_test: UnderTest::Service,
     };
     let say = |line: String| {
         if !options.json {
@@ -400,6 +424,25 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
             options.duration.as_secs()
         ));
         report.latency = Some(rig.latency(options.rate, options.duration, options.partitions).await?);
+    }
+
+    if options.floor {
+        rig.under_test = UnderTest::Floor;
+        let mut floor = FloorReport::default();
+        if options.events > 0 {
+            say(format!("floor, throughput: {} events …", options.events));
+            let throughput = rig
+                .throughput(options.events, users, options.partitions, "user", true)
+                .await?;
+            say(format!("  {:.0} events/s", throughput.events_per_second));
+            floor.throughput = Some(throughput);
+        }
+        if !options.skip_latency {
+            say(format!("floor, latency: {} events/s offered …", options.rate));
+            floor.latency = Some(rig.latency(options.rate, options.duration, options.partitions).await?);
+        }
+        rig.under_test = UnderTest::Service;
+        report.floor = Some(floor);
     }
 
     // The same throughput phase with the state off: nothing to compare with --events 0.
@@ -469,7 +512,11 @@ impl Rig {
         let topics = [
             (events.clone(), partitions, true),
             (format!("{prefix}-state"), partitions, false),
-            (results.clone(), 1, true),
+            // Partitioned like the input: the mock cluster finds a fetch's record set by
+            // walking the partition's list from its start (librdkafka's own FIXME), so one
+            // partition holding every result made each fetch slower as a phase went on
+            // (at the end of the latency phase, 45% of the mock's CPU).
+            (results.clone(), partitions, true),
             (format!("{prefix}-replies"), 1, true),
             (format!("{prefix}-dlq"), 1, true),
             // The retry topic of the one connector (parking), partitioned like the input.
@@ -511,6 +558,37 @@ impl Rig {
         Ok((events, results))
     }
 
+    /// The service with this phase's configuration, or the floor on the same topics.
+    fn start_under_test(&self, ordering: &str, state: bool) -> Result<ServiceChild, BenchError> {
+        match self.under_test {
+            UnderTest::Service => ServiceChild::start(&self.write_config(ordering, state)?),
+            UnderTest::Floor => {
+                let run = &self.prefix;
+                let fetch_wait = format!("{}ms", self.fetch_wait.as_millis().max(1));
+                let max_in_flight = MAX_IN_FLIGHT.to_string();
+                ServiceChild::spawn(&[
+                    "bench-floor",
+                    "--bootstrap",
+                    &self.bootstrap,
+                    "--group-id",
+                    run,
+                    "--input-topic",
+                    &format!("{run}-events"),
+                    "--state-topic",
+                    &format!("{run}-state"),
+                    "--results-topic",
+                    &format!("{run}-results"),
+                    "--scim-url",
+                    &self.scim_url,
+                    "--fetch-wait",
+                    &fetch_wait,
+                    "--max-in-flight",
+                    &max_in_flight,
+                ])
+            }
+        }
+    }
+
     fn write_config(&self, ordering: &str, state: bool) -> Result<PathBuf, BenchError> {
         self.write_config_with(ordering, state, "127.0.0.1:0", CONNECTOR_MAX_IN_FLIGHT)
     }
@@ -546,7 +624,7 @@ impl Rig {
             "fetch.wait.max.ms" = "{fetch_wait}"
 
             [pipeline]
-            max_in_flight = 1024
+            max_in_flight = {max_in_flight}
             max_buffered_events = 8192
             ordering = "{ordering}"
 
@@ -569,6 +647,7 @@ impl Rig {
             bootstrap = self.bootstrap,
             scim_url = self.scim_url,
             fetch_wait = self.fetch_wait.as_millis().max(1),
+            max_in_flight = MAX_IN_FLIGHT,
             state_dir = self.directory.join(format!("state-{}", self.run)).display(),
         );
         let path = self.directory.join(format!("bench-{}.toml", self.run));
@@ -584,7 +663,7 @@ impl Rig {
             .create()?)
     }
 
-    fn results_reader(&self, topic: &str) -> Result<StreamConsumer, BenchError> {
+    fn results_reader(&self, topic: &str, partitions: i32) -> Result<StreamConsumer, BenchError> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .set("group.id", format!("{topic}-reader"))
@@ -592,7 +671,9 @@ impl Rig {
             .set("fetch.wait.max.ms", "1")
             .create()?;
         let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(topic, 0, Offset::Beginning)?;
+        for partition in 0..partitions {
+            assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+        }
         consumer.assign(&assignment)?;
         Ok(consumer)
     }
@@ -642,9 +723,8 @@ impl Rig {
         let (events_topic, results_topic) = self.topics(partitions).await?;
         let producer = self.producer()?;
         self.preload(&producer, &events_topic, events, users).await?;
-        let reader = self.results_reader(&results_topic)?;
-        let config = self.write_config(ordering, state)?;
-        let mut service = ServiceChild::start(&config)?;
+        let reader = self.results_reader(&results_topic, partitions)?;
+        let mut service = self.start_under_test(ordering, state)?;
         // Timed from the first result, so the consumer-group join is not counted.
         let mut first: Option<Instant> = None;
         let mut seen = 0usize;
@@ -681,9 +761,8 @@ impl Rig {
     async fn latency(&mut self, rate: u64, duration: Duration, partitions: i32) -> Result<LatencyReport, BenchError> {
         let (events_topic, results_topic) = self.topics(partitions).await?;
         let producer = self.producer()?;
-        let reader = self.results_reader(&results_topic)?;
-        let config = self.write_config("user", true)?;
-        let mut service = ServiceChild::start(&config)?;
+        let reader = self.results_reader(&results_topic, partitions)?;
+        let mut service = self.start_under_test("user", true)?;
         // Warm up: one event end to end on every partition, so the group join and every
         // partition's state restore are behind us.
         let mut warming = std::collections::HashSet::new();
@@ -795,7 +874,7 @@ impl Rig {
         let (events_topic, results_topic) = self.topics(partitions).await?;
         let producer = self.producer()?;
         self.preload(&producer, &events_topic, backlog, backlog / 2).await?;
-        let reader = self.results_reader(&results_topic)?;
+        let reader = self.results_reader(&results_topic, partitions)?;
         let config = self.write_config("user", true)?;
         let mut service = ServiceChild::start(&config)?;
         let run_until = Instant::now() + Duration::from_secs(seconds);
@@ -870,7 +949,7 @@ impl Rig {
                 result?;
             }
         }
-        let reader = self.results_reader(&results_topic)?;
+        let reader = self.results_reader(&results_topic, partitions)?;
         let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let config = self.write_config_with("user", true, &admin.to_string(), CONNECTOR_MAX_IN_FLIGHT)?;
         let started = Instant::now();
@@ -966,7 +1045,7 @@ impl Rig {
             .map_err(|error| BenchError::Service(format!("SCIM settings: {error}")))?
             .max_members_per_request;
         let producer = self.producer()?;
-        let reader = self.results_reader(&results_topic)?;
+        let reader = self.results_reader(&results_topic, partitions)?;
         // The admin listener serves /metrics: the service's batch-size histogram.
         let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let config = self.write_config_with("user", true, &admin.to_string(), max_in_flight)?;
@@ -1370,9 +1449,16 @@ struct ServiceChild {
 
 impl ServiceChild {
     fn start(config: &Path) -> Result<ServiceChild, BenchError> {
+        let config = config
+            .to_str()
+            .ok_or_else(|| BenchError::Service("a non-UTF-8 temporary path".into()))?;
+        ServiceChild::spawn(&["run", "--config", config])
+    }
+
+    /// This program with these arguments.
+    fn spawn(args: &[&str]) -> Result<ServiceChild, BenchError> {
         let child = Command::new(std::env::current_exe()?)
-            .args(["run", "--config"])
-            .arg(config)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -1487,6 +1573,31 @@ pub fn render(report: &BenchReport) -> String {
             (1.0 - throughput.events_per_second / without.events_per_second.max(f64::MIN_POSITIVE)) * 100.0,
             throughput.cpu_microseconds_per_event - without.cpu_microseconds_per_event
         ));
+    }
+    if let Some(floor) = &report.floor {
+        out.push_str("  floor (the same reads, target call and acknowledged writes, and no other work):\n");
+        if let Some(throughput) = &floor.throughput {
+            out.push_str(&format!(
+                "    throughput        {:>10.0} events/s, {:.1} µs CPU per event, peak RSS {:.1} MiB\n",
+                throughput.events_per_second, throughput.cpu_microseconds_per_event, throughput.peak_rss_mib
+            ));
+            if let Some(service) = &report.throughput {
+                out.push_str(&format!(
+                    "    the service's own {:>10.1} µs CPU per event above the floor ({:.2}× the floor)\n",
+                    service.cpu_microseconds_per_event - throughput.cpu_microseconds_per_event,
+                    service.cpu_microseconds_per_event / throughput.cpu_microseconds_per_event.max(f64::MIN_POSITIVE)
+                ));
+            }
+        }
+        if let Some(latency) = &floor.latency {
+            out.push_str(&format!(
+                "    overhead          p50 {:.2} ms  p99 {:.2} ms at {} events/s; CPU per event {:.1} µs\n",
+                latency.overhead_ms_p50,
+                latency.overhead_ms_p99,
+                latency.offered_events_per_second,
+                latency.cpu_microseconds_per_event
+            ));
+        }
     }
     for restore in &report.restores {
         out.push_str(&format!(

@@ -12,7 +12,7 @@ use crate::devtools::emulators::google::GoogleEmulatorSettings;
 use crate::devtools::emulators::salesforce::SalesforceEmulatorSettings;
 use crate::devtools::emulators::scim::ScimEmulatorSettings;
 use crate::devtools::emulators::Faults;
-use crate::devtools::{bench, demo, emulators};
+use crate::devtools::{bench, demo, emulators, floor};
 use crate::settings::{LogFormat, TelemetrySettings};
 use crate::{shutdown, telemetry};
 
@@ -104,6 +104,31 @@ pub enum DevCommand {
         /// Groups phase: the connector's delivery.max_in_flight (A) and B's requests at once.
         #[arg(long, default_value_t = 32)]
         groups_max_in_flight: usize,
+        /// Also run the throughput and latency phases with the floor in place of the
+        /// service: the same reads, target call and acknowledged writes per event, and no
+        /// other work (what the parts cost on this machine).
+        #[arg(long)]
+        floor: bool,
+    },
+    /// The benchmark's floor process (started by `bench --floor`).
+    #[command(hide = true)]
+    BenchFloor {
+        #[arg(long)]
+        bootstrap: String,
+        #[arg(long)]
+        group_id: String,
+        #[arg(long)]
+        input_topic: String,
+        #[arg(long)]
+        state_topic: String,
+        #[arg(long)]
+        results_topic: String,
+        #[arg(long)]
+        scim_url: String,
+        #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+        fetch_wait: Duration,
+        #[arg(long, default_value_t = 1024)]
+        max_in_flight: usize,
     },
     /// Run a target emulator on a local address (for demos, benchmarks, tests).
     Emulate {
@@ -272,6 +297,7 @@ pub fn run(command: DevCommand, runtime: &Runtime) -> Result<(), Failure> {
             broker,
             groups,
             groups_max_in_flight,
+            floor,
         } => run_bench(
             bench::BenchOptions {
                 events,
@@ -292,9 +318,35 @@ pub fn run(command: DevCommand, runtime: &Runtime) -> Result<(), Failure> {
                 broker,
                 group_members: groups,
                 groups_max_in_flight,
+                floor,
             },
             runtime,
         ),
+        DevCommand::BenchFloor {
+            bootstrap,
+            group_id,
+            input_topic,
+            state_topic,
+            results_topic,
+            scim_url,
+            fetch_wait,
+            max_in_flight,
+        } => {
+            let options = floor::FloorOptions {
+                bootstrap,
+                group_id,
+                input_topic,
+                state_topic,
+                results_topic,
+                scim_url,
+                fetch_wait,
+                max_in_flight,
+            };
+            runtime.block_on(floor::run(options)).map_err(|error| {
+                eprintln!("provisioner bench-floor: {error}");
+                Failure::Runtime
+            })
+        }
     }
 }
 

@@ -10,3 +10,4 @@ pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod emulators;
+pub mod floor;

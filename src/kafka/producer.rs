@@ -1,7 +1,7 @@
 //! The one producer for replies, results and dead letters.
 //!
 //! Idempotent with `acks=all`, so a retried produce cannot duplicate or reorder within
-//! a partition; `linger.ms=1` because a blocking caller awaits every reply.
+//! a partition; `linger.ms=0` because every event awaits its records (state, then result).
 
 use std::time::Duration;
 
