@@ -426,25 +426,6 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         report.latency = Some(rig.latency(options.rate, options.duration, options.partitions).await?);
     }
 
-    if options.floor {
-        rig.under_test = UnderTest::Floor;
-        let mut floor = FloorReport::default();
-        if options.events > 0 {
-            say(format!("floor, throughput: {} events …", options.events));
-            let throughput = rig
-                .throughput(options.events, users, options.partitions, "user", true)
-                .await?;
-            say(format!("  {:.0} events/s", throughput.events_per_second));
-            floor.throughput = Some(throughput);
-        }
-        if !options.skip_latency {
-            say(format!("floor, latency: {} events/s offered …", options.rate));
-            floor.latency = Some(rig.latency(options.rate, options.duration, options.partitions).await?);
-        }
-        rig.under_test = UnderTest::Service;
-        report.floor = Some(floor);
-    }
-
     // The same throughput phase with the state off: nothing to compare with --events 0.
     if options.compare_state && options.events > 0 {
         say(format!(
@@ -496,6 +477,31 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         ));
         report.memory = Some(rig.memory(backlog, options.partitions, options.backlog_seconds).await?);
     }
+    // Last: the floor does not keep remote ids, so its deletes leave its users on the
+    // emulator, where they would turn later phases' creates into conflicts.
+    if options.floor {
+        rig.emulator.set_faults(Faults {
+            latency: options.target_latency,
+            ..Faults::default()
+        });
+        rig.under_test = UnderTest::Floor;
+        let mut floor = FloorReport::default();
+        if options.events > 0 {
+            say(format!("floor, throughput: {} events …", options.events));
+            let throughput = rig
+                .throughput(options.events, users, options.partitions, "user", true)
+                .await?;
+            say(format!("  {:.0} events/s", throughput.events_per_second));
+            floor.throughput = Some(throughput);
+        }
+        if !options.skip_latency {
+            say(format!("floor, latency: {} events/s offered …", options.rate));
+            floor.latency = Some(rig.latency(options.rate, options.duration, options.partitions).await?);
+        }
+        rig.under_test = UnderTest::Service;
+        report.floor = Some(floor);
+    }
+
     shutdown.cancel();
     let _ = std::fs::remove_dir_all(&rig.directory);
     Ok(report)
