@@ -113,22 +113,8 @@ pub enum DevCommand {
     /// The benchmark's floor process (started by `bench --floor`).
     #[command(hide = true)]
     BenchFloor {
-        #[arg(long)]
-        bootstrap: String,
-        #[arg(long)]
-        group_id: String,
-        #[arg(long)]
-        input_topic: String,
-        #[arg(long)]
-        state_topic: String,
-        #[arg(long)]
-        results_topic: String,
-        #[arg(long)]
-        scim_url: String,
-        #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
-        fetch_wait: Duration,
-        #[arg(long, default_value_t = 1024)]
-        max_in_flight: usize,
+        #[command(flatten)]
+        options: floor::FloorOptions,
     },
     /// Run a target emulator on a local address (for demos, benchmarks, tests).
     Emulate {
@@ -322,31 +308,10 @@ pub fn run(command: DevCommand, runtime: &Runtime) -> Result<(), Failure> {
             },
             runtime,
         ),
-        DevCommand::BenchFloor {
-            bootstrap,
-            group_id,
-            input_topic,
-            state_topic,
-            results_topic,
-            scim_url,
-            fetch_wait,
-            max_in_flight,
-        } => {
-            let options = floor::FloorOptions {
-                bootstrap,
-                group_id,
-                input_topic,
-                state_topic,
-                results_topic,
-                scim_url,
-                fetch_wait,
-                max_in_flight,
-            };
-            runtime.block_on(floor::run(options)).map_err(|error| {
-                eprintln!("provisioner bench-floor: {error}");
-                Failure::Runtime
-            })
-        }
+        DevCommand::BenchFloor { options } => runtime.block_on(floor::run(options)).map_err(|error| {
+            eprintln!("provisioner bench-floor: {error}");
+            Failure::Runtime
+        }),
     }
 }
 

@@ -30,17 +30,25 @@ use crate::event::EventType;
 use crate::result::{ConnectorResult, Operation, Outcome, ProvisioningResult, ResultScope, Status};
 
 /// Where the floor reads, calls and writes: what the bench also gives the service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct FloorOptions {
+    #[arg(long)]
     pub bootstrap: String,
+    #[arg(long)]
     pub group_id: String,
+    #[arg(long)]
     pub input_topic: String,
+    #[arg(long)]
     pub state_topic: String,
+    #[arg(long)]
     pub results_topic: String,
     /// The SCIM base URL (`…/scim/v2`).
+    #[arg(long)]
     pub scim_url: String,
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
     pub fetch_wait: Duration,
     /// Events in flight at once (the service's `pipeline.max_in_flight`).
+    #[arg(long, default_value_t = 1024)]
     pub max_in_flight: usize,
 }
 
